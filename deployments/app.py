@@ -1,0 +1,39 @@
+"""``build_app``: the models config turned into bound Ray Serve deployments.
+
+``serve run configs/local.yaml`` calls it with the ``args`` of the Serve config. The config is parsed
+and validated here, before anything is deployed, so a bad config never starts a half-working app.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from ray.serve import Application
+
+from deployments.config import deployment_options, load_models_config, resolve_config_path
+from deployments.embedder import Embedder
+from deployments.router import EmbeddingRouter
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Path of the models YAML: absolute, or relative to the working directory or the repository root.
+    models_config: str
+
+
+def build_app(args: AppArgs | dict) -> Application:
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    path = resolve_config_path(args.models_config)
+    config = load_models_config(path)
+    embedders = {
+        entry.name: Embedder.options(**deployment_options(config, entry)).bind(
+            entry.model_dump(), str(path.parent)
+        )
+        for entry in config.models
+    }
+    router = EmbeddingRouter.options(
+        num_replicas=config.router.num_replicas,
+        ray_actor_options={"num_cpus": config.router.num_cpus},
+        max_ongoing_requests=1024,
+    )
+    return router.bind(config.model_dump(), embedders)

@@ -1,0 +1,60 @@
+"""What every model family implements so the batcher can drive it.
+
+A backend tokenises once per request (``tokenize``), and runs forward passes over any grouping of
+already-tokenised inputs (``forward``); the batcher decides the grouping. Results must not depend on
+the grouping beyond floating-point noise.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EncodedText:
+    """One tokenised input: 1-D tensors of its real length (no padding)."""
+
+    features: dict[str, torch.Tensor]
+    length: int
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class EmbeddingBackend(ABC):
+    """A loaded model that turns tokenised texts into float32 vectors."""
+
+    dimension: int
+    max_seq_length: int
+    device: torch.device
+
+    @abstractmethod
+    def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
+        """Tokenise ``prompt + text`` for each text; with ``truncate=False`` raise ``input_too_long``."""
+
+    @abstractmethod
+    def forward(self, items: list[EncodedText]) -> np.ndarray:
+        """Embed one micro-batch: float32 [len(items), dimension], in the order given."""
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The configured dtype, except on CPU, where half precision is slow or unsupported: float32."""
+    if device.type == "cpu":
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def pick_device(want_gpu: bool) -> torch.device:
+    return torch.device("cuda") if want_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def pad_right(items: list[EncodedText], pad_values: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Stack each feature of a micro-batch into [rows, longest], padding on the right."""
+    out = {}
+    for key in items[0].features:
+        out[key] = torch.nn.utils.rnn.pad_sequence(
+            [it.features[key] for it in items], batch_first=True, padding_value=pad_values.get(key, 0)
+        )
+    return out

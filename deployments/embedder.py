@@ -1,0 +1,95 @@
+"""The per-model Ray Serve deployment: gathers concurrent calls and feeds the engine off the event loop.
+
+``@serve.batch`` collects the calls that arrive within ``batch_wait_timeout_s`` (up to
+``max_batch_size`` calls); the engine then plans token-budgeted micro-batches over all their inputs.
+Model work runs in one dedicated thread, so the replica's event loop keeps taking requests and
+answering Serve's health checks while a long batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from deployments.backends import load_backend
+from deployments.config import ModelEntry
+from deployments.engine import EmbedCall, EmbeddingEngine, EmbedResult
+
+HEALTH_TEXT = "health check"
+
+
+def _cpu_threads() -> int:
+    """The CPUs Ray gave this replica (at least 1): torch would otherwise follow OMP_NUM_THREADS."""
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    return max(1, int(assigned))
+
+
+@serve.deployment
+class Embedder:
+    def __init__(self, entry: dict[str, Any], config_dir: str | None = None):
+        self.entry = ModelEntry.model_validate(entry)
+        use_gpu = bool(ray.get_gpu_ids())
+        threads = _cpu_threads()
+        if not use_gpu:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+        self.backend = load_backend(
+            self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None
+        )
+        self.engine = EmbeddingEngine(self.backend, self.entry.batching)
+        self._executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix=f"embed-{self.entry.name}",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+        self._gather.set_max_batch_size(self.entry.batching.max_batch_size)
+        self._gather.set_batch_wait_timeout_s(self.entry.batching.batch_wait_timeout_s)
+
+    async def embed(
+        self,
+        texts: list[str],
+        prompt_name: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors (float32 [n, dim]) and the tokens each input took; a bad call raises ClientError."""
+        call = EmbedCall(
+            texts=list(texts),
+            prompt=self.entry.prompt_text(prompt_name),
+            normalize=self.entry.normalize if normalize is None else normalize,
+            truncate=truncate,
+        )
+        result = await self._gather(call)
+        if isinstance(result, Exception):
+            raise result
+        return result.vectors, result.token_counts
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
+    async def _gather(self, calls: list[EmbedCall]) -> list[EmbedResult | Exception]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.run, calls)
+
+    async def ping(self) -> bool:
+        """True once a real text has gone through the whole batching path."""
+        vectors, _ = await self.embed([HEALTH_TEXT])
+        return bool(vectors.shape == (1, self.backend.dimension))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.entry.name,
+            "dimension": self.backend.dimension,
+            "max_seq_length": self.backend.max_seq_length,
+            "device": str(self.backend.device),
+        }
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()

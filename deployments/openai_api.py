@@ -1,0 +1,139 @@
+"""The OpenAI embeddings wire format: request parsing with precise 4xx errors, response rendering.
+
+Plain functions over bytes and arrays (no web framework), because both directions are on the hot path:
+parsing is one ``orjson.loads`` plus type checks, rendering serialises the float32 rows directly.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from deployments.errors import ClientError
+
+KNOWN_FIELDS = frozenset(
+    {"input", "model", "encoding_format", "dimensions", "user", "prompt_name", "normalize", "truncate"}
+)
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    texts: list[str]
+    model: str | None = None
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    prompt_name: str | None = None
+    normalize: bool | None = None
+    truncate: bool = True
+
+
+def _optional(body: dict, key: str, kind: type, what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ClientError(f"'{key}' must be {what}, got {type(value).__name__}", 400, key)
+    return value
+
+
+def validate_texts(value: Any, max_inputs: int) -> list[str]:
+    """``input`` as a list of strings: a string or a non-empty list of strings, at most ``max_inputs``."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ClientError(
+            f"'input' must be a string or a list of strings, got {type(value).__name__}", 400, "input"
+        )
+    if not value:
+        raise ClientError("'input' is an empty list; send at least one string", 400, "input")
+    if len(value) > max_inputs:
+        raise ClientError(
+            f"'input' has {len(value)} items; at most {max_inputs} are accepted per request", 413, "input"
+        )
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            if isinstance(item, int) or (isinstance(item, list) and all(isinstance(t, int) for t in item)):
+                raise ClientError(
+                    "token arrays are not supported as 'input'; send text (strings) instead", 400, "input"
+                )
+            raise ClientError(f"input[{i}] must be a string, got {type(item).__name__}", 400, "input")
+    return value
+
+
+def parse_embeddings_request(body: bytes, max_inputs: int) -> EmbeddingsRequest:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ClientError(f"request body is not valid JSON: {exc}", 400) from None
+    if not isinstance(data, dict):
+        raise ClientError(f"request body must be a JSON object, got {type(data).__name__}", 400)
+    unknown = sorted(set(data) - KNOWN_FIELDS)
+    if unknown:
+        raise ClientError(
+            f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(KNOWN_FIELDS))}",
+            400,
+            unknown[0],
+        )
+    if "input" not in data:
+        raise ClientError("'input' is required", 400, "input")
+    texts = validate_texts(data["input"], max_inputs)
+    encoding_format = _optional(data, "encoding_format", str, "a string") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise ClientError(
+            f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}", 400, "encoding_format"
+        )
+    dimensions = _optional(data, "dimensions", int, "an integer")
+    if dimensions is not None and dimensions < 1:
+        raise ClientError(f"'dimensions' must be at least 1, got {dimensions}", 400, "dimensions")
+    _optional(data, "user", str, "a string")
+    truncate = _optional(data, "truncate", bool, "a boolean")
+    return EmbeddingsRequest(
+        texts=texts,
+        model=_optional(data, "model", str, "a string"),
+        encoding_format=encoding_format,
+        dimensions=dimensions,
+        prompt_name=_optional(data, "prompt_name", str, "a string"),
+        normalize=_optional(data, "normalize", bool, "a boolean"),
+        truncate=True if truncate is None else truncate,
+    )
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None, native: int, normalize: bool) -> np.ndarray:
+    """Keep the first ``dimensions`` components (Matryoshka style), renormalised when asked."""
+    if dimensions is None or dimensions == native:
+        return vectors
+    if dimensions > native:
+        raise ClientError(
+            f"'dimensions' {dimensions} is more than this model gives ({native})", 400, "dimensions"
+        )
+    out = vectors[:, :dimensions]
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def render_embeddings(vectors: np.ndarray, model: str, prompt_tokens: int, encoding_format: str) -> bytes:
+    if encoding_format == "base64":
+        rows: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+    else:
+        rows = list(vectors)
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+def render_error(message: str, status: int, param: str | None = None, code: str | None = None) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 404:
+        kind = "not_found_error"
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code or status}})

@@ -1,0 +1,161 @@
+"""The ingress deployment: OpenAI-style HTTP API and a Python handle API over the model deployments.
+
+It resolves model names and aliases from the models config, checks each request before any model work,
+and calls the model's ``Embedder`` by handle. Client mistakes become 4xx OpenAI-style errors; anything
+else is a server fault (5xx) and is logged.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.coalescer import Coalescer
+from deployments.config import ModelsConfig
+from deployments.errors import ClientError, model_not_found
+from deployments.openai_api import (
+    parse_embeddings_request,
+    render_embeddings,
+    render_error,
+    shorten,
+    validate_texts,
+)
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="GraphRAG embeddings", docs_url=None, redoc_url=None)
+HEALTH_TIMEOUT_S = 10.0
+
+
+def _error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> Response:
+    return Response(
+        render_error(message, status, param, code), status_code=status, media_type="application/json"
+    )
+
+
+@serve.deployment
+@serve.ingress(api)
+class EmbeddingRouter:
+    def __init__(self, config: dict[str, Any], embedders: dict[str, DeploymentHandle]):
+        self.config = ModelsConfig.model_validate(config)
+        self.names = self.config.name_table()
+        self.embedders = embedders
+        self._info: dict[str, dict[str, Any]] = {}
+        self.coalescer = Coalescer(
+            self._send, max_in_flight=2, max_inputs_per_call=self.config.router.max_inputs_per_request
+        )
+
+    # ---- shared by HTTP and handle callers -------------------------------------------------------
+    def _resolve(self, model: str | None) -> str:
+        name = self.config.default_model if model is None else model
+        if name not in self.names:
+            raise model_not_found(name, sorted(self.names))
+        return self.names[name]
+
+    def _check_prompt(self, model: str, prompt_name: str | None) -> None:
+        prompts = self.config.entry(model).prompts
+        if prompt_name is not None and prompt_name not in prompts:
+            raise ClientError(
+                f"prompt_name {prompt_name!r} is not defined for model {model!r}; "
+                f"defined: {', '.join(sorted(prompts)) or 'none'}",
+                400,
+                "prompt_name",
+            )
+
+    async def _model_info(self, model: str) -> dict[str, Any]:
+        if model not in self._info:
+            self._info[model] = await self.embedders[model].info.remote()
+        return self._info[model]
+
+    async def _send(self, key: tuple, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        model, prompt_name, normalize, truncate = key
+        return await self.embedders[model].embed.remote(texts, prompt_name, normalize, truncate)
+
+    async def _embed(
+        self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool
+    ) -> tuple[np.ndarray, int]:
+        """Vectors and total tokens. Requests that may be refused (truncate: false) travel alone."""
+        self._check_prompt(model, prompt_name)
+        key = (model, prompt_name, normalize, truncate)
+        call = self.coalescer.submit(key, texts) if truncate else self._send(key, texts)
+        vectors, tokens = await asyncio.wait_for(call, self.config.router.request_timeout_s)
+        return vectors, int(tokens.sum())
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+    @api.post("/v1/embeddings")
+    async def create_embeddings(self, request: Request) -> Response:
+        try:
+            req = parse_embeddings_request(await request.body(), self.config.router.max_inputs_per_request)
+            model = self._resolve(req.model)
+            vectors, tokens = await self._embed(
+                req.texts, model, req.prompt_name, req.normalize, req.truncate
+            )
+            if req.dimensions is not None:
+                info = await self._model_info(model)
+                normalize = self.config.entry(model).normalize if req.normalize is None else req.normalize
+                vectors = shorten(vectors, req.dimensions, info["dimension"], normalize)
+            return Response(
+                render_embeddings(vectors, model, tokens, req.encoding_format), media_type="application/json"
+            )
+        except ClientError as err:
+            return _error_response(err.message, err.status, err.param, err.code)
+        except asyncio.TimeoutError:
+            return _error_response("the model did not answer in time", 504, code="timeout")
+        except Exception as exc:  # noqa: BLE001 - a server fault: say so, log it, never hang
+            logger.exception("embedding request failed")
+            return _error_response(f"internal error while embedding: {type(exc).__name__}", 500)
+
+    @api.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": self.models()})
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        async def probe(name: str) -> str:
+            try:
+                ok = await asyncio.wait_for(self.embedders[name].ping.remote(), HEALTH_TIMEOUT_S)
+                return "ok" if ok else "wrong output shape"
+            except asyncio.TimeoutError:
+                return f"no answer within {HEALTH_TIMEOUT_S:.0f} s"
+            except Exception as exc:  # noqa: BLE001
+                return f"{type(exc).__name__}: {exc}"[:300]
+
+        names = [e.name for e in self.config.models]
+        states = dict(zip(names, await asyncio.gather(*(probe(n) for n in names)), strict=True))
+        healthy = all(s == "ok" for s in states.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unhealthy", "models": states}, 200 if healthy else 503
+        )
+
+    # ---- Python handle API (in-cluster callers such as kt_gen) ----------------------------------
+    async def embed(
+        self,
+        texts: str | list[str],
+        model: str | None = None,
+        prompt_name: str | None = None,
+        normalize: bool | None = None,
+    ) -> np.ndarray:
+        """float32 [n, dim] for a list (a str counts as a list of one); raises ClientError on bad input."""
+        batch = validate_texts(texts, self.config.router.max_inputs_per_request)
+        vectors, _ = await self._embed(batch, self._resolve(model), prompt_name, normalize, True)
+        return vectors
+
+    def models(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": e.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "graphrag-embeddings",
+                "aliases": list(e.aliases),
+                "prompts": sorted(e.prompts),
+                "default_prompt": e.default_prompt,
+                "max_seq_length": e.max_seq_length,
+                "default": e.name == self.names[self.config.default_model],
+            }
+            for e in self.config.models
+        ]
