@@ -54,12 +54,14 @@ def validate_texts(value: Any, max_inputs: int) -> list[str]:
         raise ClientError(
             f"'input' has {len(value)} items; at most {max_inputs} are accepted per request", 413, "input"
         )
+    if all(isinstance(t, int) for t in value) or all(
+        isinstance(item, list) and all(isinstance(t, int) for t in item) for item in value
+    ):
+        raise ClientError(
+            "token arrays are not supported as 'input'; send text (strings) instead", 400, "input"
+        )
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            if isinstance(item, int) or (isinstance(item, list) and all(isinstance(t, int) for t in item)):
-                raise ClientError(
-                    "token arrays are not supported as 'input'; send text (strings) instead", 400, "input"
-                )
             raise ClientError(f"input[{i}] must be a string, got {type(item).__name__}", 400, "input")
     return value
 

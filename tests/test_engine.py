@@ -1,0 +1,89 @@
+"""The engine over the real MiniLM backend: vectors equal sentence-transformers' whatever the grouping,
+and one failing call never sinks the others in the same batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.backends.sentence_transformers import SentenceTransformersBackend
+from deployments.config import Batching
+from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.errors import ClientError
+from tests.conftest import MINILM_DIR
+
+TEXTS = [
+    "Marie Curie",
+    "",
+    "a physicist and chemist who conducted pioneering research on radioactivity " * 3,
+    "Warsaw",
+    "The Nobel Prize in Physics 1903 was awarded jointly to Henri Becquerel, Pierre Curie and Marie Curie",
+]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return SentenceTransformersBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.parametrize("budget", [16384, 64])
+def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget):
+    engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
+    expected = minilm.encode(TEXTS)
+    together = engine.run([EmbedCall(TEXTS)])[0]
+    one_by_one = engine.run([EmbedCall([t]) for t in TEXTS])
+    assert together.vectors.dtype == np.float32 and together.vectors.shape == (5, 384)
+    assert cosine_rows(together.vectors, expected).min() >= 0.9999
+    assert cosine_rows(np.concatenate([r.vectors for r in one_by_one]), expected).min() >= 0.9999
+    assert together.token_counts.tolist() == [r.token_counts[0] for r in one_by_one]
+    assert together.token_counts[1] == 2  # "" is [CLS] [SEP], as sentence-transformers embeds it
+
+
+def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
+    engine = EmbeddingEngine(backend, Batching())
+    got = engine.run([EmbedCall(TEXTS, prompt="query: ")])[0].vectors
+    assert cosine_rows(got, minilm.encode(TEXTS, prompt="query: ")).min() >= 0.9999
+    assert cosine_rows(got, minilm.encode(TEXTS)).min() < 0.999  # the prompt did change something
+
+
+def test_truncation_and_its_refusal(backend, minilm):
+    engine = EmbeddingEngine(backend, Batching())
+    long_text = "word " * 400
+    ok, refused = engine.run([EmbedCall([long_text]), EmbedCall(["fine", long_text], truncate=False)])
+    assert ok.token_counts.tolist() == [256]
+    assert cosine_rows(ok.vectors, minilm.encode([long_text]))[0] >= 0.9999
+    assert isinstance(refused, ClientError) and refused.status == 400 and "input[1]" in refused.message
+
+
+class FlakyBackend(SentenceTransformersBackend):
+    """The real backend with an injected fault: any micro-batch holding the word 'poison' fails."""
+
+    def forward(self, items):
+        poison = self.model.tokenizer.convert_tokens_to_ids("poison")
+        if any(poison in it.features["input_ids"].tolist() for it in items):
+            raise RuntimeError("injected fault")
+        return super().forward(items)
+
+
+def test_one_failing_input_fails_only_its_call(minilm):
+    backend = FlakyBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
+    engine = EmbeddingEngine(backend, Batching(max_batch_size=256))
+    calls = [EmbedCall(["alpha", "beta"]), EmbedCall(["gamma poison"]), EmbedCall(["delta"])]
+    good1, bad, good2 = engine.run(calls)
+    assert isinstance(bad, RuntimeError) and "injected fault" in str(bad)
+    assert cosine_rows(good1.vectors, minilm.encode(["alpha", "beta"])).min() >= 0.9999
+    assert cosine_rows(good2.vectors, minilm.encode(["delta"])).min() >= 0.9999
+    stats = engine.stats()
+    assert stats["failed_calls"] == 1 and stats["calls"] == 3
+
+
+def test_normalize_flag(backend):
+    engine = EmbeddingEngine(backend, Batching())
+    plain, normed = engine.run([EmbedCall(["x y z"], normalize=False), EmbedCall(["x y z"], normalize=True)])
+    assert abs(np.linalg.norm(normed.vectors[0]) - 1) < 1e-5
+    assert np.isfinite(plain.vectors).all()

