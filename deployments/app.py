@@ -35,5 +35,6 @@ def build_app(args: AppArgs | dict) -> Application:
         num_replicas=config.router.num_replicas,
         ray_actor_options={"num_cpus": config.router.num_cpus},
         max_ongoing_requests=1024,
+        logging_config={"enable_access_log": config.router.access_log},
     )
     return router.bind(config.model_dump(), embedders)

@@ -118,6 +118,8 @@ class RouterOptions(_Strict):
     num_cpus: float = Field(0.0, ge=0)
     max_inputs_per_request: int = Field(2048, gt=0)
     request_timeout_s: float = Field(120.0, gt=0)
+    # Serve's per-request access log lines cost CPU on every hop; errors are logged either way.
+    access_log: bool = False
 
 
 class ModelsConfig(_Strict):
@@ -278,6 +280,7 @@ def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any
         "name": entry.name,
         "ray_actor_options": ray_actor_options(config, entry),
         "max_ongoing_requests": 2 * entry.batching.max_batch_size,
+        "logging_config": {"enable_access_log": config.router.access_log},
     }
     if entry.autoscaling is not None:
         options["autoscaling_config"] = entry.autoscaling.model_dump(exclude_none=True)
