@@ -1,0 +1,258 @@
+"""NV-Embed-v2 (nvidia/NV-Embed-v2) as plain torch modules on current transformers, no remote code.
+
+Reproduces the published ``modeling_nvembed.py`` (run under transformers 4.42, the version its card pins):
+
+- ``embedding_model``: Mistral-7B's decoder made bidirectional. Built from transformers' own
+  ``MistralDecoderLayer`` / ``MistralRMSNorm`` / ``MistralRotaryEmbedding``, driven by our loop with a
+  padding-only 4-D additive mask (padded keys hidden, no causal triangle, no sliding window). The
+  published trick of setting ``is_causal = False`` on each layer no longer does this on transformers 5
+  (``MistralModel`` builds a causal mask from a 2-D mask), hence our own loop.
+- ``latent_attention_model``: the token states are queries over 512 learned latents (keys and values),
+  ``h + to_out(attn(to_q(LN(h)), to_kv(LN_ctx(latents))))``, then ``h + FF(LN(h))`` with
+  ``Linear(d, 8d) -> GEGLU -> Linear(4d, d)``; then the mean over the pooling mask and L2 normalisation.
+
+Module names mirror the checkpoint's keys (``embedding_model.*``, ``latent_attention_model.*``), and
+``load_nvembed_weights`` checks every name and shape: a missing, unknown or mis-shaped tensor is an error,
+never silently random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from transformers import MistralConfig
+from transformers.models.mistral.modeling_mistral import (
+    MistralDecoderLayer,
+    MistralRMSNorm,
+    MistralRotaryEmbedding,
+)
+
+_TEXT_CONFIG_IGNORED = {"model_type", "_name_or_path", "architectures", "torch_dtype", "dtype", "auto_map"}
+
+
+@dataclass(frozen=True)
+class LatentAttentionConfig:
+    num_latents: int
+    latent_dim: int
+    hidden_dim: int
+    num_cross_heads: int
+    cross_dim_head: int
+    output_normalize: bool = True
+
+
+@dataclass(frozen=True)
+class NVEmbedConfig:
+    """What ``config.json`` of an NV-Embed checkpoint says, in the published format."""
+
+    text: MistralConfig
+    latent: LatentAttentionConfig
+    padding_side: str
+    is_mask_instruction: bool
+    add_eos: bool
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> NVEmbedConfig:
+        text = dict(raw["text_config"])
+        if text.get("model_type") not in ("bidir_mistral", "mistral"):
+            raise ValueError(f"text_config.model_type {text.get('model_type')!r}: expected 'bidir_mistral'")
+        mistral = MistralConfig(**{k: v for k, v in text.items() if k not in _TEXT_CONFIG_IGNORED})
+        la = raw["latent_attention_config"]
+        latent = LatentAttentionConfig(
+            num_latents=la["num_latents_value"],
+            latent_dim=la["latent_dim"],
+            hidden_dim=la["hidden_dim"],
+            num_cross_heads=la["num_cross_heads"],
+            cross_dim_head=la["cross_dim_head"],
+            output_normalize=la.get("output_normalize", True),
+        )
+        if not latent.hidden_dim == latent.latent_dim == mistral.hidden_size:
+            raise ValueError(
+                "latent_attention_config: hidden_dim, latent_dim and text_config.hidden_size must be equal "
+                f"(got {latent.hidden_dim}, {latent.latent_dim}, {mistral.hidden_size})"
+            )
+        return cls(
+            text=mistral,
+            latent=latent,
+            padding_side=raw.get("padding_side", "right"),
+            is_mask_instruction=raw.get("is_mask_instruction", True),
+            add_eos=raw.get("add_eos", True),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> NVEmbedConfig:
+        return cls.from_dict(json.loads((Path(path) / "config.json").read_text()))
+
+
+class BidirectionalMistral(nn.Module):
+    """Mistral's decoder stack, every token seeing every non-padding token."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MistralRotaryEmbedding(config=config)
+        for layer in self.layers:
+            layer.self_attn.is_causal = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        rope = self.rotary_emb(hidden, position_ids=positions)
+        # [B, 1, L, L] additive: 0 where the key is a real token, the dtype's minimum where it is padding.
+        blocked = torch.finfo(hidden.dtype).min
+        keys = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        keys = keys.masked_fill(attention_mask == 0, blocked)
+        mask = keys[:, None, None, :].expand(-1, 1, input_ids.shape[1], -1)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+            if isinstance(hidden, tuple):  # older transformers return (hidden,)
+                hidden = hidden[0]
+        return self.norm(hidden)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.to_q(x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class _GEGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gates = x.chunk(2, dim=-1)
+        return x * F.gelu(gates)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim * mult * 2), _GEGLU(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module, context_dim: int | None = None):
+        super().__init__()
+        self.fn = fn
+        self.norm = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(context_dim) if context_dim is not None else None
+
+
+class LatentAttentionPooling(nn.Module):
+    """Cross-attention from token states to learned latents, feed-forward, then masked mean."""
+
+    def __init__(self, config: LatentAttentionConfig):
+        super().__init__()
+        d = config.hidden_dim
+        self.normalize = config.output_normalize
+        self.latents = nn.Parameter(torch.empty(config.num_latents, config.latent_dim))
+        self.cross_attend_blocks = nn.ModuleList(
+            [
+                _PreNorm(d, _CrossAttention(d, config.num_cross_heads, config.cross_dim_head), context_dim=d),
+                _PreNorm(d, _FeedForward(d)),
+            ]
+        )
+
+    def forward(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        attn, ff = self.cross_attend_blocks
+        context = attn.norm_context(self.latents).unsqueeze(0)  # [1, latents, d], shared by the batch
+        hidden = attn.fn(attn.norm(hidden), context) + hidden
+        hidden = ff.fn(ff.norm(hidden)) + hidden
+        mask = pool_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * mask).sum(dim=1).float() / mask.sum(dim=1).float()
+        return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+
+class NVEmbedModel(nn.Module):
+    def __init__(self, config: NVEmbedConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_model = BidirectionalMistral(config.text)
+        self.latent_attention_model = LatentAttentionPooling(config.latent)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """float32 [batch, hidden] embeddings; every row needs at least one position in ``pool_mask``."""
+        hidden = self.embedding_model(input_ids, attention_mask)
+        return self.latent_attention_model(hidden, pool_mask)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_nvembed_weights(
+    model: NVEmbedModel, path: str | Path, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Load every checkpoint tensor straight onto ``device`` in ``dtype``, one tensor at a time.
+
+    The model is expected on the meta device (no memory); parameters are replaced, not copied into, so
+    no float32 copy of the weights ever exists. Names and shapes are checked both ways.
+    """
+    expected = dict(model.named_parameters())
+    seen: set[str] = set()
+    problems: list[str] = []
+    for file in _checkpoint_files(Path(path)):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name not in expected:
+                    problems.append(f"unexpected tensor {name!r} in {file.name}")
+                    continue
+                tensor = f.get_tensor(name)
+                want = tuple(expected[name].shape)
+                if tuple(tensor.shape) != want:
+                    problems.append(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {want}")
+                    continue
+                module_name, _, leaf = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if problems:
+        raise ValueError(
+            f"{path}: checkpoint does not match NV-Embed-v2's layout:\n  " + "\n  ".join(problems)
+        )
+    # The rotary frequencies are a computed, non-persistent buffer: rebuild it on the real device.
+    with torch.device(device):
+        model.embedding_model.rotary_emb = MistralRotaryEmbedding(config=model.config.text)
+
+
+def build_nvembed(path: str | Path, device: torch.device, dtype: torch.dtype) -> NVEmbedModel:
+    config = NVEmbedConfig.from_dir(path)
+    config.text._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = NVEmbedModel(config)
+    load_nvembed_weights(model, path, device, dtype)
+    return model.eval()
