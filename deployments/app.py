@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
+from deployments.backends import check_backends
 from deployments.config import deployment_options, load_models_config, resolve_config_path
 from deployments.embedder import Embedder
 from deployments.router import EmbeddingRouter
@@ -25,6 +26,7 @@ def build_app(args: AppArgs | dict) -> Application:
         args = AppArgs.model_validate(args)
     path = resolve_config_path(args.models_config)
     config = load_models_config(path)
+    check_backends(config, path.parent)
     embedders = {
         entry.name: Embedder.options(**deployment_options(config, entry)).bind(
             entry.model_dump(), str(path.parent)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BACKENDS = ("sentence-transformers",)
+BACKENDS = ("sentence-transformers", "nvembed")
 PACKAGE_SOURCE_PREFIX = "pkg:"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SUBKEY_LINE = re.compile(r"^[a-z_][\w.]*: ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from sentence_transformers import SentenceTransformer
 from deployments.errors import ClientError
 from tests.conftest import free_port
 
+NVEMBED_FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
+NV_CASES = {c["name"]: c for c in json.loads((NVEMBED_FIXTURE / "expected.json").read_text())["cases"]}
 BGE_QUERY = "Represent this sentence for searching relevant passages: "
 TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity research in Paris laboratories"]
 
@@ -49,6 +52,23 @@ def write_config(path: Path, tiny_bge_dir: str) -> Path:
         ],
         "router": {"max_inputs_per_request": 64},
     }
+    config["models"].append(
+        {
+            "name": "nvembed-tiny",
+            "aliases": ["nvidia/NV-Embed-v2"],
+            "source": str(NVEMBED_FIXTURE),
+            "backend": "nvembed",
+            "dtype": "bfloat16",  # CPU runs float32 whatever the config says
+            "max_seq_length": 4096,
+            "prompts": {
+                "query": NV_CASES["query_instruction_batch"]["instruction"],
+                "passage": "",
+                "qa": NV_CASES["other_instruction_batch"]["instruction"],
+            },
+            "default_prompt": "query",
+            "placement": "cpu",
+        }
+    )
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -179,7 +199,7 @@ def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
         (
             {"input": "x", "model": "gpt-4"},
             404,
-            "available: BAAI/bge-large-en-v1.5, all-MiniLM-L6-v2, bge-tiny",
+            "available: BAAI/bge-large-en-v1.5, all-MiniLM-L6-v2, bge-tiny, nvembed-tiny",
         ),
         ({"input": []}, 400, "empty list"),
         ({"input": ["a", 3]}, 400, "input[1] must be a string"),
@@ -236,11 +256,14 @@ def test_models_and_health(service):
     models = service.get("/v1/models").json()
     assert models["object"] == "list"
     ids = {m["id"]: m for m in models["data"]}
-    assert set(ids) == {"all-MiniLM-L6-v2", "bge-tiny"} and ids["all-MiniLM-L6-v2"]["default"]
+    assert set(ids) == {"all-MiniLM-L6-v2", "bge-tiny", "nvembed-tiny"} and ids["all-MiniLM-L6-v2"]["default"]
     assert ids["bge-tiny"]["aliases"] == ["tree_comm", "BAAI/bge-large-en-v1.5"]
     health = service.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "models": {"all-MiniLM-L6-v2": "ok", "bge-tiny": "ok"}}
+    assert health.json() == {
+        "status": "ok",
+        "models": {"all-MiniLM-L6-v2": "ok", "bge-tiny": "ok", "nvembed-tiny": "ok"},
+    }
 
 
 def test_replica_stays_responsive_during_a_long_batch(service):
@@ -257,3 +280,23 @@ def test_replica_stays_responsive_during_a_long_batch(service):
     vectors, _ = big.result()
     assert info["dimension"] == 384 and vectors.shape == (256, 384)
     assert answered < 1.0, f"replica took {answered:.2f} s to answer during a long batch"
+
+
+@pytest.mark.parametrize(
+    ("prompt_name", "case"),
+    [
+        ("query", "query_instruction_batch"),
+        (None, "query_instruction_batch"),  # default_prompt: kt_gen names no prompt
+        ("passage", "passage_no_instruction_batch"),
+        ("qa", "other_instruction_batch"),
+    ],
+)
+def test_nvembed_served_equals_the_published_reference(service, prompt_name, case):
+    expected = np.array(NV_CASES[case]["embeddings"])
+    body = {"input": NV_CASES[case]["texts"], "model": "nvidia/NV-Embed-v2"}
+    if prompt_name:
+        body["prompt_name"] = prompt_name
+    vectors, data = embed(service, **body)
+    assert data["model"] == "nvembed-tiny"
+    assert data["usage"]["prompt_tokens"] == sum(map(sum, NV_CASES[case]["attention_mask"]))
+    assert np.abs(vectors - expected).max() <= 1e-4

@@ -1,0 +1,143 @@
+"""The ``nvembed`` backend: NV-Embed-v2 tokenised and pooled exactly as its published ``encode``.
+
+Tokenisation (published ``NVEmbedModel.encode``): the string ``instruction + text + "</s>"`` (EOS appended
+as text, before truncation, so a truncated input loses it), BOS added by the tokenizer, pad = EOS, right
+padding, truncation at ``max_seq_length`` counting every token. The first
+``len(tokenizer.tokenize(instruction))`` positions leave the pooling mask (not the attention).
+
+The tokenizer is ``tokenizer.json`` of the checkpoint directory loaded as a fast tokenizer. Not
+``AutoTokenizer``: on transformers 5 it rebuilds the tokenizer from the sentencepiece model and gives
+other ids for text with leading spaces; and never ``text_config._name_or_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, torch_dtype
+from deployments.backends.nvembed_model import NVEmbedConfig, build_nvembed
+from deployments.errors import ClientError, input_too_long
+
+CHECKPOINT_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+]
+TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json"]
+
+
+def local_checkpoint(source: str, patterns: list[str]) -> Path:
+    """A local directory as is; a hub id downloaded (only the files named) into the Hugging Face cache."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=source, allow_patterns=patterns))
+
+
+def load_nvembed_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    special = {}
+    special_file = path / "special_tokens_map.json"
+    if special_file.exists():
+        for key, value in json.loads(special_file.read_text()).items():
+            special[key] = value["content"] if isinstance(value, dict) else value
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
+    tokenizer.pad_token = tokenizer.eos_token  # the published code pads with EOS, on the right
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+class InstructionLengths:
+    """``len(tokenize(instruction))`` per instruction, and the check that leaves room to pool."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, mask_instruction: bool = True):
+        self.tokenizer = tokenizer
+        self.mask_instruction = mask_instruction
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, instruction: str) -> int:
+        if not instruction or not self.mask_instruction:
+            return 0
+        if instruction not in self._cache:
+            self._cache[instruction] = len(self.tokenizer.tokenize(instruction))
+        return self._cache[instruction]
+
+    def check_room(self, prompts: dict[str, str], max_seq_length: int) -> list[str]:
+        """Problems, one per prompt whose instruction leaves no position to pool within max_seq_length."""
+        return [
+            f"prompts.{name}: the instruction takes {self(text)} tokens, which leaves nothing to pool within "
+            f"max_seq_length {max_seq_length}"
+            for name, text in prompts.items()
+            if self(text) >= max_seq_length
+        ]
+
+
+class NVEmbedBackend(EmbeddingBackend):
+    def __init__(
+        self,
+        source: str,
+        *,
+        device: torch.device,
+        dtype: str = "bfloat16",
+        max_seq_length: int = 4096,
+        prompts: dict[str, str] | None = None,
+    ):
+        path = local_checkpoint(source, CHECKPOINT_FILES)
+        config = NVEmbedConfig.from_dir(path)
+        self.device = device
+        self.max_seq_length = max_seq_length
+        self.dimension = config.text.hidden_size
+        self.tokenizer = load_nvembed_tokenizer(path)
+        self.instruction_lengths = InstructionLengths(self.tokenizer, config.is_mask_instruction)
+        problems = self.instruction_lengths.check_room(prompts or {}, max_seq_length)
+        if problems:
+            raise ValueError(f"{source}: " + "; ".join(problems))
+        self._eos = self.tokenizer.eos_token if config.add_eos else ""
+        self._pad_values = {"input_ids": self.tokenizer.eos_token_id}
+        self.model = build_nvembed(path, device, torch_dtype(dtype, device))
+
+    def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
+        limit = self.max_seq_length if truncate else self.max_seq_length + 1
+        strings = [prompt + text + self._eos for text in texts]
+        ids = self.tokenizer(strings, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
+        masked = self.instruction_lengths(prompt)
+        items = []
+        for i, row in enumerate(ids):
+            n = len(row)
+            if n > self.max_seq_length:
+                raise input_too_long(i, n, self.max_seq_length)
+            if masked >= n:
+                raise ClientError(
+                    f"input[{i}]: the instruction takes {masked} of its {n} tokens and leaves nothing to "
+                    "pool; raise max_seq_length or shorten the instruction",
+                    400,
+                    "input",
+                )
+            pool = torch.ones(n, dtype=torch.long)
+            pool[:masked] = 0
+            items.append(
+                EncodedText(
+                    {
+                        "input_ids": torch.tensor(row, dtype=torch.long),
+                        "attention_mask": torch.ones(n, dtype=torch.long),
+                        "pool_mask": pool,
+                    },
+                    n,
+                )
+            )
+        return items
+
+    @torch.inference_mode()
+    def forward(self, items: list[EncodedText]) -> np.ndarray:
+        batch = {
+            k: v.to(self.device, non_blocking=True) for k, v in pad_right(items, self._pad_values).items()
+        }
+        return self.model(**batch).float().cpu().numpy()

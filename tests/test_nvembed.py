@@ -1,0 +1,154 @@
+"""NV-Embed-v2 against golden data computed by its published code (tests/fixtures/nvembed-tiny)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deployments.backends import check_backends
+from deployments.backends.nvembed import NVEmbedBackend
+from deployments.config import Batching, ConfigError, parse_models_config
+from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.errors import ClientError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
+CASES = {c["name"]: c for c in json.loads((FIXTURE / "expected.json").read_text())["cases"]}
+GOOD = [name for name, c in CASES.items() if not c.get("reference_returns_nan")]
+
+
+def backend_for(case: dict) -> NVEmbedBackend:
+    return NVEmbedBackend(
+        str(FIXTURE), device=torch.device("cpu"), dtype="float32", max_seq_length=case["max_length"]
+    )
+
+
+@pytest.fixture(scope="module")
+def backends() -> dict[int, NVEmbedBackend]:
+    return {n: backend_for({"max_length": n}) for n in sorted({c["max_length"] for c in CASES.values()})}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_token_ids_and_pool_masks_are_the_reference(backends, name):
+    case = CASES[name]
+    backend = backends[case["max_length"]]
+    if case.get("reference_returns_nan"):
+        with pytest.raises(ClientError, match="leaves nothing to pool"):
+            backend.tokenize(case["texts"], case["instruction"])
+        return
+    items = backend.tokenize(case["texts"], case["instruction"])
+    for item, ids, attention, pool in zip(
+        items, case["input_ids"], case["attention_mask"], case["pool_mask"], strict=True
+    ):
+        n = sum(attention)
+        assert item.length == n
+        assert item.features["input_ids"].tolist() == ids[:n]
+        assert item.features["pool_mask"].tolist() == pool[:n]
+        assert all(t == 2 for t in ids[n:])  # the reference pads with EOS on the right
+
+
+@pytest.mark.parametrize("name", GOOD)
+@pytest.mark.parametrize("grouping", ["all_at_once", "one_by_one", "batcher_small_budget"])
+def test_embeddings_match_the_reference(backends, name, grouping):
+    case = CASES[name]
+    backend = backends[case["max_length"]]
+    expected = np.array(case["embeddings"], dtype=np.float64)
+    texts, instruction = case["texts"], case["instruction"]
+    if grouping == "all_at_once":
+        got = np.concatenate([backend.forward(backend.tokenize(texts, instruction))])
+    elif grouping == "one_by_one":
+        got = np.concatenate([backend.forward(backend.tokenize([t], instruction)) for t in texts])
+    else:
+        budget = 2 * max(it.length for it in backend.tokenize(texts, instruction))
+        engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
+        results = engine.run([EmbedCall([t], prompt=instruction, normalize=False) for t in texts])
+        got = np.concatenate([r.vectors for r in results])
+        assert engine.stats()["forward_passes"] > 1
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_truncate_false_refuses_what_would_be_cut(backends):
+    backend = backends[20]
+    with pytest.raises(ClientError, match="input\\[0\\]"):
+        backend.tokenize(["a long text " * 10], "", truncate=False)
+    assert len(backend.tokenize(["short"], "", truncate=False)) == 1
+
+
+def models_config(max_seq_length: int, prompts: dict[str, str]):
+    return parse_models_config(
+        {
+            "default_model": "nv",
+            "placements": {"cpu": {"num_cpus": 1}},
+            "models": [
+                {
+                    "name": "nv",
+                    "source": str(FIXTURE),
+                    "backend": "nvembed",
+                    "max_seq_length": max_seq_length,
+                    "prompts": prompts,
+                    "placement": "cpu",
+                }
+            ],
+        }
+    )
+
+
+def test_config_load_refuses_prompts_that_leave_nothing_to_pool():
+    query = {"query": CASES["query_instruction_batch"]["instruction"], "passage": ""}
+    check_backends(models_config(64, query))
+    with pytest.raises(
+        ConfigError, match=r"models\[0\] \(nv\)\.prompts\.query: the instruction takes 15 tokens"
+    ):
+        check_backends(models_config(12, query))
+    with pytest.raises(ValueError, match="leaves nothing to pool"):
+        NVEmbedBackend(
+            str(FIXTURE), device=torch.device("cpu"), dtype="float32", max_seq_length=15, prompts=query
+        )
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda w: w.pop("latent_attention_model.latents"),
+            "missing tensors: latent_attention_model.latents",
+        ),
+        (lambda w: w.update({"embedding_model.extra.weight": torch.zeros(2)}), "unexpected tensor"),
+        (
+            lambda w: w.update({"embedding_model.norm.weight": torch.zeros(3)}),
+            r"embedding_model.norm.weight: checkpoint shape \(3,\) != model \(64,\)",
+        ),
+    ],
+)
+def test_mismatched_weights_are_a_load_error(tmp_path, damage, message):
+    for f in FIXTURE.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    weights = load_file(str(FIXTURE / "model.safetensors"))
+    damage(weights)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        NVEmbedBackend(str(tmp_path), device=torch.device("cpu"), dtype="float32", max_seq_length=64)
+
+
+def test_sharded_checkpoints_load(tmp_path):
+    for f in FIXTURE.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    weights = load_file(str(FIXTURE / "model.safetensors"))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(tmp_path / shard))
+        weight_map.update({k: shard for k in keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    case = CASES["query_instruction_batch"]
+    backend = NVEmbedBackend(str(tmp_path), device=torch.device("cpu"), dtype="float32", max_seq_length=4096)
+    got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
+    assert np.abs(got - np.array(case["embeddings"])).max() <= 1e-4
