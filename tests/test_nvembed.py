@@ -23,7 +23,7 @@ GOOD = [name for name, c in CASES.items() if not c.get("reference_returns_nan")]
 
 
 def backend_for(case: dict) -> NVEmbedBackend:
-    return NVEmbedBackend(
+    return NVEmbedBackend.load(
         str(FIXTURE), device=torch.device("cpu"), dtype="float32", max_seq_length=case["max_length"]
     )
 
@@ -107,7 +107,7 @@ def test_config_load_refuses_prompts_that_leave_nothing_to_pool():
     ):
         check_backends(models_config(12, query))
     with pytest.raises(ValueError, match="leaves nothing to pool"):
-        NVEmbedBackend(
+        NVEmbedBackend.load(
             str(FIXTURE), device=torch.device("cpu"), dtype="float32", max_seq_length=15, prompts=query
         )
 
@@ -133,7 +133,7 @@ def test_mismatched_weights_are_a_load_error(tmp_path, damage, message):
     damage(weights)
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=message):
-        NVEmbedBackend(str(tmp_path), device=torch.device("cpu"), dtype="float32", max_seq_length=64)
+        NVEmbedBackend.load(str(tmp_path), device=torch.device("cpu"), dtype="float32", max_seq_length=64)
 
 
 def test_sharded_checkpoints_load(tmp_path):
@@ -149,6 +149,8 @@ def test_sharded_checkpoints_load(tmp_path):
         weight_map.update({k: shard for k in keys})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     case = CASES["query_instruction_batch"]
-    backend = NVEmbedBackend(str(tmp_path), device=torch.device("cpu"), dtype="float32", max_seq_length=4096)
+    backend = NVEmbedBackend.load(
+        str(tmp_path), device=torch.device("cpu"), dtype="float32", max_seq_length=4096
+    )
     got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
     assert np.abs(got - np.array(case["embeddings"])).max() <= 1e-4

@@ -24,7 +24,7 @@ def load_backend(entry: ModelEntry, *, use_gpu: bool, base_dir: Path | None = No
     if entry.backend == "nvembed":
         from deployments.backends.nvembed import NVEmbedBackend
 
-        return NVEmbedBackend(
+        return NVEmbedBackend.load(
             source,
             device=device,
             dtype=entry.dtype,

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, torch_dtype
-from deployments.backends.nvembed_model import NVEmbedConfig, build_nvembed
+from deployments.backends.nvembed_model import NVEmbedModel, build_nvembed
 from deployments.errors import ClientError, input_too_long
 
 CHECKPOINT_FILES = [
@@ -83,26 +83,43 @@ class InstructionLengths:
 class NVEmbedBackend(EmbeddingBackend):
     def __init__(
         self,
+        model: NVEmbedModel,
+        tokenizer: PreTrainedTokenizerFast,
+        *,
+        max_seq_length: int = 4096,
+        prompts: dict[str, str] | None = None,
+    ):
+        config = model.config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_seq_length = max_seq_length
+        self.dimension = config.text.hidden_size
+        self.tokenizer = tokenizer
+        self.instruction_lengths = InstructionLengths(tokenizer, config.is_mask_instruction)
+        problems = self.instruction_lengths.check_room(prompts or {}, max_seq_length)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self._eos = tokenizer.eos_token if config.add_eos else ""
+        self._pad_values = {"input_ids": tokenizer.eos_token_id}
+
+    @classmethod
+    def load(
+        cls,
         source: str,
         *,
         device: torch.device,
         dtype: str = "bfloat16",
         max_seq_length: int = 4096,
         prompts: dict[str, str] | None = None,
-    ):
+    ) -> NVEmbedBackend:
+        """From a checkpoint directory or hub id; the prompts are checked before the weights load."""
         path = local_checkpoint(source, CHECKPOINT_FILES)
-        config = NVEmbedConfig.from_dir(path)
-        self.device = device
-        self.max_seq_length = max_seq_length
-        self.dimension = config.text.hidden_size
-        self.tokenizer = load_nvembed_tokenizer(path)
-        self.instruction_lengths = InstructionLengths(self.tokenizer, config.is_mask_instruction)
-        problems = self.instruction_lengths.check_room(prompts or {}, max_seq_length)
+        tokenizer = load_nvembed_tokenizer(path)
+        problems = InstructionLengths(tokenizer).check_room(prompts or {}, max_seq_length)
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
-        self._eos = self.tokenizer.eos_token if config.add_eos else ""
-        self._pad_values = {"input_ids": self.tokenizer.eos_token_id}
-        self.model = build_nvembed(path, device, torch_dtype(dtype, device))
+        model = build_nvembed(path, device, torch_dtype(dtype, device))
+        return cls(model, tokenizer, max_seq_length=max_seq_length, prompts=prompts)
 
     def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
         limit = self.max_seq_length if truncate else self.max_seq_length + 1

@@ -256,3 +256,45 @@ def build_nvembed(path: str | Path, device: torch.device, dtype: torch.dtype) ->
         model = NVEmbedModel(config)
     load_nvembed_weights(model, path, device, dtype)
     return model.eval()
+
+
+def random_nvembed(
+    config: NVEmbedConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> NVEmbedModel:
+    """The architecture with random weights made directly on ``device`` in ``dtype`` (benchmarks)."""
+    config.text._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = NVEmbedModel(config)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", "norm_context.weight")):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    model.to(dtype)
+    with torch.device(device):
+        model.embedding_model.rotary_emb = MistralRotaryEmbedding(config=config.text)
+    return model.eval()
+
+
+# Published NV-Embed-v2 dimensions (config.json of nvidia/NV-Embed-v2).
+FULL_SIZE = {
+    "text_config": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+    "latent_attention_config": {
+        "num_latents_value": 512,
+        "num_cross_heads": 8,
+        "cross_dim_head": 4096,
+        "hidden_dim": 4096,
+        "latent_dim": 4096,
+    },
+}
