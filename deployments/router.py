@@ -111,7 +111,7 @@ class EmbeddingRouter:
 
     @api.get("/v1/models")
     async def list_models(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": self.models()})
+        return JSONResponse({"object": "list", "data": await self.models()})
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -144,7 +144,9 @@ class EmbeddingRouter:
         vectors, _ = await self._embed(batch, self._resolve(model), prompt_name, normalize, True)
         return vectors
 
-    def models(self) -> list[dict[str, Any]]:
+    async def models(self) -> list[dict[str, Any]]:
+        """The served models: names, aliases, prompts (name -> text), dimension and limits."""
+        infos = await asyncio.gather(*(self._model_info(e.name) for e in self.config.models))
         return [
             {
                 "id": e.name,
@@ -152,10 +154,11 @@ class EmbeddingRouter:
                 "created": 0,
                 "owned_by": "graphrag-embeddings",
                 "aliases": list(e.aliases),
-                "prompts": sorted(e.prompts),
+                "prompts": dict(e.prompts),
                 "default_prompt": e.default_prompt,
+                "dimension": info["dimension"],
                 "max_seq_length": e.max_seq_length,
                 "default": e.name == self.names[self.config.default_model],
             }
-            for e in self.config.models
+            for e, info in zip(self.config.models, infos, strict=True)
         ]

