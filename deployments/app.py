@@ -10,9 +10,16 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from deployments.backends import check_backends
-from deployments.config import deployment_options, load_models_config, resolve_config_path
+from deployments.config import (
+    ConfigError,
+    deployment_options,
+    load_models_config,
+    resolve_config_path,
+    router_options,
+)
 from deployments.embedder import Embedder
 from deployments.router import EmbeddingRouter
+from deployments.sizing import check_gpu_packing
 
 
 class AppArgs(BaseModel):
@@ -26,6 +33,9 @@ def build_app(args: AppArgs | dict) -> Application:
         args = AppArgs.model_validate(args)
     path = resolve_config_path(args.models_config)
     config = load_models_config(path)
+    packing = check_gpu_packing(config, path.parent)
+    if packing:
+        raise ConfigError(packing, str(path))
     check_backends(config, path.parent)
     embedders = {
         entry.name: Embedder.options(**deployment_options(config, entry)).bind(
@@ -33,10 +43,4 @@ def build_app(args: AppArgs | dict) -> Application:
         )
         for entry in config.models
     }
-    router = EmbeddingRouter.options(
-        num_replicas=config.router.num_replicas,
-        ray_actor_options={"num_cpus": config.router.num_cpus},
-        max_ongoing_requests=1024,
-        logging_config={"enable_access_log": config.router.access_log},
-    )
-    return router.bind(config.model_dump(), embedders)
+    return EmbeddingRouter.options(**router_options(config)).bind(config.model_dump(), embedders)

@@ -2,9 +2,9 @@
 
 Each hop between Ray Serve replicas costs milliseconds of CPU per call, which on a small machine caps
 single-text traffic long before the model does. The coalescer sends a request at once while fewer than
-``max_in_flight`` calls are outstanding for its key; otherwise the request waits for a free slot and
-leaves together with every request that queued meanwhile. Light load sees no added latency; heavy load
-gets large calls.
+``max_in_flight`` calls are outstanding for its key (the router allows two per model replica);
+otherwise the request waits for a free slot and leaves together with every request that queued
+meanwhile. Light load sees no added latency; heavy load gets large calls.
 
 A merged call that fails is retried request by request, so one bad request fails alone. Plain asyncio:
 no Ray here.
@@ -35,16 +35,18 @@ class _Lane:
 
 
 class Coalescer:
-    def __init__(self, send: Send, max_in_flight: int = 2, max_inputs_per_call: int = 2048):
+    def __init__(
+        self, send: Send, max_in_flight: int | Callable[[Hashable], int] = 2, max_inputs_per_call: int = 2048
+    ):
         self._send = send
-        self._max_in_flight = max_in_flight
+        self._limit = max_in_flight if callable(max_in_flight) else (lambda _key: max_in_flight)
         self._max_inputs = max_inputs_per_call
         self._lanes: dict[Hashable, _Lane] = {}
         self.calls_sent = 0  # downstream calls, for tests and metrics
 
     async def submit(self, key: Hashable, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         lane = self._lanes.setdefault(key, _Lane())
-        if lane.in_flight < self._max_in_flight and not lane.queue:
+        if lane.in_flight < self._limit(key) and not lane.queue:
             lane.in_flight += 1
             try:
                 return await self._call(key, texts)
@@ -62,7 +64,7 @@ class Coalescer:
     def _drain(self, key: Hashable, lane: _Lane) -> None:
         """Start one merged call with as much of the queue as fits, if a slot is free."""
         lane.queue = [p for p in lane.queue if not p.future.done()]  # callers that gave up
-        if not lane.queue or lane.in_flight >= self._max_in_flight:
+        if not lane.queue or lane.in_flight >= self._limit(key):
             if not lane.queue and not lane.in_flight:
                 self._lanes.pop(key, None)
             return

@@ -42,6 +42,9 @@ class Placement(_Strict):
     num_cpus: float | None = Field(None, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
     accelerator_type: str | None = None
+    label_selector: dict[str, str] | None = None  # Ray node labels (Ray 2.54+), e.g. {gpu-class: large}
+    # Memory of one GPU of this class: fractions are bookkeeping only in Ray, so packing is checked here.
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
 
 class Batching(_Strict):
@@ -57,9 +60,11 @@ class Batching(_Strict):
 class Autoscaling(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float | None = Field(None, ge=0)
     downscale_delay_s: float | None = Field(None, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
@@ -84,6 +89,10 @@ class ModelEntry(_Strict):
     batching: Batching = Field(default_factory=Batching)
     num_replicas: int | None = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
+    # Calls queued at each caller (router) beyond which it gets an immediate "overloaded" (503).
+    max_queued_requests: int = Field(64, ge=1)
+    # GPU memory one replica needs; estimated from the model's size, dtype and batch budget when unset.
+    gpu_memory_gb: float | None = Field(None, gt=0)
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -107,6 +116,10 @@ class ModelEntry(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas or 1
+
     def prompt_text(self, prompt_name: str | None) -> str:
         """The instruction for a request: its ``prompt_name``, else ``default_prompt``, else none."""
         name = prompt_name if prompt_name is not None else self.default_prompt
@@ -120,6 +133,10 @@ class RouterOptions(_Strict):
     request_timeout_s: float = Field(120.0, gt=0)
     # Serve's per-request access log lines cost CPU on every hop; errors are logged either way.
     access_log: bool = False
+    max_ongoing_requests: int = Field(1024, gt=0)
+    # HTTP requests queued at the proxy beyond this get a 503 with Retry-After instead of waiting.
+    max_queued_requests: int = Field(2048, gt=0)
+    retry_after_s: float = Field(1.0, ge=0)
 
 
 class ModelsConfig(_Strict):
@@ -267,7 +284,21 @@ def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]
         options["resources"] = dict(placement.resources)
     if placement.accelerator_type:
         options["accelerator_type"] = placement.accelerator_type
+    if placement.label_selector:
+        options["label_selector"] = dict(placement.label_selector)
     return options
+
+
+def router_options(config: ModelsConfig) -> dict[str, Any]:
+    """``Deployment.options`` of the ingress: overload gets a fast 503 + Retry-After at the proxy."""
+    return {
+        "num_replicas": config.router.num_replicas,
+        "ray_actor_options": {"num_cpus": config.router.num_cpus},
+        "max_ongoing_requests": config.router.max_ongoing_requests,
+        "max_queued_requests": config.router.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": config.router.retry_after_s},
+        "logging_config": {"enable_access_log": config.router.access_log},
+    }
 
 
 def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:
@@ -280,6 +311,7 @@ def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any
         "name": entry.name,
         "ray_actor_options": ray_actor_options(config, entry),
         "max_ongoing_requests": 2 * entry.batching.max_batch_size,
+        "max_queued_requests": entry.max_queued_requests,
         "logging_config": {"enable_access_log": config.router.access_log},
     }
     if entry.autoscaling is not None:

@@ -84,11 +84,17 @@ class Embedder:
         return bool(vectors.shape == (1, self.backend.dimension))
 
     def info(self) -> dict[str, Any]:
+        """What this replica serves and where it runs (node, GPUs Ray assigned to it)."""
+        context = ray.get_runtime_context()
         return {
             "name": self.entry.name,
             "dimension": self.backend.dimension,
             "max_seq_length": self.backend.max_seq_length,
             "device": str(self.backend.device),
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
     def stats(self) -> dict[str, int]:

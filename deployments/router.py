@@ -6,13 +6,17 @@ else is a server fault (5xx) and is logged.
 """
 
 import asyncio
+import itertools
 import logging
+import math
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.coalescer import Coalescer
@@ -46,7 +50,9 @@ class EmbeddingRouter:
         self.embedders = embedders
         self._info: dict[str, dict[str, Any]] = {}
         self.coalescer = Coalescer(
-            self._send, max_in_flight=2, max_inputs_per_call=self.config.router.max_inputs_per_request
+            self._send,
+            max_in_flight=lambda key: 2 * self.config.entry(key[0]).max_replicas,
+            max_inputs_per_call=self.config.router.max_inputs_per_request,
         )
 
     # ---- shared by HTTP and handle callers -------------------------------------------------------
@@ -72,8 +78,17 @@ class EmbeddingRouter:
         return self._info[model]
 
     async def _send(self, key: tuple, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One call to the model deployment. Embedding is idempotent, so a call lost with its replica
+        (killed, crashed, node gone) is sent again until Serve has a replica for it; the request timeout
+        bounds the whole."""
         model, prompt_name, normalize, truncate = key
-        return await self.embedders[model].embed.remote(texts, prompt_name, normalize, truncate)
+        for attempt in itertools.count():
+            try:
+                return await self.embedders[model].embed.remote(texts, prompt_name, normalize, truncate)
+            except (RayActorError, ReplicaUnavailableError) as exc:
+                logger.warning("model %s: replica lost (%s); retrying the call", model, type(exc).__name__)
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
 
     async def _embed(
         self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool
@@ -103,6 +118,10 @@ class EmbeddingRouter:
             )
         except ClientError as err:
             return _error_response(err.message, err.status, err.param, err.code)
+        except BackPressureError:
+            response = _error_response("the model is overloaded; retry later", 503, code="overloaded")
+            response.headers["Retry-After"] = str(max(1, math.ceil(self.config.router.retry_after_s)))
+            return response
         except asyncio.TimeoutError:
             return _error_response("the model did not answer in time", 504, code="timeout")
         except Exception as exc:  # noqa: BLE001 - a server fault: say so, log it, never hang
@@ -127,9 +146,21 @@ class EmbeddingRouter:
         names = [e.name for e in self.config.models]
         states = dict(zip(names, await asyncio.gather(*(probe(n) for n in names)), strict=True))
         healthy = all(s == "ok" for s in states.values())
+        if not healthy:
+            states = {n: s if s == "ok" else f"{s}; {self._deployment_status(n)}" for n, s in states.items()}
         return JSONResponse(
             {"status": "ok" if healthy else "unhealthy", "models": states}, 200 if healthy else 503
         )
+
+    @staticmethod
+    def _deployment_status(name: str) -> str:
+        """Serve's own word on a model's deployment (for example: replicas waiting for resources)."""
+        try:
+            app = serve.status().applications[serve.get_replica_context().app_name]
+            deployment = app.deployments[name]
+            return f"deployment {deployment.status.value}: {deployment.message or 'no message'}"[:600]
+        except Exception as exc:  # noqa: BLE001 - health must answer even if status cannot be read
+            return f"deployment status unavailable ({type(exc).__name__})"
 
     # ---- Python handle API (in-cluster callers such as kt_gen) ----------------------------------
     async def embed(

@@ -1,0 +1,202 @@
+"""Serve autoscaling under a burst, overload answered fast, and a replica killed mid-load (real Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from tests.conftest import free_port
+
+FAST_METRICS = {
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
+
+
+def model(name: str, model_dir: str, **extra) -> dict:
+    return {
+        "name": name,
+        "source": model_dir,
+        "backend": "sentence-transformers",
+        "max_seq_length": 128,
+        "placement": "cpu",
+        "batching": {"max_batch_tokens": 1024, "max_batch_size": 64},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_bge_dir):
+    import ray
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    saved = {k: os.environ.get(k) for k in FAST_METRICS}
+    os.environ.update(FAST_METRICS)  # inherited by the raylet, hence by the controller and replicas
+    ray.init(
+        num_cpus=4,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        include_dashboard=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **FAST_METRICS}},
+    )
+    config = {
+        "default_model": "sturdy",
+        "placements": {"cpu": {"num_cpus": 0.5}},
+        "models": [
+            model("sturdy", tiny_bge_dir),
+            model(
+                "elastic",
+                tiny_bge_dir,
+                autoscaling={
+                    "min_replicas": 1,
+                    "max_replicas": 3,
+                    "target_ongoing_requests": 1,
+                    "upscale_delay_s": 0.5,
+                    "downscale_delay_s": 3,
+                    "look_back_period_s": 2,
+                },
+            ),
+        ],
+    }
+    path = tmp_path_factory.mktemp("cfg") / "models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "ray": ray}
+    serve.shutdown()
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def running_replicas(name: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications["embeddings"].deployments[name].replica_states
+    return states.get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout: float, what: str) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return time.time() - t0
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_a_burst_scales_the_model_up_to_max_and_back_down(service):
+    texts = [f"{i} " + "graph community summary " * 40 for i in range(64)]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    async def load():
+        async with httpx.AsyncClient(base_url=service["url"], timeout=120) as client:
+
+            async def worker():
+                while not stop.is_set():
+                    r = await client.post("/v1/embeddings", json={"input": texts, "model": "elastic"})
+                    if r.status_code != 200:
+                        errors.append(r.text)
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+    assert running_replicas("elastic") == 1
+    loader = threading.Thread(target=lambda: asyncio.run(load()))
+    loader.start()
+    try:
+        wait_for(lambda: running_replicas("elastic") == 3, 90, "3 replicas under load")
+    finally:
+        stop.set()
+        loader.join()
+    assert errors == []
+    wait_for(lambda: running_replicas("elastic") == 1, 90, "scale back to 1 replica")
+
+
+def test_a_replica_killed_mid_load_is_invisible_to_callers(service, tiny_bge_dir):
+    ray = service["ray"]
+    reference = SentenceTransformer(tiny_bge_dir, device="cpu")
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#sturdy#" in a["name"]]
+    assert len(replicas) == 1
+    texts = [f"entity {i} described at some length " * 3 for i in range(16)]
+    expected = reference.encode(texts)
+
+    async def load():
+        async with httpx.AsyncClient(base_url=service["url"], timeout=120) as client:
+
+            async def worker(k):
+                results = []
+                t_end = time.time() + 12
+                while time.time() < t_end:
+                    r = await client.post(
+                        "/v1/embeddings", json={"input": texts[k : k + 4], "model": "sturdy"}
+                    )
+                    results.append((k, r.status_code, r.json()))
+                return results
+
+            return await asyncio.gather(*(worker(k) for k in range(0, 16, 4)))
+
+    def kill_soon():
+        time.sleep(2)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    results = [r for worker in asyncio.run(load()) for r in worker]
+    killer.join()
+    after = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#sturdy#" in a["name"]]
+    assert replicas[0]["name"] not in after and len(after) == 1  # killed, and replaced
+    assert [status for _, status, _ in results] == [200] * len(results)
+    for k, _, body in results:
+        got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+        assert ((got * expected[k : k + 4]).sum(1)).min() >= 0.9999
+
+
+def test_overload_gets_a_fast_503_with_retry_after(service, tmp_path, tiny_bge_dir):
+    """Past the router's ongoing + queued limits, the proxy answers 503 + Retry-After at once."""
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    config = {
+        "default_model": "tight",
+        "placements": {"cpu": {"num_cpus": 0.5}},
+        "models": [model("tight", tiny_bge_dir)],
+        "router": {"max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3},
+    }
+    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(config))
+    serve.run(
+        build_app(AppArgs(models_config=str(tmp_path / "tight.yaml"))), name="tight", route_prefix="/tight"
+    )
+    texts = ["graph community summary " * 40] * 64
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=service["url"], timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post("/tight/v1/embeddings", json={"input": texts}) for _ in range(24))
+            )
+
+    try:
+        responses = asyncio.run(flood())
+    finally:
+        serve.delete("tight")
+    refused = [r for r in responses if r.status_code == 503]
+    served = [r for r in responses if r.status_code == 200]
+    assert len(served) >= 2 and len(refused) >= 10 and len(served) + len(refused) == 24
+    assert all(r.headers.get("retry-after") == "3" for r in refused)
+    assert (
+        max(r.elapsed.total_seconds() for r in refused) < min(r.elapsed.total_seconds() for r in served) + 5
+    )
