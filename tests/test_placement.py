@@ -4,6 +4,7 @@ stays pending and is reported, and requests route correctly throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -73,39 +74,47 @@ def cluster(tmp_path_factory, tiny_bge_dir):
     # Our own temp dir: Cluster records its address there, never in a shared /tmp/ray.
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     os.environ["RAY_TMPDIR"] = ray_tmp
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
-    nodes = {
-        "large": cluster.add_node(num_cpus=1, num_gpus=1, resources={"large_gpu": 1}),
-        "small-1gpu": cluster.add_node(num_cpus=2, num_gpus=1, resources={"small_gpu": 1}),
-        "small-2gpu": cluster.add_node(num_cpus=3, num_gpus=2, resources={"small_gpu": 2}),
-    }
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    from deployments.app import AppArgs, build_app
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+        nodes = {
+            "large": cluster.add_node(num_cpus=1, num_gpus=1, resources={"large_gpu": 1}),
+            "small-1gpu": cluster.add_node(num_cpus=2, num_gpus=1, resources={"small_gpu": 1}),
+            "small-2gpu": cluster.add_node(num_cpus=3, num_gpus=2, resources={"small_gpu": 2}),
+        }
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        from deployments.app import AppArgs, build_app
 
-    config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir)
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    # Non-blocking deploy: serve.run would wait forever for the orphan class that no node provides.
-    serve._run(build_app(AppArgs(models_config=config)), name="embeddings", route_prefix="/", _blocking=False)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        deployments = serve.status().applications["embeddings"].deployments
-        if all(deployments[n].status.value == "HEALTHY" for n in ("big", "small", "EmbeddingRouter")):
-            break
-        time.sleep(2)
-    else:
-        pytest.fail(f"big/small never became healthy: {serve.status()}")
-    node_ids = {name: node.node_id for name, node in nodes.items()}
-    yield {"url": f"http://127.0.0.1:{port}", "nodes": node_ids, "ray": ray}
-    serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
+        config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir)
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        # Non-blocking deploy: serve.run would wait forever for the orphan class that no node provides.
+        serve._run(
+            build_app(AppArgs(models_config=config)), name="embeddings", route_prefix="/", _blocking=False
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            deployments = serve.status().applications["embeddings"].deployments
+            if all(deployments[n].status.value == "HEALTHY" for n in ("big", "small", "EmbeddingRouter")):
+                break
+            time.sleep(2)
         else:
-            os.environ[k] = v
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+            pytest.fail(f"big/small never became healthy: {serve.status()}")
+        node_ids = {name: node.node_id for name, node in nodes.items()}
+        yield {"url": f"http://127.0.0.1:{port}", "nodes": node_ids, "ray": ray}
+    finally:  # stop exactly what this fixture started, even when setting up failed half-way
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def replica_infos(model: str, expected: int) -> list[dict]:

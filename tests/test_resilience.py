@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -42,44 +43,48 @@ def service(tmp_path_factory, tiny_bge_dir):
 
     saved = {k: os.environ.get(k) for k in FAST_METRICS}
     os.environ.update(FAST_METRICS)  # inherited by the raylet, hence by the controller and replicas
-    ray.init(
-        num_cpus=4,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        include_dashboard=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **FAST_METRICS}},
-    )
-    config = {
-        "default_model": "sturdy",
-        "placements": {"cpu": {"num_cpus": 0.5}},
-        "models": [
-            model("sturdy", tiny_bge_dir),
-            model(
-                "elastic",
-                tiny_bge_dir,
-                autoscaling={
-                    "min_replicas": 1,
-                    "max_replicas": 3,
-                    "target_ongoing_requests": 1,
-                    "upscale_delay_s": 0.5,
-                    "downscale_delay_s": 3,
-                    "look_back_period_s": 2,
-                },
-            ),
-        ],
-    }
-    path = tmp_path_factory.mktemp("cfg") / "models.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "ray": ray}
-    serve.shutdown()
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        ray.init(
+            num_cpus=4,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+            include_dashboard=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **FAST_METRICS}},
+        )
+        config = {
+            "default_model": "sturdy",
+            "placements": {"cpu": {"num_cpus": 0.5}},
+            "models": [
+                model("sturdy", tiny_bge_dir),
+                model(
+                    "elastic",
+                    tiny_bge_dir,
+                    autoscaling={
+                        "min_replicas": 1,
+                        "max_replicas": 3,
+                        "target_ongoing_requests": 1,
+                        "upscale_delay_s": 0.5,
+                        "downscale_delay_s": 3,
+                        "look_back_period_s": 2,
+                    },
+                ),
+            ],
+        }
+        path = tmp_path_factory.mktemp("cfg") / "models.yaml"
+        path.write_text(yaml.safe_dump(config))
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "ray": ray}
+    finally:
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def running_replicas(name: str) -> int:
