@@ -104,14 +104,18 @@ def parse_embeddings_request(body: bytes, max_inputs: int) -> EmbeddingsRequest:
     )
 
 
-def shorten(vectors: np.ndarray, dimensions: int | None, native: int, normalize: bool) -> np.ndarray:
-    """Keep the first ``dimensions`` components (Matryoshka style), renormalised when asked."""
-    if dimensions is None or dimensions == native:
-        return vectors
+def check_dimensions(dimensions: int, native: int) -> None:
     if dimensions > native:
         raise ClientError(
             f"'dimensions' {dimensions} is more than this model gives ({native})", 400, "dimensions"
         )
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None, native: int, normalize: bool) -> np.ndarray:
+    """Keep the first ``dimensions`` components (Matryoshka style), renormalised when asked."""
+    if dimensions is None or dimensions == native:
+        return vectors
+    check_dimensions(dimensions, native)
     out = vectors[:, :dimensions]
     if normalize:
         out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -23,6 +23,7 @@ from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
 from deployments.errors import ClientError, model_not_found
 from deployments.openai_api import (
+    check_dimensions,
     parse_embeddings_request,
     render_embeddings,
     render_error,
@@ -106,13 +107,15 @@ class EmbeddingRouter:
         try:
             req = parse_embeddings_request(await request.body(), self.config.router.max_inputs_per_request)
             model = self._resolve(req.model)
+            if req.dimensions is not None:  # refused before any model work
+                native = (await self._model_info(model))["dimension"]
+                check_dimensions(req.dimensions, native)
             vectors, tokens = await self._embed(
                 req.texts, model, req.prompt_name, req.normalize, req.truncate
             )
             if req.dimensions is not None:
-                info = await self._model_info(model)
                 normalize = self.config.entry(model).normalize if req.normalize is None else req.normalize
-                vectors = shorten(vectors, req.dimensions, info["dimension"], normalize)
+                vectors = shorten(vectors, req.dimensions, native, normalize)
             return Response(
                 render_embeddings(vectors, model, tokens, req.encoding_format), media_type="application/json"
             )
