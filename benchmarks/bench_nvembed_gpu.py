@@ -71,6 +71,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def fixture_agreement(device: torch.device) -> list[str]:
+    """The golden fixture on this device: max |ours - published| per case, float32 and bfloat16."""
+    from deployments.backends.nvembed_model import build_nvembed
+
+    cases = [c for c in json.loads((FIXTURE / "expected.json").read_text())["cases"] if "embeddings" in c]
+    lines = []
+    for dtype in (torch.float32, torch.bfloat16):
+        backend = NVEmbedBackend(build_nvembed(FIXTURE, device, dtype), load_nvembed_tokenizer(FIXTURE))
+        worst = 0.0
+        for case in cases:
+            if case.get("reference_returns_nan"):
+                continue
+            backend.max_seq_length = case["max_length"]
+            got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
+            worst = max(worst, float(np.abs(got - np.array(case["embeddings"])).max()))
+        lines.append(f"golden fixture on {device} in {dtype}: max abs diff {worst:.2e}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +125,7 @@ def main() -> None:
         "(a) kt_gen-like mix": make_texts(words, n_short, 15.0, 0.8, seed=1),
         "(b) passages": make_texts(words, n_pass, 290.0, 0.25, seed=2),
     }
+    agreement = fixture_agreement(device)
     ceiling = matmul_ceiling(device, dtype, 256 if tiny else 8192)
     params = sum(p.numel() for p in model.parameters()) / 1e9
 
@@ -138,6 +158,7 @@ def main() -> None:
         )
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
+    print("\n" + "\n".join(agreement))
     print(f"\nNV-Embed-v2 architecture, {params:.2f}B parameters, {dtype}, {label}")
     print(
         f"max_batch_tokens {batching.max_batch_tokens}, max_batch_size {batching.max_batch_size}; "

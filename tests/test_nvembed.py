@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deployments.backends import check_backends
-from deployments.backends.nvembed import NVEmbedBackend
+from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.config import Batching, ConfigError, parse_models_config
 from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.errors import ClientError
@@ -154,3 +154,31 @@ def test_sharded_checkpoints_load(tmp_path):
     )
     got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
     assert np.abs(got - np.array(case["embeddings"])).max() <= 1e-4
+
+
+def test_weights_load_straight_into_the_requested_dtype():
+    """No float32 copy: every parameter arrives in bf16, and the bf16 model still tracks the reference."""
+    from deployments.backends.nvembed_model import build_nvembed
+
+    model = build_nvembed(FIXTURE, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in model.parameters())
+    backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), max_seq_length=4096)
+    case = CASES["query_instruction_batch"]
+    got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert np.abs(got - np.array(case["embeddings"])).max() < 0.05  # bf16 rounding, not a wrong model
+
+
+def test_full_size_architecture_has_nv_embed_v2s_parameter_count():
+    """Built on the meta device (no memory): 7.85B parameters, 0.74B of them in the latent block."""
+    from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, NVEmbedModel
+
+    raw = json.loads((FIXTURE / "config.json").read_text())
+    for section, values in FULL_SIZE.items():
+        raw[section] = {**raw[section], **values}
+    with torch.device("meta"):
+        model = NVEmbedModel(NVEmbedConfig.from_dict(raw))
+    total = sum(p.numel() for p in model.parameters()) / 1e9
+    latent = sum(p.numel() for p in model.latent_attention_model.parameters()) / 1e9
+    assert round(total, 2) == 7.85 and round(latent, 2) == 0.74
