@@ -140,9 +140,11 @@ def fake_cluster(tiny_bge_dir):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    saved = {k: os.environ.get(k) for k in FAST}
+    env_here = pytest.MonkeyPatch()
     try:
-        os.environ.update({k: v for k, v in FAST.items() if k != "RAY_FAKE_CLUSTER"})
+        for key, value in FAST.items():
+            if key != "RAY_FAKE_CLUSTER":
+                env_here.setenv(key, value)
         deadline = time.time() + 60
         while True:
             try:
@@ -167,11 +169,7 @@ def fake_cluster(tiny_bge_dir):
                 head.kill()
             stop_processes_of(root)  # fake worker nodes outlive the head's autoscaler
             shutil.rmtree(root, ignore_errors=True)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            env_here.undo()
 
 
 def nodes_with(ray, resource: str) -> list[str]:

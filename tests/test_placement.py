@@ -5,7 +5,6 @@ stays pending and is reported, and requests route correctly throughout."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -69,11 +68,11 @@ def cluster(tmp_path_factory, tiny_bge_dir):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    saved = {k: os.environ.get(k) for k in ("RAY_SERVE_SLOW_STARTUP_WARNING_S", "RAY_TMPDIR")}
-    os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = "2"  # Serve explains pending replicas sooner
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_SERVE_SLOW_STARTUP_WARNING_S", "2")  # Serve explains pending replicas sooner
     # Our own temp dir: Cluster records its address there, never in a shared /tmp/ray.
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    os.environ["RAY_TMPDIR"] = ray_tmp
+    env.setenv("RAY_TMPDIR", ray_tmp)
     cluster = None
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
@@ -109,11 +108,7 @@ def cluster(tmp_path_factory, tiny_bge_dir):
             ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 
@@ -41,8 +40,9 @@ def service(tmp_path_factory, tiny_bge_dir):
 
     from deployments.app import AppArgs, build_app
 
-    saved = {k: os.environ.get(k) for k in FAST_METRICS}
-    os.environ.update(FAST_METRICS)  # inherited by the raylet, hence by the controller and replicas
+    env = pytest.MonkeyPatch()
+    for key, value in FAST_METRICS.items():  # inherited by the raylet, hence by the controller and replicas
+        env.setenv(key, value)
     try:
         ray.init(
             num_cpus=4,
@@ -80,11 +80,7 @@ def service(tmp_path_factory, tiny_bge_dir):
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
 
 
 def running_replicas(name: str) -> int:
