@@ -39,7 +39,6 @@ class Embedder:
         use_gpu = bool(ray.get_gpu_ids())
         threads = _cpu_threads()
         if not use_gpu:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
         self.backend = load_backend(
             self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None

@@ -8,7 +8,7 @@ the grouping beyond floating-point noise.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ class EncodedText:
 
     features: dict[str, torch.Tensor]
     length: int
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class EmbeddingBackend(ABC):
