@@ -16,4 +16,4 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 16384 2>&1 | tee "$OUT/bench-16k.txt"
-python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 32768 2>&1 | tee "$OUT/bench-32k.txt"
+python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 32768 --max-batch-size 1024 --forward-overhead-tokens 256 2>&1 | tee "$OUT/bench-32k.txt"

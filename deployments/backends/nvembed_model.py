@@ -107,11 +107,11 @@ class BidirectionalMistral(nn.Module):
         hidden = self.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         rope = self.rotary_emb(hidden, position_ids=positions)
-        # [B, 1, L, L] additive: 0 where the key is a real token, the dtype's minimum where it is padding.
+        # Additive [B, 1, 1, L], broadcast over queries: 0 where the key is a real token, the dtype's
+        # minimum where it is padding. Never an L x L tensor.
         blocked = torch.finfo(hidden.dtype).min
         keys = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
-        keys = keys.masked_fill(attention_mask == 0, blocked)
-        mask = keys[:, None, None, :].expand(-1, 1, input_ids.shape[1], -1)
+        mask = keys.masked_fill(attention_mask == 0, blocked)[:, None, None, :]
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
             if isinstance(hidden, tuple):  # older transformers return (hidden,)
@@ -129,12 +129,17 @@ class _CrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [b, n, d] attends to the shared context [m, d]. The latents' keys and values are computed
+        once and never expanded to the batch: with 8 heads of 4096 that copy would be b x 32 MB."""
         b, n, _ = x.shape
-        q = self.to_q(x)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
-        q, k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        q = self.to_q(x).reshape(b, n, self.heads, -1)  # [b, n, h, dh]
+        k, v = (
+            t.reshape(t.shape[0], self.heads, -1) for t in self.to_kv(context).chunk(2, dim=-1)
+        )  # [m, h, dh]
+        scores = torch.einsum("bnhd,mhd->bhnm", q, k) * q.shape[-1] ** -0.5
+        weights = scores.float().softmax(dim=-1).to(q.dtype)
+        out = torch.einsum("bhnm,mhd->bnhd", weights, v)
+        return self.to_out(out.reshape(b, n, -1))
 
 
 class _GEGLU(nn.Module):
@@ -177,7 +182,7 @@ class LatentAttentionPooling(nn.Module):
 
     def forward(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         attn, ff = self.cross_attend_blocks
-        context = attn.norm_context(self.latents).unsqueeze(0)  # [1, latents, d], shared by the batch
+        context = attn.norm_context(self.latents)  # [latents, d], shared by the whole batch
         hidden = attn.fn(attn.norm(hidden), context) + hidden
         hidden = ff.fn(ff.norm(hidden)) + hidden
         mask = pool_mask.to(hidden.dtype).unsqueeze(-1)
