@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -181,8 +182,13 @@ class ModelsConfig(_Strict):
                 table[alias] = entry.name
         return table
 
+    @cached_property
+    def _entries(self) -> dict[str, ModelEntry]:
+        return {e.name: e for e in self.models}
+
     def entry(self, name: str) -> ModelEntry:
-        return next(e for e in self.models if e.name == name)
+        """The entry of a model name (not an alias); looked up per request, hence the cached table."""
+        return self._entries[name]
 
 
 def _format_loc(loc: tuple, data: Any) -> str:
