@@ -3,7 +3,10 @@
 Runs the engine (tokenise -> plan token-budgeted micro-batches -> forward) on (a) a kt_gen-like mix
 (log-normal lengths, ~16 tokens mean) and (b) passages (~300 tokens), and prints real tokens/s (padding
 excluded), padding efficiency, achieved TFLOP/s, and a dense bf16 matmul measured in the same run as the
-ceiling. Without CUDA (or with --tiny) it runs the tiny fixture shape on CPU as a smoke check.
+ceiling. Three paths side by side on the same weights: the issue's reference (a plain loop over
+length-sorted fixed-size padded batches), the engine padded, and the engine packed (Flash Attention
+varlen on CUDA); the golden fixture's agreement is printed for each layout first. Without CUDA (or
+with --tiny) it runs the tiny fixture shape on CPU as a smoke check.
 
     python benchmarks/bench_nvembed_gpu.py                      # full size on the GPU, bf16
     python benchmarks/bench_nvembed_gpu.py --tiny               # CPU smoke check
@@ -40,13 +43,16 @@ def make_texts(words: list[str], n: int, mean_words: float, sigma: float, seed: 
     return [" ".join(rng.choice(words, c)) for c in counts]
 
 
-def flops_per_pass(config: NVEmbedConfig, rows: int, longest: int) -> float:
-    """Matmul FLOPs of one padded forward pass (decoder, attention scores, latent block)."""
+def flops_per_pass(config: NVEmbedConfig, lengths: list[int], packed: bool) -> float:
+    """Matmul FLOPs of one forward pass (decoder, attention scores, latent block) as the GPU runs it:
+    padded passes pay rows x longest tokens and rows x longest^2 scores, packed ones their real tokens."""
     t, la = config.text, config.latent
     d, kv = t.hidden_size, t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
-    tokens = rows * longest
+    longest = max(lengths)
+    tokens = sum(lengths) if packed else len(lengths) * longest
+    squares = sum(n * n for n in lengths) if packed else len(lengths) * longest * longest
     decoder = 2 * tokens * t.num_hidden_layers * (d * (2 * d + 2 * kv) + 3 * d * t.intermediate_size)
-    scores = 4 * rows * longest * longest * d * t.num_hidden_layers
+    scores = 4 * squares * d * t.num_hidden_layers
     inner = la.num_cross_heads * la.cross_dim_head
     latent = 2 * tokens * (2 * d * inner + 8 * d * d + 4 * d * d) + 4 * tokens * la.num_latents * inner
     return float(decoder + scores + latent)
@@ -72,22 +78,39 @@ def sync(device: torch.device) -> None:
 
 
 def fixture_agreement(device: torch.device) -> list[str]:
-    """The golden fixture on this device: max |ours - published| per case, float32 and bfloat16."""
-    from deployments.backends.nvembed_model import build_nvembed
+    """The golden fixture on this device: max |ours - published| per dtype and layout."""
+    from deployments.backends.nvembed_model import build_nvembed, flash_varlen_supported
 
     cases = [c for c in json.loads((FIXTURE / "expected.json").read_text())["cases"] if "embeddings" in c]
     lines = []
     for dtype in (torch.float32, torch.bfloat16):
-        backend = NVEmbedBackend(build_nvembed(FIXTURE, device, dtype), load_nvembed_tokenizer(FIXTURE))
-        worst = 0.0
-        for case in cases:
-            if case.get("reference_returns_nan"):
-                continue
-            backend.max_seq_length = case["max_length"]
-            got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
-            worst = max(worst, float(np.abs(got - np.array(case["embeddings"])).max()))
-        lines.append(f"golden fixture on {device} in {dtype}: max abs diff {worst:.2e}")
+        model = build_nvembed(FIXTURE, device, dtype)
+        for packed in (False, True):
+            backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), packed=packed)
+            worst = 0.0
+            for case in cases:
+                if case.get("reference_returns_nan"):
+                    continue
+                backend.max_seq_length = case["max_length"]
+                got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
+                worst = max(worst, float(np.abs(got - np.array(case["embeddings"])).max()))
+            kernel = "flash varlen" if flash_varlen_supported(device, dtype) else "sdpa per text"
+            layout = f"packed ({kernel})" if packed else "padded"
+            lines.append(f"golden fixture on {device}, {dtype}, {layout}: max abs diff {worst:.2e}")
     return lines
+
+
+def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> tuple[int, int, int]:
+    """The issue's reference: a plain loop over length-sorted, fixed-size, padded batches.
+    Returns (real tokens, padded tokens, passes)."""
+    items = sorted(backend.tokenize(texts, ""), key=lambda it: it.length)
+    backend.packed = False
+    padded = 0
+    for i in range(0, len(items), rows):
+        chunk = items[i : i + rows]
+        backend.forward(chunk)
+        padded += len(chunk) * chunk[-1].length
+    return sum(it.length for it in items), padded, -(-len(items) // rows)
 
 
 def main() -> None:
@@ -100,6 +123,9 @@ def main() -> None:
     parser.add_argument("--forward-overhead-tokens", type=int, default=64)
     parser.add_argument("--short-texts", type=int, default=4096)
     parser.add_argument("--passages", type=int, default=512)
+    parser.add_argument(
+        "--reference-rows", type=int, default=64, help="batch size of the plain sorted-loop reference"
+    )
     args = parser.parse_args()
 
     tiny = args.tiny or not torch.cuda.is_available()
@@ -126,36 +152,62 @@ def main() -> None:
         "(b) passages": make_texts(words, n_pass, 290.0, 0.25, seed=2),
     }
     agreement = fixture_agreement(device)
+    agreement.append(
+        f"{'tiny' if tiny else 'full-size'} model, packed vs padded self-check (cosine >= 0.99): "
+        f"{backend.packed_layout_agrees()}; "
+        f"packed by default here: {backend.packed}"
+    )
     ceiling = matmul_ceiling(device, dtype, 256 if tiny else 8192)
     params = sum(p.numel() for p in model.parameters()) / 1e9
 
     engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], normalize=True)])  # warm-up
+    backend.packed = True
+    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], normalize=True)])
     rows = []
     for name, texts in workloads.items():
-        before = engine.stats()
         lengths = [it.length for it in backend.tokenize(texts, "")]
-        plan_flops = 0.0
-        plan = plan_micro_batches(
-            lengths, batching.max_batch_tokens, batching.max_batch_size, batching.forward_overhead_tokens
-        )
-        for b in plan.batches:
-            plan_flops += flops_per_pass(config, len(b), max(lengths[i] for i in b))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        t0 = time.perf_counter()
-        engine.run([EmbedCall(texts, normalize=True)])
-        sync(device)
-        wall = time.perf_counter() - t0
-        after = engine.stats()
-        real = after["real_tokens"] - before["real_tokens"]
-        padded = after["padded_tokens"] - before["padded_tokens"]
-        passes = after["forward_passes"] - before["forward_passes"]
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        rows.append(
-            f"| {name} | {len(texts)} | {real / len(texts):.1f} | {real / wall:,.0f} | {real / padded:.2f} | "
-            f"{passes} | {plan_flops / wall / 1e12:.1f} | {peak:.1f} |"
-        )
+        reference_speed = None
+        for path in ("reference", "padded", "packed"):
+            plan_flops = 0.0
+            if path == "reference":
+                ordered = sorted(lengths)
+                for i in range(0, len(ordered), args.reference_rows):
+                    plan_flops += flops_per_pass(config, ordered[i : i + args.reference_rows], packed=False)
+            else:
+                plan = plan_micro_batches(
+                    lengths,
+                    batching.max_batch_tokens,
+                    batching.max_batch_size,
+                    batching.forward_overhead_tokens,
+                    packed=path == "packed",
+                )
+                for b in plan.batches:
+                    plan_flops += flops_per_pass(config, [lengths[i] for i in b], packed=path == "packed")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t0 = time.perf_counter()
+            if path == "reference":
+                real, padded, passes = reference_loop(backend, texts, args.reference_rows)
+            else:
+                backend.packed = path == "packed"
+                before = engine.stats()
+                engine.run([EmbedCall(texts, normalize=True)])
+                after = engine.stats()
+                real, padded, passes = (
+                    after[k] - before[k] for k in ("real_tokens", "padded_tokens", "forward_passes")
+                )
+            sync(device)
+            wall = time.perf_counter() - t0
+            speed = real / wall
+            reference_speed = reference_speed or speed
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            label = f"reference ({args.reference_rows} rows)" if path == "reference" else path
+            rows.append(
+                f"| {name} | {label} | {len(texts)} | {real / len(texts):.1f} | {speed:,.0f} | "
+                f"{speed / reference_speed:.2f}x | {real / padded:.2f} | {passes} | "
+                f"{plan_flops / wall / 1e12:.1f} | {peak:.1f} |"
+            )
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
     print("\n" + "\n".join(agreement))
@@ -164,8 +216,11 @@ def main() -> None:
         f"max_batch_tokens {batching.max_batch_tokens}, max_batch_size {batching.max_batch_size}; "
         f"dense matmul ceiling {ceiling:.1f} TFLOP/s\n"
     )
-    print("| workload | texts | mean tokens | real tokens/s | padding eff. | passes | TFLOP/s | peak GiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| workload | path | texts | mean tokens | real tokens/s | vs reference | padding eff. | passes "
+        "| TFLOP/s | peak GiB |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
 
 

@@ -5,6 +5,9 @@ and cutting the sorted run optimally (a small dynamic programme) keeps padding l
 many tiny passes, while each micro-batch stays within the token budget (``rows x longest <= max_tokens``)
 and the row cap. Inputs longer than the budget cannot exist: config validation keeps
 ``max_batch_tokens >= max_seq_length`` and tokenisation truncates at ``max_seq_length``.
+
+A packing backend (inputs concatenated, no padding) pays its real tokens instead: the same programme then
+cuts the sorted run into the fewest passes whose token sums fit the budget.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ def plan_micro_batches(
     max_batch_tokens: int,
     max_batch_size: int,
     forward_overhead_tokens: int = 0,
+    packed: bool = False,
 ) -> BatchPlan:
     """Partition inputs into micro-batches minimising padded tokens + overhead per pass.
 
     Each micro-batch holds a contiguous run of the length-sorted inputs (an optimal partition always
-    has that shape); batches come out shortest first.
+    has that shape); batches come out shortest first. ``packed``: a batch costs the sum of its lengths
+    and that sum, not ``rows x longest``, must fit ``max_batch_tokens``.
     """
     lens = np.asarray(lengths, dtype=np.int64)
     n = len(lens)
@@ -48,15 +53,21 @@ def plan_micro_batches(
         raise ValueError(f"an input of {lens.max()} tokens exceeds max_batch_tokens {max_batch_tokens}")
     order = np.argsort(lens, kind="stable")
     sorted_lens = lens[order]
+    prefix = np.concatenate([[0], np.cumsum(sorted_lens)])
 
     # cost[j] = cheapest plan for the first j sorted inputs; start[j] = where its last batch begins.
     cost = np.zeros(n + 1, dtype=np.float64)
     start = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
-        longest = int(sorted_lens[j - 1])
-        rows_cap = min(max_batch_size, max_batch_tokens // longest, j)
-        i = np.arange(j - rows_cap, j)
-        candidates = cost[i] + (j - i) * longest + forward_overhead_tokens
+        if packed:
+            first = int(np.searchsorted(prefix, prefix[j] - max_batch_tokens, side="left"))
+            i = np.arange(max(first, j - max_batch_size), j)
+            paid = prefix[j] - prefix[i]
+        else:
+            longest = int(sorted_lens[j - 1])
+            i = np.arange(j - min(max_batch_size, max_batch_tokens // longest, j), j)
+            paid = (j - i) * longest
+        candidates = cost[i] + paid + forward_overhead_tokens
         best = int(np.argmin(candidates))
         cost[j] = candidates[best]
         start[j] = i[best]
@@ -67,7 +78,7 @@ def plan_micro_batches(
     while j > 0:
         i = int(start[j])
         batches.append(order[i:j])
-        padded += (j - i) * int(sorted_lens[j - 1])
+        padded += int(prefix[j] - prefix[i]) if packed else (j - i) * int(sorted_lens[j - 1])
         j = i
     batches.reverse()
     return BatchPlan(batches, int(lens.sum()), padded)

@@ -74,6 +74,7 @@ class EmbeddingEngine:
             self.batching.max_batch_tokens,
             self.batching.max_batch_size,
             self.batching.forward_overhead_tokens,
+            packed=self.backend.packed,
         )
         vectors = np.zeros((len(items), self.backend.dimension), dtype=np.float32)
         failures: dict[int, Exception] = {}

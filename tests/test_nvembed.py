@@ -22,15 +22,29 @@ CASES = {c["name"]: c for c in json.loads((FIXTURE / "expected.json").read_text(
 GOOD = [name for name, c in CASES.items() if not c.get("reference_returns_nan")]
 
 
-def backend_for(case: dict) -> NVEmbedBackend:
+LAYOUTS = ["padded", "packed"]
+
+
+def backend_for(case: dict, layout: str = "padded") -> NVEmbedBackend:
     return NVEmbedBackend.load(
-        str(FIXTURE), device=torch.device("cpu"), dtype="float32", max_seq_length=case["max_length"]
+        str(FIXTURE),
+        device=torch.device("cpu"),
+        dtype="float32",
+        max_seq_length=case["max_length"],
+        packed=layout == "packed",
     )
 
 
 @pytest.fixture(scope="module")
 def backends() -> dict[int, NVEmbedBackend]:
     return {n: backend_for({"max_length": n}) for n in sorted({c["max_length"] for c in CASES.values()})}
+
+
+@pytest.fixture(scope="module")
+def packed_backends() -> dict[int, NVEmbedBackend]:
+    """The same checkpoint run packed: inputs concatenated, attention kept inside each text."""
+    lengths = sorted({c["max_length"] for c in CASES.values()})
+    return {n: backend_for({"max_length": n}, "packed") for n in lengths}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -54,9 +68,11 @@ def test_token_ids_and_pool_masks_are_the_reference(backends, name):
 
 @pytest.mark.parametrize("name", GOOD)
 @pytest.mark.parametrize("grouping", ["all_at_once", "one_by_one", "batcher_small_budget"])
-def test_embeddings_match_the_reference(backends, name, grouping):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_embeddings_match_the_reference(backends, packed_backends, name, grouping, layout):
     case = CASES[name]
-    backend = backends[case["max_length"]]
+    backend = (packed_backends if layout == "packed" else backends)[case["max_length"]]
+    assert backend.packed == (layout == "packed")
     expected = np.array(case["embeddings"], dtype=np.float64)
     texts, instruction = case["texts"], case["instruction"]
     if grouping == "all_at_once":
@@ -64,7 +80,8 @@ def test_embeddings_match_the_reference(backends, name, grouping):
     elif grouping == "one_by_one":
         got = np.concatenate([backend.forward(backend.tokenize([t], instruction)) for t in texts])
     else:
-        budget = 2 * max(it.length for it in backend.tokenize(texts, instruction))
+        longest = max(it.length for it in backend.tokenize(texts, instruction))
+        budget = longest if backend.packed else 2 * longest  # packed: a budget of token sums
         engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
         results = engine.run([EmbedCall([t], prompt=instruction, normalize=False) for t in texts])
         got = np.concatenate([r.vectors for r in results])
@@ -156,18 +173,52 @@ def test_sharded_checkpoints_load(tmp_path):
     assert np.abs(got - np.array(case["embeddings"])).max() <= 1e-4
 
 
-def test_weights_load_straight_into_the_requested_dtype():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_weights_load_straight_into_the_requested_dtype(layout):
     """No float32 copy: every parameter arrives in bf16, and the bf16 model still tracks the reference."""
     from deployments.backends.nvembed_model import build_nvembed
 
     model = build_nvembed(FIXTURE, torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
-    backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), max_seq_length=4096)
+    tokenizer = load_nvembed_tokenizer(FIXTURE)
+    backend = NVEmbedBackend(model, tokenizer, max_seq_length=4096, packed=layout == "packed")
     case = CASES["query_instruction_batch"]
     got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
     assert got.dtype == np.float32 and np.isfinite(got).all()
     assert np.abs(got - np.array(case["embeddings"])).max() < 0.05  # bf16 rounding, not a wrong model
+
+
+def test_a_packed_layout_that_fails_or_disagrees_is_not_served(monkeypatch):
+    backend = backend_for({"max_length": 64})
+    real = backend.model.forward_packed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(backend.model, "forward_packed", broken)
+    assert backend.packed_layout_agrees() is False
+    monkeypatch.setattr(backend.model, "forward_packed", lambda *a, **k: real(*a, **k).flip(0))
+    assert backend.packed_layout_agrees() is False  # rows swapped: the layouts disagree
+    monkeypatch.setattr(backend.model, "forward_packed", real)
+    assert backend.packed_layout_agrees() is True and backend.packed is False
+
+
+def test_packing_is_chosen_only_where_flash_attention_serves_it():
+    """CPU (and float32 anywhere) stays padded by default; the packed engine pays no padding."""
+    from deployments.backends.nvembed_model import flash_varlen_supported
+
+    assert not flash_varlen_supported(torch.device("cpu"), torch.bfloat16)
+    default = NVEmbedBackend.load(str(FIXTURE), device=torch.device("cpu"), dtype="float32")
+    assert default.packed is False
+    assert default.packed_layout_agrees() and default.packed is False  # the load-time self-check
+    packed = backend_for({"max_length": 64}, "packed")
+    texts = CASES["query_instruction_batch"]["texts"] * 5
+    engine = EmbeddingEngine(packed, Batching(max_batch_tokens=64, max_batch_size=8))
+    [result] = engine.run([EmbedCall(texts)])
+    stats = engine.stats()
+    assert stats["padded_tokens"] == stats["real_tokens"] == int(result.token_counts.sum())
+    assert stats["forward_passes"] >= -(-stats["real_tokens"] // 64)
 
 
 def test_full_size_architecture_has_nv_embed_v2s_parameter_count():

@@ -28,6 +28,9 @@ class EmbeddingBackend(ABC):
     dimension: int
     max_seq_length: int
     device: torch.device
+    # True when ``forward`` concatenates its inputs instead of padding them: a micro-batch then costs its
+    # real tokens, and the planner groups by token sum rather than rows x longest.
+    packed: bool = False
 
     @abstractmethod
     def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:

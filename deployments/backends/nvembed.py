@@ -13,6 +13,7 @@ other ids for text with leading spaces; and never ``text_config._name_or_path``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, torch_dtype
-from deployments.backends.nvembed_model import NVEmbedModel, build_nvembed
+from deployments.backends.nvembed_model import NVEmbedModel, build_nvembed, flash_varlen_supported
 from deployments.errors import ClientError, input_too_long
 
 CHECKPOINT_FILES = [
@@ -30,6 +31,8 @@ CHECKPOINT_FILES = [
     "tokenizer*",
     "special_tokens_map.json",
 ]
+log = logging.getLogger(__name__)
+
 TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json"]
 
 
@@ -88,10 +91,16 @@ class NVEmbedBackend(EmbeddingBackend):
         *,
         max_seq_length: int = 4096,
         prompts: dict[str, str] | None = None,
+        packed: bool | None = None,
     ):
+        """``packed``: run micro-batches as one concatenated run (no padding); by default where Flash
+        Attention's variable-length kernel serves it (CUDA, half precision) and agrees with the padded
+        layout on a self-check at load, padded elsewhere."""
         config = model.config
         self.model = model
-        self.device = next(model.parameters()).device
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.packed = bool(packed)
         self.max_seq_length = max_seq_length
         self.dimension = config.text.hidden_size
         self.tokenizer = tokenizer
@@ -101,6 +110,29 @@ class NVEmbedBackend(EmbeddingBackend):
             raise ValueError("; ".join(problems))
         self._eos = tokenizer.eos_token if config.add_eos else ""
         self._pad_values = {"input_ids": tokenizer.eos_token_id}
+        if packed is None and flash_varlen_supported(weight.device, weight.dtype):
+            self.packed = self.packed_layout_agrees()
+
+    def packed_layout_agrees(self, min_cosine: float = 0.99) -> bool:
+        """Embed two texts packed and padded: the packed layout is used only if it runs and agrees
+        (cosine, since half precision rounds the two layouts differently). Leaves ``packed`` as found."""
+        items = self.tokenize(["packing self-check", "a second, longer text packed beside the first one"], "")
+        was = self.packed
+        try:
+            self.packed = True
+            packed = self.forward(items)
+            self.packed = False
+            padded = self.forward(items)
+        except Exception:  # noqa: BLE001 - any failure means: serve padded
+            log.exception("packed NV-Embed forward failed; serving the padded layout")
+            return False
+        finally:
+            self.packed = was
+        cosine = (packed * padded).sum(1) / np.linalg.norm(packed, axis=1) / np.linalg.norm(padded, axis=1)
+        if not np.all(cosine >= min_cosine):
+            log.warning("packed and padded NV-Embed layouts disagree (cosine %s); serving padded", cosine)
+            return False
+        return True
 
     @classmethod
     def load(
@@ -111,6 +143,7 @@ class NVEmbedBackend(EmbeddingBackend):
         dtype: str = "bfloat16",
         max_seq_length: int = 4096,
         prompts: dict[str, str] | None = None,
+        packed: bool | None = None,
     ) -> NVEmbedBackend:
         """From a checkpoint directory or hub id; the prompts are checked before the weights load."""
         path = local_checkpoint(source, CHECKPOINT_FILES)
@@ -119,7 +152,7 @@ class NVEmbedBackend(EmbeddingBackend):
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
         model = build_nvembed(path, device, torch_dtype(dtype, device))
-        return cls(model, tokenizer, max_seq_length=max_seq_length, prompts=prompts)
+        return cls(model, tokenizer, max_seq_length=max_seq_length, prompts=prompts, packed=packed)
 
     def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
         limit = self.max_seq_length if truncate else self.max_seq_length + 1
@@ -154,7 +187,24 @@ class NVEmbedBackend(EmbeddingBackend):
 
     @torch.inference_mode()
     def forward(self, items: list[EncodedText]) -> np.ndarray:
+        if self.packed:
+            return self._forward_packed(items)
         batch = {
             k: v.to(self.device, non_blocking=True) for k, v in pad_right(items, self._pad_values).items()
         }
         return self.model(**batch).float().cpu().numpy()
+
+    def _forward_packed(self, items: list[EncodedText]) -> np.ndarray:
+        lengths = torch.tensor([it.length for it in items], dtype=torch.int32)
+        ends = lengths.cumsum(0, dtype=torch.int32)
+        text_index = torch.repeat_interleave(torch.arange(len(items)), lengths)
+        starts = (ends - lengths).to(torch.long)
+        host = {
+            "input_ids": torch.cat([it.features["input_ids"] for it in items]),
+            "position_ids": torch.arange(int(ends[-1])) - starts[text_index],
+            "pool_mask": torch.cat([it.features["pool_mask"] for it in items]),
+            "text_index": text_index,
+            "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32), ends]),
+        }
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        return self.model.forward_packed(**batch, max_len=int(lengths.max())).float().cpu().numpy()

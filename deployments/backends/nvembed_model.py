@@ -11,6 +11,12 @@ Reproduces the published ``modeling_nvembed.py`` (run under transformers 4.42, t
   ``h + to_out(attn(to_q(LN(h)), to_kv(LN_ctx(latents))))``, then ``h + FF(LN(h))`` with
   ``Linear(d, 8d) -> GEGLU -> Linear(4d, d)``; then the mean over the pooling mask and L2 normalisation.
 
+Two layouts of the same computation. Padded: ``[rows, longest]`` with the padding-only mask, on every
+device. Packed: the micro-batch's tokens concatenated into one ``[tokens]`` run, positions restarting at 0
+per text, self-attention kept inside each text by cumulative lengths (``torch.nn.attention.varlen``, Flash
+Attention, on CUDA in half precision; one ``sdpa`` call per text elsewhere). Every other layer acts on
+each token alone, so packing changes no result and spends nothing on padding.
+
 Module names mirror the checkpoint's keys (``embedding_model.*``, ``latent_attention_model.*``), and
 ``load_nvembed_weights`` checks every name and shape: a missing, unknown or mis-shaped tensor is an error,
 never silently random weights.
@@ -18,6 +24,8 @@ never silently random weights.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import MistralConfig
+from transformers import AttentionInterface, MistralConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.mistral.modeling_mistral import (
     MistralDecoderLayer,
     MistralRMSNorm,
@@ -35,6 +44,65 @@ from transformers.models.mistral.modeling_mistral import (
 )
 
 _TEXT_CONFIG_IGNORED = {"model_type", "_name_or_path", "architectures", "torch_dtype", "dtype", "auto_map"}
+
+try:  # torch >= 2.9; CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+_VARLEN_HAS_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+@functools.cache
+def flash_varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed attention can run as one Flash Attention call (CUDA, sm80+, half precision)."""
+    return (
+        varlen_attn is not None
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int
+) -> torch.Tensor:
+    """Bidirectional attention within each text of a packed run: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D].
+
+    ``cu_seqlens`` (int32 [texts + 1]) holds where each text starts; scale 1/sqrt(D), as Mistral's."""
+    groups = q.shape[1] // k.shape[1]
+    if flash_varlen_supported(q.device, q.dtype):
+        if groups > 1 and not _VARLEN_HAS_GQA:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = {"enable_gqa": True} if groups > 1 and _VARLEN_HAS_GQA else {}
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **extra)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        per_text = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [H, n, D]
+        out[start:end] = F.scaled_dot_product_attention(*per_text).transpose(0, 1)
+    return out
+
+
+def _nvembed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention transformers' Mistral layers call: packed when given cumulative lengths, else sdpa."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [1, H, T, D] -> [T, H, D]
+    return packed_attention(q, k, v, cu_seq_lens_q, max_length_q).unsqueeze(0), None
+
+
+AttentionInterface.register("nvembed", _nvembed_attention)
 
 
 @dataclass(frozen=True)
@@ -104,19 +172,43 @@ class BidirectionalMistral(nn.Module):
             layer.self_attn.is_causal = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Padded layout: [rows, longest] ids and 0/1 attention mask -> [rows, longest, hidden]."""
         hidden = self.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         rope = self.rotary_emb(hidden, position_ids=positions)
-        # Additive [B, 1, 1, L], broadcast over queries: 0 where the key is a real token, the dtype's
-        # minimum where it is padding. Never an L x L tensor.
-        blocked = torch.finfo(hidden.dtype).min
-        keys = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = keys.masked_fill(attention_mask == 0, blocked)[:, None, None, :]
+        mask = None if bool(attention_mask.all()) else self._padding_mask(attention_mask, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
             if isinstance(hidden, tuple):  # older transformers return (hidden,)
                 hidden = hidden[0]
         return self.norm(hidden)
+
+    def forward_packed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int
+    ) -> torch.Tensor:
+        """Packed layout: [tokens] ids, per-text positions and cumulative lengths -> [tokens, hidden]."""
+        hidden = self.embed_tokens(input_ids).unsqueeze(0)
+        positions = position_ids.unsqueeze(0)
+        rope = self.rotary_emb(hidden, position_ids=positions)
+        packing = {"cu_seq_lens_q": cu_seqlens, "max_length_q": max_len}
+        for layer in self.layers:
+            hidden = layer(
+                hidden, attention_mask=None, position_ids=positions, position_embeddings=rope, **packing
+            )
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return self.norm(hidden)[0]
+
+    @staticmethod
+    def _padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [rows, 1, 1, longest], broadcast over heads and queries: 0 where the key is a real token,
+        the dtype's minimum where it is padding. Never an L x L tensor. Its rows are allocated 8-aligned
+        (then sliced): sdpa's memory-efficient kernel copies an unaligned mask into a padded
+        [rows, heads, L, L] one, which for long inputs is gigabytes per layer."""
+        rows, longest = attention_mask.shape
+        buffer = torch.zeros(rows, -(-longest // 8) * 8, dtype=dtype, device=attention_mask.device)
+        buffer[:, :longest].masked_fill_(attention_mask == 0, torch.finfo(dtype).min)
+        return buffer[:, None, None, :longest]
 
 
 class _CrossAttention(nn.Module):
@@ -180,14 +272,34 @@ class LatentAttentionPooling(nn.Module):
             ]
         )
 
-    def forward(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Cross-attention and feed-forward blocks; each token on its own, in any layout [..., n, d]."""
         attn, ff = self.cross_attend_blocks
         context = attn.norm_context(self.latents)  # [latents, d], shared by the whole batch
         hidden = attn.fn(attn.norm(hidden), context) + hidden
-        hidden = ff.fn(ff.norm(hidden)) + hidden
-        mask = pool_mask.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * mask).sum(dim=1).float() / mask.sum(dim=1).float()
+        return ff.fn(ff.norm(hidden)) + hidden
+
+    def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def forward(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        """Padded: [rows, longest, d] and [rows, longest] pool mask -> float32 [rows, d]."""
+        hidden = self._transform(hidden)
+        mask = pool_mask.to(hidden.dtype).unsqueeze(-1)
+        return self._finish((hidden * mask).sum(dim=1).float() / mask.sum(dim=1).float())
+
+    def forward_packed(
+        self, hidden: torch.Tensor, pool_mask: torch.Tensor, text_index: torch.Tensor, texts: int
+    ) -> torch.Tensor:
+        """Packed: [tokens, d], [tokens] pool mask and owning text -> float32 [texts, d].
+        The per-text sums accumulate in float32 (the padded path's bf16 sum rounds once more)."""
+        hidden = self._transform(hidden.unsqueeze(0))[0]
+        weights = pool_mask.to(torch.float32)
+        sums = torch.zeros(texts, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        sums.index_add_(0, text_index, hidden.float() * weights[:, None])
+        counts = torch.zeros(texts, dtype=torch.float32, device=hidden.device)
+        counts.index_add_(0, text_index, weights)
+        return self._finish(sums / counts[:, None])
 
 
 class NVEmbedModel(nn.Module):
@@ -203,6 +315,19 @@ class NVEmbedModel(nn.Module):
         """float32 [batch, hidden] embeddings; every row needs at least one position in ``pool_mask``."""
         hidden = self.embedding_model(input_ids, attention_mask)
         return self.latent_attention_model(hidden, pool_mask)
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pool_mask: torch.Tensor,
+        text_index: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_len: int,
+    ) -> torch.Tensor:
+        """float32 [texts, hidden] from one packed run of ``len(cu_seqlens) - 1`` texts (see the module)."""
+        hidden = self.embedding_model.forward_packed(input_ids, position_ids, cu_seqlens, max_len)
+        return self.latent_attention_model.forward_packed(hidden, pool_mask, text_index, len(cu_seqlens) - 1)
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
@@ -256,7 +381,7 @@ def load_nvembed_weights(
 
 def build_nvembed(path: str | Path, device: torch.device, dtype: torch.dtype) -> NVEmbedModel:
     config = NVEmbedConfig.from_dir(path)
-    config.text._attn_implementation = "sdpa"
+    config.text._attn_implementation = "nvembed"
     with torch.device("meta"):
         model = NVEmbedModel(config)
     load_nvembed_weights(model, path, device, dtype)
@@ -267,7 +392,7 @@ def random_nvembed(
     config: NVEmbedConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> NVEmbedModel:
     """The architecture with random weights made directly on ``device`` in ``dtype`` (benchmarks)."""
-    config.text._attn_implementation = "sdpa"
+    config.text._attn_implementation = "nvembed"
     with torch.device("meta"):
         model = NVEmbedModel(config)
     model.to_empty(device=device)
