@@ -233,3 +233,26 @@ def test_full_size_architecture_has_nv_embed_v2s_parameter_count():
     total = sum(p.numel() for p in model.parameters()) / 1e9
     latent = sum(p.numel() for p in model.latent_attention_model.parameters()) / 1e9
     assert round(total, 2) == 7.85 and round(latent, 2) == 0.74
+
+
+def test_full_width_layers_run_in_both_layouts_and_agree():
+    """NV-Embed-v2's real widths (4096 hidden, 32 query / 8 key-value heads of 128, 8 latent heads of
+    4096, 512 latents) with one decoder layer, random bf16 weights on CPU: both layouts run and agree."""
+    from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, random_nvembed
+
+    raw = json.loads((FIXTURE / "config.json").read_text())
+    for section, values in FULL_SIZE.items():
+        raw[section] = {**raw[section], **values}
+    raw["text_config"]["num_hidden_layers"] = 1
+    model = random_nvembed(NVEmbedConfig.from_dict(raw), torch.device("cpu"), torch.bfloat16)
+    backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), max_seq_length=4096)
+    texts = ["a short one", "a longer text with several more words in it, to pad the others against", "mid"]
+    items = backend.tokenize(texts, CASES["query_instruction_batch"]["instruction"])
+    backend.packed = False
+    padded = backend.forward(items)
+    backend.packed = True
+    packed = backend.forward(items)
+    assert padded.shape == packed.shape == (3, 4096)
+    assert np.isfinite(padded).all() and np.isfinite(packed).all()
+    assert np.all((padded * packed).sum(axis=1) > 0.999)  # unit vectors: cosine, bf16 rounding apart
+    assert float((padded[0] * padded[1]).sum()) < 0.9  # different texts stay different (0.19 seen)
