@@ -24,6 +24,8 @@ from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, 
 from deployments.backends.nvembed_model import NVEmbedModel, build_nvembed, flash_varlen_supported
 from deployments.errors import ClientError, input_too_long
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FILES = [
     "config.json",
     "*.safetensors",
@@ -31,8 +33,6 @@ CHECKPOINT_FILES = [
     "tokenizer*",
     "special_tokens_map.json",
 ]
-log = logging.getLogger(__name__)
-
 TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json"]
 
 
