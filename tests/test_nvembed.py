@@ -245,6 +245,7 @@ def test_full_width_layers_run_in_both_layouts_and_agree():
         raw[section] = {**raw[section], **values}
     raw["text_config"]["num_hidden_layers"] = 1
     model = random_nvembed(NVEmbedConfig.from_dict(raw), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), max_seq_length=4096)
     texts = ["a short one", "a longer text with several more words in it, to pad the others against", "mid"]
     items = backend.tokenize(texts, CASES["query_instruction_batch"]["instruction"])

@@ -391,10 +391,11 @@ def build_nvembed(path: str | Path, device: torch.device, dtype: torch.dtype) ->
 def random_nvembed(
     config: NVEmbedConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> NVEmbedModel:
-    """The architecture with random weights made directly on ``device`` in ``dtype`` (benchmarks)."""
+    """The architecture with random weights made directly on ``device`` in ``dtype`` (benchmarks): the
+    dtype is set while the model is still on the meta device, so no float32 copy is ever allocated."""
     config.text._attn_implementation = "nvembed"
     with torch.device("meta"):
-        model = NVEmbedModel(config)
+        model = NVEmbedModel(config).to(dtype)
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -405,7 +406,6 @@ def random_nvembed(
                 param.zero_()
             else:
                 param.normal_(0.0, 0.02, generator=generator)
-    model.to(dtype)
     with torch.device(device):
         model.embedding_model.rotary_emb = MistralRotaryEmbedding(config=config.text)
     return model.eval()
