@@ -2,8 +2,9 @@
 # The GPU check for NV-Embed-v2, as one prepared script for a lent GPU machine (no Ray needed):
 #   here:  ../shared/tools/gpu-carry-wheels.sh        # builds .whl/ (pydantic, pyyaml... for Python 3.12)
 #   there: run with carry [".whl"]:  bash benchmarks/run_on_gpu.sh
-# Prints the card, the golden fixture's agreement on the GPU (float32 and bf16), and the full-size
-# benchmark at two batch budgets; copies of everything land in $OUT when it is set.
+# Prints the card, the golden fixture's agreement on the GPU (float32 and bf16, padded and packed), and the
+# full-size benchmark (reference loop, engine padded, engine packed, side by side)
+# at two batch budgets; copies of everything land in $OUT when it is set.
 set -euo pipefail
 OUT=${OUT:-/tmp/nvembed-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then
