@@ -100,17 +100,14 @@ def fixture_agreement(device: torch.device) -> list[str]:
     return lines
 
 
-def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> tuple[int, int, int]:
+def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> list[list[int]]:
     """The issue's reference: a plain loop over length-sorted, fixed-size, padded batches.
-    Returns (real tokens, padded tokens, passes)."""
+    Returns the lengths in each batch it ran."""
     items = sorted(backend.tokenize(texts, ""), key=lambda it: it.length)
     backend.packed = False
-    padded = 0
     for i in range(0, len(items), rows):
-        chunk = items[i : i + rows]
-        backend.forward(chunk)
-        padded += len(chunk) * chunk[-1].length
-    return sum(it.length for it in items), padded, -(-len(items) // rows)
+        backend.forward(items[i : i + rows])
+    return [[it.length for it in items[i : i + rows]] for i in range(0, len(items), rows)]
 
 
 def main() -> None:
@@ -168,37 +165,30 @@ def main() -> None:
         lengths = [it.length for it in backend.tokenize(texts, "")]
         reference_speed = None
         for path in ("reference", "padded", "packed"):
-            plan_flops = 0.0
-            if path == "reference":
-                ordered = sorted(lengths)
-                for i in range(0, len(ordered), args.reference_rows):
-                    plan_flops += flops_per_pass(config, ordered[i : i + args.reference_rows], packed=False)
-            else:
-                plan = plan_micro_batches(
-                    lengths,
-                    batching.max_batch_tokens,
-                    batching.max_batch_size,
-                    batching.forward_overhead_tokens,
-                    packed=path == "packed",
-                )
-                for b in plan.batches:
-                    plan_flops += flops_per_pass(config, [lengths[i] for i in b], packed=path == "packed")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
             t0 = time.perf_counter()
             if path == "reference":
-                real, padded, passes = reference_loop(backend, texts, args.reference_rows)
+                batches = reference_loop(backend, texts, args.reference_rows)
             else:
                 backend.packed = path == "packed"
-                before = engine.stats()
                 engine.run([EmbedCall(texts, normalize=True)])
-                after = engine.stats()
-                real, padded, passes = (
-                    after[k] - before[k] for k in ("real_tokens", "padded_tokens", "forward_passes")
-                )
             sync(device)
             wall = time.perf_counter() - t0
+            if path != "reference":  # the engine's own plan, recomputed outside the timed region
+                plan = plan_micro_batches(
+                    lengths,
+                    batching.max_batch_tokens,
+                    batching.max_batch_size,
+                    batching.forward_overhead_tokens,
+                    packed=backend.packed,
+                )
+                batches = [[lengths[i] for i in b] for b in plan.batches]
+            real = sum(map(sum, batches))
+            padded = real if path == "packed" else sum(len(b) * max(b) for b in batches)
+            passes = len(batches)
+            plan_flops = sum(flops_per_pass(config, b, packed=path == "packed") for b in batches)
             speed = real / wall
             reference_speed = reference_speed or speed
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

@@ -70,13 +70,13 @@ def packed_attention(
 
     ``cu_seqlens`` (int32 [texts + 1]) holds where each text starts; scale 1/sqrt(D), as Mistral's."""
     groups = q.shape[1] // k.shape[1]
-    if flash_varlen_supported(q.device, q.dtype):
-        if groups > 1 and not _VARLEN_HAS_GQA:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        extra = {"enable_gqa": True} if groups > 1 and _VARLEN_HAS_GQA else {}
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **extra)
-    if groups > 1:
+    flash = flash_varlen_supported(q.device, q.dtype)
+    native_gqa = flash and groups > 1 and _VARLEN_HAS_GQA
+    if groups > 1 and not native_gqa:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if flash:
+        extra = {"enable_gqa": True} if native_gqa else {}
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **extra)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
