@@ -8,11 +8,21 @@ meanwhile. Light load sees no added latency; heavy load gets large calls.
 
 A merged call that fails is retried request by request, so one bad request fails alone. Plain asyncio:
 no Ray here.
+
+Callers that leave (hang up, time out, are cancelled) cost nothing more than what already runs: a queued
+request leaves the queue; a request sent on its own cancels its call; a merged call is cancelled when the
+last of its callers has left, and runs on for the ones still waiting (their rows are kept; the rows of
+those who left are computed with them, at most ``max_inputs_per_call`` inputs).
+
+Requests of ``direct_min_inputs`` inputs or more skip the lanes: merging gains a request that large
+nothing, and it must not hold the slots that small requests merge through while the model (whose
+scheduler serves small calls first) works through it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -36,15 +46,23 @@ class _Lane:
 
 class Coalescer:
     def __init__(
-        self, send: Send, max_in_flight: int | Callable[[Hashable], int] = 2, max_inputs_per_call: int = 2048
+        self,
+        send: Send,
+        max_in_flight: int | Callable[[Hashable], int] = 2,
+        max_inputs_per_call: int = 256,
+        direct_min_inputs: int = 64,
     ):
         self._send = send
         self._limit = max_in_flight if callable(max_in_flight) else (lambda _key: max_in_flight)
         self._max_inputs = max_inputs_per_call
+        self._direct_min = direct_min_inputs
         self._lanes: dict[Hashable, _Lane] = {}
         self.calls_sent = 0  # downstream calls, for tests and metrics
+        self.calls_cancelled = 0  # merged calls cancelled because every caller had left
 
     async def submit(self, key: Hashable, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if len(texts) >= self._direct_min:
+            return await self._call(key, texts)
         lane = self._lanes.setdefault(key, _Lane())
         if lane.in_flight < self._limit(key) and not lane.queue:
             lane.in_flight += 1
@@ -74,7 +92,23 @@ class Coalescer:
             group.append(pending)
             total += len(pending.texts)
         lane.in_flight += 1
-        asyncio.ensure_future(self._run_group(key, lane, group))
+        # A fresh context: the merged call belongs to no single request, so Ray must not cancel it with
+        # the request whose completion happened to start it; it is cancelled when all its callers left.
+        task = contextvars.Context().run(asyncio.ensure_future, self._run_group(key, lane, group))
+
+        abandoned = False
+
+        def caller_left(future: asyncio.Future) -> None:
+            nonlocal abandoned
+            if abandoned or not future.cancelled() or task.done():
+                return
+            if all(p.future.done() for p in group):
+                abandoned = True
+                self.calls_cancelled += 1
+                task.cancel()
+
+        for pending in group:
+            pending.future.add_done_callback(caller_left)
 
     async def _run_group(self, key: Hashable, lane: _Lane, group: list[_Pending]) -> None:
         try:

@@ -49,10 +49,11 @@ class Placement(_Strict):
 
 
 class Batching(_Strict):
-    """How concurrent requests are merged: a token budget per forward pass, not a request count."""
+    """What one forward pass may hold: a token budget and a row cap (see ``deployments/scheduler.py``)."""
 
     max_batch_tokens: int = Field(16384, gt=0)
-    max_batch_size: int = Field(256, gt=0)
+    max_batch_size: int = Field(256, gt=0)  # rows per forward pass
+    # Coming out of idle, how long the model waits for more calls to share its first pass.
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     # What one extra forward pass costs, in padded tokens: the planner trades padding against passes.
     forward_overhead_tokens: int = Field(64, ge=0)
@@ -90,6 +91,8 @@ class ModelEntry(_Strict):
     batching: Batching = Field(default_factory=Batching)
     num_replicas: int | None = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
+    # Calls one replica holds at once (all of them queued in its scheduler, which decides what runs).
+    max_ongoing_requests: int = Field(64, ge=1)
     # Calls queued at each caller (router) beyond which it gets an immediate "overloaded" (503).
     max_queued_requests: int = Field(64, ge=1)
     # GPU memory one replica needs; estimated from the model's size, dtype and batch budget when unset.
@@ -308,15 +311,11 @@ def router_options(config: ModelsConfig) -> dict[str, Any]:
 
 
 def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:
-    """Everything ``Deployment.options`` needs for an entry.
-
-    ``max_ongoing_requests`` is derived so that a replica admits enough concurrent requests to fill a
-    batch (Serve batches never fill when it is below the batch size).
-    """
+    """Everything ``Deployment.options`` needs for an entry."""
     options: dict[str, Any] = {
         "name": entry.name,
         "ray_actor_options": ray_actor_options(config, entry),
-        "max_ongoing_requests": 2 * entry.batching.max_batch_size,
+        "max_ongoing_requests": entry.max_ongoing_requests,
         "max_queued_requests": entry.max_queued_requests,
         "logging_config": {"enable_access_log": config.router.access_log},
     }

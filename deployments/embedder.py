@@ -1,16 +1,15 @@
-"""The per-model Ray Serve deployment: gathers concurrent calls and feeds the engine off the event loop.
+"""The per-model Ray Serve deployment: a thin shell that hands each call to the engine's scheduler.
 
-``@serve.batch`` collects the calls that arrive within ``batch_wait_timeout_s`` (up to
-``max_batch_size`` calls); the engine then plans token-budgeted micro-batches over all their inputs.
-Model work runs in one dedicated thread, so the replica's event loop keeps taking requests and
-answering Serve's health checks while a long batch runs.
+Every call is admitted at once (no gathering window): the engine tokenises it on its tokenizer thread,
+the scheduler decides each forward pass on its model thread, and each call is answered as soon as its
+own rows are done. The event loop only awaits, so the replica keeps taking requests and answering
+Serve's health checks during long work. When Serve cancels a call (its caller hung up, timed out or
+cancelled), the ``asyncio.CancelledError`` reaches ``engine.embed``, which drops the call's queued rows.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from ray import serve
 
 from deployments.backends import load_backend
 from deployments.config import ModelEntry
-from deployments.engine import EmbedCall, EmbeddingEngine, EmbedResult
+from deployments.engine import EmbedCall, EmbeddingEngine
 
 HEALTH_TEXT = "health check"
 
@@ -43,15 +42,9 @@ class Embedder:
         self.backend = load_backend(
             self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None
         )
-        self.engine = EmbeddingEngine(self.backend, self.entry.batching)
-        self._executor = ThreadPoolExecutor(
-            1,
-            thread_name_prefix=f"embed-{self.entry.name}",
-            initializer=torch.set_num_threads,
-            initargs=(threads,),
+        self.engine = EmbeddingEngine(
+            self.backend, self.entry.batching, thread_init=lambda: torch.set_num_threads(threads)
         )
-        self._gather.set_max_batch_size(self.entry.batching.max_batch_size)
-        self._gather.set_batch_wait_timeout_s(self.entry.batching.batch_wait_timeout_s)
 
     async def embed(
         self,
@@ -67,15 +60,8 @@ class Embedder:
             normalize=self.entry.normalize if normalize is None else normalize,
             truncate=truncate,
         )
-        result = await self._gather(call)
-        if isinstance(result, Exception):
-            raise result
+        result = await self.engine.embed(call)
         return result.vectors, result.token_counts
-
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
-    async def _gather(self, calls: list[EmbedCall]) -> list[EmbedResult | Exception]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.run, calls)
 
     async def ping(self) -> bool:
         """True once a real text has gone through the whole batching path."""
@@ -96,5 +82,11 @@ class Embedder:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float | int]:
+        """The scheduler's counters and queue gauges (see ``Scheduler.stats``)."""
         return self.engine.stats()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

@@ -1,20 +1,38 @@
-"""One model's batching engine: many callers' requests in, one result per caller out.
+"""One model's engine: calls in, one answer per call out, the scheduler deciding every forward pass.
 
-Plain Python around a backend, so it is tested without Ray. Each call is tokenised on its own (a bad
-call fails alone), all inputs are planned together into micro-batches, and a micro-batch whose forward
-pass fails is retried row by row so that only the callers owning a failing row see an error.
+Plain Python around a backend, so it is tested without Ray. A call is tokenised when it arrives, on a
+tokenizer thread (in chunks, so a bulk call's tokenisation does not hold up a small call's), planned into
+its own micro-batches there, then admitted to the ``Scheduler``, which runs passes on one model thread.
+Tokenising therefore overlaps the forward pass, and neither blocks the event loop that answers health checks.
+
+No input is too long to tokenise cheaply: at most ``8 x max_seq_length`` characters of a text are read
+at first (cut at a whitespace so no word is split); only a text whose prefix did not fill
+``max_seq_length`` tokens is read further, doubling up to ``64 x max_seq_length`` characters. English
+runs at 4-5 characters per token, so the result is what tokenising the whole text gives; characters
+past the 64x ceiling are never read. With ``truncate: false`` a text longer than the ceiling is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from deployments.backends.base import EmbeddingBackend, EncodedText
-from deployments.batching import plan_micro_batches
 from deployments.config import Batching
+from deployments.errors import ClientError
+from deployments.scheduler import EmbedResult, Scheduler, Ticket, plan_call
+
+__all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
+
+CHARS_PER_TOKEN_FIRST = 8
+CHARS_PER_TOKEN_CEILING = 64
+# Texts tokenised per tokenizer-thread job: a bulk call yields the thread between chunks.
+TOKENIZE_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -25,102 +43,134 @@ class EmbedCall:
     truncate: bool = True
 
 
-@dataclass(frozen=True)
-class EmbedResult:
-    vectors: np.ndarray  # float32 [len(texts), dimension]
-    token_counts: np.ndarray  # int32 [len(texts)]: tokens each input took, special tokens included
+def cut_text(text: str, max_chars: int) -> str:
+    """``text`` up to ``max_chars`` characters, ending at a whitespace when one is near the cut."""
+    if len(text) <= max_chars:
+        return text
+    space = max(
+        text.rfind(" ", max_chars - 64, max_chars + 1), text.rfind("\n", max_chars - 64, max_chars + 1)
+    )
+    return text[: space if space > 0 else max_chars]
 
 
-@dataclass
-class EngineStats:
-    """Counters a test or an operator reads to see what batching achieved."""
-
-    runs: int = 0  # engine invocations (one per gathered batch of calls)
-    calls: int = 0
-    inputs: int = 0
-    forward_passes: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    failed_calls: int = 0
+def tokenize_capped(
+    backend: EmbeddingBackend, texts: list[str], prompt: str, truncate: bool, first_index: int = 0
+) -> list[EncodedText]:
+    """``backend.tokenize`` reading only as much of each text as ``max_seq_length`` tokens can use."""
+    limit = backend.max_seq_length
+    ceiling = CHARS_PER_TOKEN_CEILING * limit
+    if not truncate:
+        for i, text in enumerate(texts):
+            if len(text) > ceiling:
+                raise ClientError(
+                    f"input[{first_index + i}] has {len(text)} characters, more than this model reads "
+                    f"({ceiling}, {CHARS_PER_TOKEN_CEILING} per token of max_seq_length {limit}), and the "
+                    "request asked truncate: false",
+                    400,
+                    "input",
+                    "input_too_long",
+                )
+    cap = CHARS_PER_TOKEN_FIRST * limit
+    cut = [cut_text(t, cap) for t in texts]
+    items = backend.tokenize(cut, prompt, truncate, first_index)
+    for i, text in enumerate(texts):  # a cut text that did not fill max_seq_length: read more of it
+        wider = cap
+        while len(cut[i]) < len(text) and items[i].length < limit and wider < ceiling:
+            wider = min(2 * wider, ceiling)
+            cut[i] = cut_text(text, wider)
+            items[i] = backend.tokenize([cut[i]], prompt, truncate, first_index + i)[0]
+    return items
 
 
 class EmbeddingEngine:
-    def __init__(self, backend: EmbeddingBackend, batching: Batching):
+    def __init__(
+        self, backend: EmbeddingBackend, batching: Batching, thread_init: Callable[[], None] | None = None
+    ):
         self.backend = backend
         self.batching = batching
-        self._stats = EngineStats()
+        self.scheduler = Scheduler(backend, batching)
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize", initializer=thread_init)
+        self._thread_init = thread_init
+        self._model_thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return asdict(self._stats)
-
-    def run(self, calls: list[EmbedCall]) -> list[EmbedResult | Exception]:
-        """Embed every call's texts; a call's result is its vectors or the exception that sank it."""
-        results: list[EmbedResult | Exception | None] = [None] * len(calls)
+    # ---- the serving API (event loop) --------------------------------------------------------------
+    async def embed(self, call: EmbedCall) -> EmbedResult:
+        """Embed one call. Cancelling the awaiting task drops the call's queued rows."""
+        self._ensure_model_thread()
+        loop = asyncio.get_running_loop()
         items: list[EncodedText] = []
-        owner: list[int] = []  # call index of each flat item
+        for start in range(0, len(call.texts), TOKENIZE_CHUNK):
+            chunk = call.texts[start : start + TOKENIZE_CHUNK]
+            items += await loop.run_in_executor(
+                self._tokenizer, tokenize_capped, self.backend, chunk, call.prompt, call.truncate, start
+            )
+        batches = await loop.run_in_executor(self._tokenizer, self._plan, items)
+        future: asyncio.Future[EmbedResult] = loop.create_future()
+
+        def on_done(result: EmbedResult | Exception) -> None:  # on the model thread
+            loop.call_soon_threadsafe(_settle, future, result)
+
+        ticket = self.scheduler.admit(items, batches, call.normalize, on_done)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.scheduler.cancel(ticket)
+            raise
+
+    def _plan(self, items: list[EncodedText]) -> list[np.ndarray]:
+        lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
+        return plan_call(lengths, self.batching, self.backend.packed)
+
+    def _ensure_model_thread(self) -> None:
+        with self._lock:
+            if self._model_thread is None:
+                self._model_thread = threading.Thread(target=self._serve, name="model", daemon=True)
+                self._model_thread.start()
+
+    def _serve(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
+        self.scheduler.run_forever(self.batching.batch_wait_timeout_s)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self._tokenizer.shutdown(wait=False)
+
+    def stats(self) -> dict[str, float | int]:
+        return self.scheduler.stats()
+
+    # ---- synchronous use (tests, benchmarks): the caller's thread runs the passes -----------------
+    def run(self, calls: list[EmbedCall]) -> list[EmbedResult | Exception]:
+        """Embed every call to the end; a call's result is its vectors or the exception that sank it."""
+        if self._model_thread is not None:
+            raise RuntimeError("run() drives the scheduler itself; this engine already serves embed()")
+        results: list[EmbedResult | Exception | None] = [None] * len(calls)
         for c, call in enumerate(calls):
             try:
-                encoded = self.backend.tokenize(call.texts, call.prompt, call.truncate) if call.texts else []
+                items = tokenize_capped(self.backend, call.texts, call.prompt, call.truncate)
             except Exception as exc:  # noqa: BLE001 - the caller gets it, the others carry on
                 results[c] = exc
                 continue
-            items.extend(encoded)
-            owner.extend([c] * len(encoded))
 
-        plan = plan_micro_batches(
-            [it.length for it in items],
-            self.batching.max_batch_tokens,
-            self.batching.max_batch_size,
-            self.batching.forward_overhead_tokens,
-            packed=self.backend.packed,
-        )
-        vectors = np.zeros((len(items), self.backend.dimension), dtype=np.float32)
-        failures: dict[int, Exception] = {}
-        passes = 0
-        for rows in plan.batches:
-            passes += 1
-            try:
-                vectors[rows] = self.backend.forward([items[i] for i in rows])
-                continue
-            except Exception as exc:  # noqa: BLE001
-                if len(rows) == 1:
-                    failures[int(rows[0])] = exc
-                    continue
-            for i in rows:  # isolate the failing rows
-                passes += 1
-                try:
-                    vectors[i] = self.backend.forward([items[i]])[0]
-                except Exception as exc:  # noqa: BLE001
-                    failures[int(i)] = exc
+            def on_done(result: EmbedResult | Exception, c: int = c) -> None:
+                results[c] = result
 
-        starts = np.searchsorted(np.asarray(owner, dtype=np.int64), np.arange(len(calls) + 1))
-        for c, call in enumerate(calls):
-            if results[c] is not None:
-                continue
-            lo, hi = int(starts[c]), int(starts[c + 1])
-            failed = [i for i in range(lo, hi) if i in failures]
-            if failed:
-                first = failures[failed[0]]
-                results[c] = RuntimeError(f"embedding failed for input[{failed[0] - lo}]: {first!r}")
-                continue
-            out = vectors[lo:hi]
-            if call.normalize and len(out):
-                out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-            if not np.isfinite(out).all():
-                results[c] = RuntimeError("the model produced non-finite values")
-                continue
-            counts = np.fromiter((it.length for it in items[lo:hi]), dtype=np.int32, count=hi - lo)
-            results[c] = EmbedResult(np.ascontiguousarray(out, dtype=np.float32), counts)
-
-        with self._lock:
-            s = self._stats
-            s.runs += 1
-            s.calls += len(calls)
-            s.inputs += len(items)
-            s.forward_passes += passes
-            s.real_tokens += plan.real_tokens
-            s.padded_tokens += plan.padded_tokens
-            s.failed_calls += sum(isinstance(r, Exception) for r in results)
+            self.scheduler.admit(items, self._plan(items), call.normalize, on_done)
+        while self.scheduler.step():
+            pass
         return results  # type: ignore[return-value]
+
+    def submit(self, call: EmbedCall, on_done: Callable[[EmbedResult | Exception], None]) -> Ticket:
+        """Tokenise and admit on the caller's thread (tests drive ``scheduler.step`` themselves)."""
+        items = tokenize_capped(self.backend, call.texts, call.prompt, call.truncate)
+        return self.scheduler.admit(items, self._plan(items), call.normalize, on_done)
+
+
+def _settle(future: asyncio.Future, result: EmbedResult | Exception) -> None:
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -51,9 +51,7 @@ class EmbeddingRouter:
         self.embedders = embedders
         self._info: dict[str, dict[str, Any]] = {}
         self.coalescer = Coalescer(
-            self._send,
-            max_in_flight=lambda key: 2 * self.config.entry(key[0]).max_replicas,
-            max_inputs_per_call=self.config.router.max_inputs_per_request,
+            self._send, max_in_flight=lambda key: 2 * self.config.entry(key[0]).max_replicas
         )
 
     # ---- shared by HTTP and handle callers -------------------------------------------------------
@@ -84,8 +82,12 @@ class EmbeddingRouter:
         bounds the whole."""
         model, prompt_name, normalize, truncate = key
         for attempt in itertools.count():
+            response = self.embedders[model].embed.remote(texts, prompt_name, normalize, truncate)
             try:
-                return await self.embedders[model].embed.remote(texts, prompt_name, normalize, truncate)
+                return await response
+            except asyncio.CancelledError:  # every caller of this call left: the replica drops its rows
+                response.cancel()
+                raise
             except (RayActorError, ReplicaUnavailableError) as exc:
                 logger.warning("model %s: replica lost (%s); retrying the call", model, type(exc).__name__)
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))

@@ -105,3 +105,85 @@ def test_no_request_is_lost_under_load(in_flight):
 
     results = asyncio.run(main())
     assert [len(v) for v, _ in results] == [i % 4 + 1 for i in range(200)]
+
+
+class CancellableDownstream(Downstream):
+    """Records which calls were cancelled while in flight."""
+
+    def __init__(self, delay: float):
+        super().__init__(delay)
+        self.cancelled: list[list[str]] = []
+
+    async def __call__(self, key, texts):
+        try:
+            return await super().__call__(key, texts)
+        except asyncio.CancelledError:
+            self.cancelled.append(list(texts))
+            raise
+
+
+def test_a_merged_call_runs_on_for_the_callers_still_waiting():
+    async def main():
+        down = CancellableDownstream(delay=0.2)
+        co = Coalescer(down, max_in_flight=1)
+        first = asyncio.ensure_future(co.submit("k", ["a"]))
+        await asyncio.sleep(0)
+        leaver = asyncio.ensure_future(co.submit("k", ["bb"]))
+        stayer = asyncio.ensure_future(co.submit("k", ["ccc"]))
+        await asyncio.sleep(0.25)  # the first call is done; "bb" and "ccc" now travel merged
+        assert down.calls[-1] == ["bb", "ccc"]
+        leaver.cancel()
+        return down, await stayer, await first
+
+    down, (vectors, _), _ = asyncio.run(main())
+    assert down.cancelled == [] and vectors[0, 0] == 3
+
+
+def test_a_merged_call_is_cancelled_when_all_its_callers_left():
+    async def main():
+        down = CancellableDownstream(delay=0.2)
+        co = Coalescer(down, max_in_flight=1)
+        first = asyncio.ensure_future(co.submit("k", ["a"]))
+        await asyncio.sleep(0)
+        group = [asyncio.ensure_future(co.submit("k", [t])) for t in ("bb", "ccc")]
+        await asyncio.sleep(0.25)
+        for task in group:
+            task.cancel()
+        await asyncio.sleep(0.01)
+        after = await co.submit("k", ["dddd"])  # the lane is free again
+        return down, co, await first, after
+
+    down, co, _, after = asyncio.run(main())
+    assert down.cancelled == [["bb", "ccc"]] and co.calls_cancelled == 1
+    assert after[0][0, 0] == 4
+
+
+def test_a_lone_call_is_cancelled_with_its_caller():
+    async def main():
+        down = CancellableDownstream(delay=0.5)
+        co = Coalescer(down, max_in_flight=2)
+        task = asyncio.ensure_future(co.submit("k", ["a"]))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        return down
+
+    assert asyncio.run(main()).cancelled == [["a"]]
+
+
+def test_a_bulk_request_does_not_hold_a_slot_small_requests_need():
+    async def main():
+        down = Downstream(delay=0.5)
+        co = Coalescer(down, max_in_flight=1, direct_min_inputs=64)
+        loop = asyncio.get_running_loop()
+        bulk = asyncio.ensure_future(co.submit("k", ["x"] * 64))
+        await asyncio.sleep(0)
+        t0 = loop.time()
+        await co.submit("k", ["small"])
+        small_s = loop.time() - t0
+        await bulk
+        return small_s, down
+
+    small_s, down = asyncio.run(main())
+    assert small_s < 0.9  # sent at once beside the bulk call, not after it (0.5 s each)
+    assert sorted(len(c) for c in down.calls) == [1, 64]

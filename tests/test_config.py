@@ -158,7 +158,7 @@ def test_deployment_options_come_from_the_placement_class():
     assert options["name"] == "bge-large-en-v1.5"
     assert options["ray_actor_options"] == {"num_gpus": 0.25, "resources": {"small_gpu": 0.25}}
     assert options["num_replicas"] == 1
-    assert options["max_ongoing_requests"] >= 256  # batches can fill
+    assert options["max_ongoing_requests"] == 64  # its own key, no longer derived from max_batch_size
     data = copy.deepcopy(VALID)
     data["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     auto = deployment_options(parse_models_config(data), parse_models_config(data).models[0])

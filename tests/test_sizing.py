@@ -84,7 +84,7 @@ def test_ray_options_carry_the_placement_and_backpressure():
         "accelerator_type": "NVIDIA_L4",
         "label_selector": {"gpu-class": "small"},
     }
-    assert options["max_queued_requests"] == 64 and options["max_ongoing_requests"] == 512
+    assert options["max_queued_requests"] == 64 and options["max_ongoing_requests"] == 64
     router = router_options(config)
     assert router["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
     assert router["max_queued_requests"] == 2048

@@ -33,8 +33,11 @@ class EmbeddingBackend(ABC):
     packed: bool = False
 
     @abstractmethod
-    def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
-        """Tokenise ``prompt + text`` for each text; with ``truncate=False`` raise ``input_too_long``."""
+    def tokenize(
+        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+    ) -> list[EncodedText]:
+        """Tokenise ``prompt + text`` for each text; with ``truncate=False`` raise ``input_too_long``.
+        ``first_index``: where ``texts[0]`` sits in the caller's request, so errors name the right input."""
 
     @abstractmethod
     def forward(self, items: list[EncodedText]) -> np.ndarray:

@@ -154,7 +154,9 @@ class NVEmbedBackend(EmbeddingBackend):
         model = build_nvembed(path, device, torch_dtype(dtype, device))
         return cls(model, tokenizer, max_seq_length=max_seq_length, prompts=prompts, packed=packed)
 
-    def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
+    def tokenize(
+        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+    ) -> list[EncodedText]:
         limit = self.max_seq_length if truncate else self.max_seq_length + 1
         strings = [prompt + text + self._eos for text in texts]
         ids = self.tokenizer(strings, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
@@ -163,11 +165,11 @@ class NVEmbedBackend(EmbeddingBackend):
         for i, row in enumerate(ids):
             n = len(row)
             if n > self.max_seq_length:
-                raise input_too_long(i, n, self.max_seq_length)
+                raise input_too_long(first_index + i, n, self.max_seq_length)
             if masked >= n:
                 raise ClientError(
-                    f"input[{i}]: the instruction takes {masked} of its {n} tokens and leaves nothing to "
-                    "pool; raise max_seq_length or shorten the instruction",
+                    f"input[{first_index + i}]: the instruction takes {masked} of its {n} tokens and leaves "
+                    "nothing to pool; raise max_seq_length or shorten the instruction",
                     400,
                     "input",
                 )

@@ -40,14 +40,16 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
         self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
 
-    def tokenize(self, texts: list[str], prompt: str, truncate: bool = True) -> list[EncodedText]:
+    def tokenize(
+        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+    ) -> list[EncodedText]:
         kwargs = {} if truncate else {"processing_kwargs": {"text": {"max_length": self.max_seq_length + 1}}}
         features = self.model.preprocess(texts, prompt=prompt or None, **kwargs)
         lengths = features["attention_mask"].sum(dim=1).tolist()
         if not truncate:
             for i, n in enumerate(lengths):
                 if n > self.max_seq_length:
-                    raise input_too_long(i, n, self.max_seq_length)
+                    raise input_too_long(first_index + i, n, self.max_seq_length)
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
         return [EncodedText({k: v[i, :n] for k, v in tensors.items()}, int(n)) for i, n in enumerate(lengths)]
 

@@ -1,0 +1,314 @@
+"""The replica's scheduler without Ray: fairness, per-call delivery, cancellation, ageing, failure isolation
+and the token budget. The backend here is a stand-in with a controllable cost (the thing under test is the
+scheduler); the engine tests at the end run the real MiniLM."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.backends.base import EmbeddingBackend, EncodedText
+from deployments.config import Batching
+from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.scheduler import EmbedResult, Scheduler, batch_cost, form_pass, plan_call
+
+
+class CountingBackend(EmbeddingBackend):
+    """Vectors that encode each input ([first token id, length, 1]), every pass recorded, an optional hook
+    run inside each forward pass, token ids >= ``poison`` fail any pass they are in."""
+
+    dimension = 3
+    max_seq_length = 512
+    device = torch.device("cpu")
+
+    def __init__(self, packed: bool = False, poison: int | None = None, nan_id: int | None = None):
+        self.packed = packed
+        self.poison = poison
+        self.nan_id = nan_id
+        self.passes: list[list[int]] = []  # lengths of every pass, in order
+        self.pass_ids: list[list[int]] = []  # first token id of each row, per pass
+        self.hook = None
+
+    def tokenize(self, texts, prompt, truncate=True, first_index=0):
+        raise NotImplementedError  # items are built by the tests
+
+    def forward(self, items):
+        self.passes.append([it.length for it in items])
+        ids = [int(it.features["input_ids"][0]) for it in items]
+        self.pass_ids.append(ids)
+        if self.hook is not None:
+            self.hook()
+        if self.poison is not None and any(i >= self.poison for i in ids):
+            raise RuntimeError("poisoned row")
+        out = np.array([[i, it.length, 1.0] for i, it in zip(ids, items, strict=True)], dtype=np.float32)
+        if self.nan_id is not None:
+            out[[i == self.nan_id for i in ids]] = np.nan
+        return out
+
+
+def items_of(lengths: list[int], first_id: int = 0) -> list[EncodedText]:
+    return [
+        EncodedText({"input_ids": torch.full((n,), first_id + i, dtype=torch.long)}, n)
+        for i, n in enumerate(lengths)
+    ]
+
+
+class Caller:
+    """Admits a call and keeps what it is answered, and when (in forward passes)."""
+
+    def __init__(self, scheduler: Scheduler, lengths: list[int], first_id: int = 0, normalize: bool = False):
+        self.scheduler = scheduler
+        self.result: EmbedResult | Exception | None = None
+        self.answered_after: int | None = None
+        items = items_of(lengths, first_id)
+        plan = plan_call(np.array(lengths), scheduler.batching, scheduler.backend.packed)
+        self.ticket = scheduler.admit(items, plan, normalize, self._done)
+
+    def _done(self, result):
+        self.result = result
+        self.answered_after = len(self.scheduler.backend.passes)
+
+
+def drain(scheduler: Scheduler, limit: int = 10_000) -> int:
+    steps = 0
+    while scheduler.step():
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+BUDGET = Batching(max_batch_tokens=100, max_batch_size=10, forward_overhead_tokens=8)
+
+
+def test_a_small_call_leads_the_next_pass_and_is_answered_at_once():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    bulk = Caller(s, [10] * 100, first_id=1000)  # ten full passes of 10 x 10 tokens
+    assert s.step()
+    small = Caller(s, [3], first_id=1)
+    assert s.step()
+    assert 1 in backend.pass_ids[1]  # the very next pass carries it
+    assert small.answered_after == 2 and isinstance(small.result, EmbedResult)
+    assert bulk.result is None  # the bulk call is still running, answered later, whole
+    drain(s)
+    assert bulk.answered_after == len(backend.passes) == 11
+    np.testing.assert_array_equal(bulk.result.vectors[:, 0], np.arange(1000, 1100))
+    assert bulk.result.token_counts.tolist() == [10] * 100
+
+
+def test_a_single_text_rides_along_when_a_pass_has_room():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    bulk = Caller(s, [10] * 5, first_id=1000)  # one batch of 50 tokens: room for one more row
+    small = Caller(s, [4], first_id=1)
+    drain(s)
+    assert backend.passes == [[4, 10, 10, 10, 10, 10]]  # 6 x 10 = 60 padded <= 50 + 4 + 8 apart
+    assert small.answered_after == bulk.answered_after == 1
+
+
+def test_each_call_is_answered_when_its_own_rows_are_done():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    callers = [Caller(s, [10] * n, first_id=100 * (k + 1)) for k, n in enumerate([30, 10, 20])]
+    drain(s)
+    order = sorted(callers, key=lambda c: c.answered_after)
+    assert [len(c.result.vectors) for c in order] == [10, 20, 30]  # shortest first
+    assert [c.answered_after for c in order] == [1, 3, 6]  # none waited for the passes of another's rows
+
+
+def test_cancelled_rows_leave_the_queue_and_no_pass_includes_them():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    leaver = Caller(s, [10] * 50, first_id=1000)
+    stayer = Caller(s, [10] * 60, first_id=2000)
+    assert s.step()  # the smaller (leaver) leads
+    assert all(1000 <= i < 1100 for i in backend.pass_ids[0])
+    assert s.cancel(leaver.ticket) == 40
+    assert s.cancel(leaver.ticket) == 0  # idempotent
+    drain(s)
+    computed = [i for ids in backend.pass_ids for i in ids]
+    assert sum(1000 <= i < 1100 for i in computed) == 10  # only the pass that ran before it left
+    assert leaver.result is None and isinstance(stayer.result, EmbedResult)
+    stats = s.stats()
+    assert stats["dropped_inputs"] == 40 and stats["cancelled_calls"] == 1 and stats["queue_inputs"] == 0
+
+
+def test_rows_finished_after_their_caller_left_are_counted_not_delivered():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    leaver = Caller(s, [10] * 30, first_id=1000)
+    backend.hook = lambda: s.cancel(leaver.ticket)  # the caller hangs up during the first pass
+    drain(s)
+    assert len(backend.passes) == 1 and leaver.result is None
+    stats = s.stats()
+    assert stats["abandoned_inputs"] == 10 and stats["dropped_inputs"] == 20
+
+
+def test_ageing_bounds_how_long_a_bulk_call_waits_behind_a_stream_of_small_ones():
+    backend = CountingBackend()
+    s = Scheduler(backend, Batching(max_batch_tokens=100, max_batch_size=10, forward_overhead_tokens=0))
+    bulk = Caller(s, [10] * 50, first_id=1000)  # five full passes: 500 tokens; small rows never fit in
+    small_passes = 0
+    for k in range(1000):
+        Caller(s, [10], first_id=k + 1)  # a new small call before every pass, forever
+        s.step()
+        if bulk.result is not None:
+            break
+        small_passes += not any(i >= 1000 for i in backend.pass_ids[-1])
+    assert isinstance(bulk.result, EmbedResult)
+    # Once others ran as many tokens as it has left (500 = 50 one-row passes of 10), nobody overtakes it.
+    assert small_passes <= 50 + 1
+
+
+def test_without_newcomers_shortest_remaining_goes_first():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    big, mid, tiny = Caller(s, [10] * 40, 1000), Caller(s, [10] * 20, 2000), Caller(s, [10] * 10, 3000)
+    drain(s)
+    assert tiny.answered_after < mid.answered_after < big.answered_after
+
+
+def test_a_failing_row_fails_only_its_call_and_names_the_input():
+    backend = CountingBackend(poison=5000)
+    s = Scheduler(backend, Batching(max_batch_tokens=1000, max_batch_size=64))
+    good = Caller(s, [4, 6], first_id=10)
+    bad = Caller(s, [5, 5, 5], first_id=4998)  # its third input (id 5000) poisons any pass it is in
+    other = Caller(s, [7], first_id=20)
+    drain(s)
+    assert isinstance(bad.result, RuntimeError) and "input[2]" in str(bad.result)
+    assert "poisoned row" in str(bad.result)
+    np.testing.assert_array_equal(good.result.vectors[:, 0], [10, 11])
+    np.testing.assert_array_equal(other.result.vectors[:, 0], [20])
+    assert s.stats()["failed_calls"] == 1
+
+
+def test_non_finite_output_is_refused_for_its_call_only():
+    backend = CountingBackend(nan_id=7)
+    s = Scheduler(backend, BUDGET)
+    bad, good = Caller(s, [3], first_id=7), Caller(s, [3], first_id=8)
+    drain(s)
+    assert isinstance(bad.result, RuntimeError) and "non-finite" in str(bad.result)
+    assert isinstance(good.result, EmbedResult)
+
+
+def test_normalize_applies_per_call():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    plain, unit = Caller(s, [3], first_id=4), Caller(s, [3], first_id=4, normalize=True)
+    drain(s)
+    assert plain.result.vectors[0, 0] == 4
+    assert abs(np.linalg.norm(unit.result.vectors[0]) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_budget_is_never_exceeded_and_every_row_reaches_its_caller(packed, seed):
+    rng = random.Random(seed)
+    batching = Batching(
+        max_batch_tokens=rng.choice([64, 128, 300]),
+        max_batch_size=rng.choice([1, 3, 8, 32]),
+        forward_overhead_tokens=rng.choice([0, 16, 64]),
+    )
+    backend = CountingBackend(packed=packed)
+    s = Scheduler(backend, batching)
+    callers = []
+    for k in range(40):
+        n = rng.choice([1, 1, 2, 5, 20, 80])
+        lengths = [rng.randint(1, 64) for _ in range(n)]
+        callers.append((Caller(s, lengths, first_id=1000 * (k + 1)), lengths))
+        for _ in range(rng.randint(0, 2)):
+            s.step()
+        if rng.random() < 0.1:
+            s.cancel(callers[rng.randrange(len(callers))][0].ticket)
+    drain(s)
+    for lengths in backend.passes:
+        assert len(lengths) <= batching.max_batch_size
+        assert batch_cost(np.array(lengths), packed) <= batching.max_batch_tokens
+    stats = s.stats()
+    delivered = 0
+    for k, (caller, lengths) in enumerate(callers):
+        if caller.result is None:
+            continue  # cancelled
+        delivered += 1
+        np.testing.assert_array_equal(caller.result.vectors[:, 0], 1000 * (k + 1) + np.arange(len(lengths)))
+        np.testing.assert_array_equal(caller.result.vectors[:, 1], lengths)
+    assert delivered == stats["answered_calls"] == 40 - stats["cancelled_calls"]
+    assert stats["queue_inputs"] == 0 and stats["queue_calls"] == 0
+
+
+def test_form_pass_merges_only_what_fits_and_pays():
+    b = Batching(max_batch_tokens=100, max_batch_size=10, forward_overhead_tokens=8)
+    full, small, long_row = np.array([10] * 10), np.array([3]), np.array([50])
+    assert form_pass([full, small], b, packed=False) == [0]  # 11 rows: over the row cap
+    assert form_pass([np.array([10] * 5), small, long_row], b, packed=False) == [0, 1]
+    # a 50-token row beside five 10-token ones: 6 x 50 = 300 > 100 tokens
+    assert form_pass([np.array([4] * 2), np.array([40])], b, packed=False) == [0]  # 3 x 40 = 120 > 100
+    # fits, but 5 x 9 = 45 padded costs more than two passes (8 + 9 + one overhead of 8)
+    assert form_pass([np.array([2] * 4), np.array([9])], b, packed=False) == [0]
+    assert form_pass([np.array([2] * 4), np.array([3])], b, packed=False) == [0, 1]  # 15 <= 8 + 3 + 8
+    assert form_pass([np.array([20] * 3), np.array([20] * 2)], b, packed=True) == [0, 1]  # sum 100
+    assert form_pass([np.array([20] * 4), np.array([20] * 2)], b, packed=True) == [0]  # sum 120
+
+
+def test_stats_report_the_queue_and_the_waits():
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    Caller(s, [10] * 25, first_id=100)
+    stats = s.stats()
+    assert (stats["queue_calls"], stats["queue_inputs"], stats["queue_tokens"]) == (1, 25, 250)
+    drain(s)
+    stats = s.stats()
+    assert stats["forward_passes"] == 3 and stats["rows"] == 25 and stats["real_tokens"] == 250
+    assert stats["max_pass_rows"] == 10 and stats["max_pass_tokens"] == 100
+    assert 0 <= stats["queue_wait_seconds_p50"] <= stats["queue_wait_seconds_max"] < 5
+    assert stats["padding_efficiency"] == 1.0 and stats["rows_per_pass"] == 25 / 3
+
+
+# ---- the engine around it: real MiniLM, real threads, asyncio cancellation -------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm_backend():
+    from deployments.backends.sentence_transformers import SentenceTransformersBackend
+    from tests.conftest import MINILM_DIR
+
+    return SentenceTransformersBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+
+
+def test_engine_answers_a_small_call_during_a_bulk_one_and_drops_a_cancelled_one(minilm_backend, minilm):
+    bulk_texts = [f"entity {i} described at some length for the bulk request " * 4 for i in range(400)]
+    engine = EmbeddingEngine(minilm_backend, Batching(max_batch_tokens=1024, max_batch_size=64))
+
+    async def main():
+        bulk = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
+        await asyncio.sleep(0.3)
+        t0 = time.perf_counter()
+        small = await engine.embed(EmbedCall(["Marie Curie"]))
+        small_s = time.perf_counter() - t0
+        bulk_done_when_small_answered = bulk.done()
+        await bulk
+        leaver = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
+        await asyncio.sleep(0.3)
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        after = await engine.embed(EmbedCall(["Warsaw"]))
+        return small, small_s, bulk_done_when_small_answered, bulk.result(), after
+
+    try:
+        small, small_s, bulk_was_done, bulk, after = asyncio.run(main())
+    finally:
+        engine.close()
+    assert not bulk_was_done  # the small call did not wait for the bulk call
+    expected = minilm.encode(["Marie Curie"] + bulk_texts[:3])
+    assert float(small.vectors[0] @ expected[0]) >= 0.9999
+    assert min(float(a @ b) for a, b in zip(bulk.vectors[:3], expected[1:], strict=True)) >= 0.9999
+    assert after.vectors.shape == (1, 384)
+    stats = engine.stats()
+    assert stats["dropped_inputs"] > 200 and stats["cancelled_calls"] == 1
+    assert stats["queue_inputs"] == 0
