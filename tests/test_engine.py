@@ -9,7 +9,14 @@ import torch
 
 from deployments.backends.sentence_transformers import SentenceTransformersBackend
 from deployments.config import Batching
-from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.engine import (
+    CHARS_PER_TOKEN_CEILING,
+    CHARS_PER_TOKEN_FIRST,
+    EmbedCall,
+    EmbeddingEngine,
+    cut_text,
+    tokenize_capped,
+)
 from deployments.errors import ClientError
 from tests.conftest import MINILM_DIR
 
@@ -87,3 +94,56 @@ def test_normalize_flag(backend):
     plain, normed = engine.run([EmbedCall(["x y z"], normalize=False), EmbedCall(["x y z"], normalize=True)])
     assert abs(np.linalg.norm(normed.vectors[0]) - 1) < 1e-5
     assert np.isfinite(plain.vectors).all()
+
+
+class RecordingBackend(SentenceTransformersBackend):
+    """The real backend, noting how many characters each tokenised string had."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: list[int] = []
+
+    def tokenize(self, texts, prompt, truncate=True, first_index=0):
+        self.read += [len(t) for t in texts]
+        return super().tokenize(texts, prompt, truncate, first_index)
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return RecordingBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
+
+
+def test_a_huge_input_is_read_only_as_far_as_max_seq_length_reaches(recording, minilm):
+    words = "radioactivity polonium laboratory Sorbonne physicist chemistry".split()
+    huge = " ".join(words[i % len(words)] for i in range(3_500_000))  # 20 MB
+    recording.read.clear()
+    [item] = tokenize_capped(recording, [huge], "", True)
+    assert len(recording.read) == 1 and recording.read[0] <= CHARS_PER_TOKEN_FIRST * 256  # one 2 KB read
+    assert item.length == 256
+    full = minilm.tokenizer(huge[:200_000], truncation=True, max_length=256)["input_ids"]
+    assert item.features["input_ids"].tolist() == full  # what tokenising the whole text gives
+
+
+def test_a_text_sparse_in_tokens_is_read_further():
+    backend = RecordingBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=64)
+    sparse = ("x" + " " * 40) * 200  # 41 characters per token: the first 8 x 64 characters hold 13
+    [item] = tokenize_capped(backend, [sparse], "", True)
+    assert item.length == 64 and len(backend.read) > 1 and max(backend.read) <= CHARS_PER_TOKEN_CEILING * 64
+    full = backend.model.tokenizer(sparse, truncation=True, max_length=64)["input_ids"]
+    assert item.features["input_ids"].tolist() == full
+
+
+def test_cut_text_ends_at_a_whitespace():
+    assert cut_text("short", 10) == "short"
+    assert cut_text("alpha beta gamma", 12) == "alpha beta"
+    assert cut_text("x" * 100, 10) == "x" * 10  # no whitespace near the cut: cut where asked
+
+
+def test_truncate_false_refuses_beyond_the_ceiling_and_names_the_input(recording):
+    too_long = "a " * (CHARS_PER_TOKEN_CEILING * 256)
+    with pytest.raises(ClientError) as err:
+        tokenize_capped(recording, ["fine", too_long], "", False, first_index=300)
+    assert err.value.status == 400 and "input[301]" in err.value.message and "characters" in err.value.message
+    with pytest.raises(ClientError) as err:
+        tokenize_capped(recording, ["fine", "word " * 300], "", False, first_index=300)
+    assert "input[301]" in err.value.message and "256 tokens" in err.value.message
