@@ -1,8 +1,8 @@
 """One model's engine: calls in, one answer per call out, the scheduler deciding every forward pass.
 
 Plain Python around a backend, so it is tested without Ray. A call is tokenised when it arrives, on a
-tokenizer thread (in chunks, so a bulk call's tokenisation does not hold up a small call's), planned into
-its own micro-batches there, then admitted to the ``Scheduler``, which runs passes on one model thread.
+tokenizer thread (in chunks, so a bulk call's tokenisation does not hold up a small call's), then admitted
+to the ``Scheduler``, which plans and runs passes on one model thread.
 Tokenising therefore overlaps the forward pass, and neither blocks the event loop that answers health checks.
 
 No input is too long to tokenise cheaply: at most ``8 x max_seq_length`` characters of a text are read
@@ -20,12 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
 from deployments.errors import ClientError
-from deployments.scheduler import EmbedResult, Scheduler, Ticket, plan_call
+from deployments.scheduler import EmbedResult, Scheduler, Ticket
 
 __all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
 
@@ -105,22 +103,17 @@ class EmbeddingEngine:
             items += await loop.run_in_executor(
                 self._tokenizer, tokenize_capped, self.backend, chunk, call.prompt, call.truncate, start
             )
-        batches = await loop.run_in_executor(self._tokenizer, self._plan, items)
         future: asyncio.Future[EmbedResult] = loop.create_future()
 
         def on_done(result: EmbedResult | Exception) -> None:  # on the model thread
             loop.call_soon_threadsafe(_settle, future, result)
 
-        ticket = self.scheduler.admit(items, batches, call.normalize, on_done)
+        ticket = self.scheduler.admit(items, call.normalize, on_done)
         try:
             return await future
         except asyncio.CancelledError:
             self.scheduler.cancel(ticket)
             raise
-
-    def _plan(self, items: list[EncodedText]) -> list[np.ndarray]:
-        lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
-        return plan_call(lengths, self.batching, self.backend.packed)
 
     def _ensure_model_thread(self) -> None:
         with self._lock:
@@ -156,7 +149,7 @@ class EmbeddingEngine:
             def on_done(result: EmbedResult | Exception, c: int = c) -> None:
                 results[c] = result
 
-            self.scheduler.admit(items, self._plan(items), call.normalize, on_done)
+            self.scheduler.admit(items, call.normalize, on_done)
         while self.scheduler.step():
             pass
         return results  # type: ignore[return-value]
@@ -164,7 +157,7 @@ class EmbeddingEngine:
     def submit(self, call: EmbedCall, on_done: Callable[[EmbedResult | Exception], None]) -> Ticket:
         """Tokenise and admit on the caller's thread (tests drive ``scheduler.step`` themselves)."""
         items = tokenize_capped(self.backend, call.texts, call.prompt, call.truncate)
-        return self.scheduler.admit(items, self._plan(items), call.normalize, on_done)
+        return self.scheduler.admit(items, call.normalize, on_done)
 
 
 def _settle(future: asyncio.Future, result: EmbedResult | Exception) -> None:

@@ -1,28 +1,33 @@
 """The replica's scheduler: one queue of tokenised inputs, one decision per forward pass.
 
-Calls arrive already tokenised and planned (``plan_call``: the length-sorted optimal cut of the call's own
-inputs into micro-batches under the token budget, computed by the caller's thread, off the model thread).
-The scheduler owns every queued micro-batch and, before each forward pass, decides which of them run
-together. Each call is answered the moment its last row is done; a cancelled call's queued rows leave the
-queue and no later pass includes them.
+Calls arrive tokenised (the engine tokenises on its own thread, so tokenising overlaps the forward pass).
+The scheduler owns every queued input and, before each forward pass, decides which inputs run together.
+Each call is answered the moment its last row is done; a cancelled call's queued rows leave the queue
+and no later pass includes them.
 
 Policy: **shortest remaining work first, aged by the work done for others.** A call's key is
 
-    key = padded tokens of its queued micro-batches - tokens run for other calls while it waited
+    key = tokens of its queued inputs - 2 x tokens run in passes it sat out while it had queued inputs
 
-and the call with the lowest key (then the oldest) leads the next pass. Why this one:
+and the call with the lowest key (then the oldest) goes first. Why this one:
 
-- A small call that arrives during a bulk call has a tiny key, so it leads the very next pass: it waits
-  for at most the pass in progress plus its own. Shortest-first also minimises the mean response time.
-- Ageing bounds starvation without a clock: every pass a waiting call does not take part in lowers its key
-  by that pass's tokens, so once others have run as many tokens as the call has left, its key is <= 0 and
-  no call that arrives later can overtake it (a newcomer's key is its own size, > 0). A bulk call under a
-  stream of small ones is delayed by at most its own remaining work.
-- The pass then takes more micro-batches, in key order, while the union fits the budget (rows <=
-  ``max_batch_size``; ``rows x longest`` <= ``max_batch_tokens``, or the token sum when packed) and merging
-  pays under the planner's own cost model (padded tokens of the union <= those of the parts + the
-  per-pass overhead). A single text rides along with a bulk call's short micro-batch for free, so the bulk
-  call keeps its throughput, and concurrent small calls share one pass.
+- A small call that arrives during a bulk call has a tiny key, so its rows lead the very next pass: it
+  waits for at most the pass in progress and its own. Shortest-first also minimises mean response time.
+- Ageing bounds starvation without a clock: a waiting call's key falls by twice the tokens of every pass
+  it sits out, so once others have run half as many tokens as it has left, its key is <= 0 and no call
+  that arrives later (key = its size > 0) overtakes it. A bulk call under a stream of small ones is
+  delayed by at most half its own remaining work.
+- Twice, not once: a running call's key falls by the tokens it is served, a waiting call's by twice
+  what it sits out, so a waiting call overtakes a running one within a few passes. Two bulk calls share
+  the model; a small call that arrives while an aged bulk call leads still goes within a few passes.
+
+Planning: the queue's inputs are planned jointly, as one request's would be (``plan_micro_batches``: sort
+by length, cut optimally under the token budget and row cap, trading padding against the per-pass
+overhead). The plan covers a window of the queue, filled in key order (each call's inputs shortest
+first) up to ``window_rows``, which bounds the planner's cost, and its micro-batches run in key order of
+their most urgent call. It is reused pass after pass until a call arrives, leaves or fails; then the
+window is planned again, so a newcomer's rows join the next pass, riding along with others' rows where
+the optimal cut puts them.
 
 Deficit round-robin was the other candidate: it shares passes equally between calls, which makes a
 one-text call wait for a turn behind every active call, and it needs a quantum tuned per model.
@@ -41,7 +46,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -51,8 +56,8 @@ from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import plan_micro_batches
 from deployments.config import Batching
 
-# How many candidate micro-batches (in key order) a pass looks at before it stops trying to merge.
-MERGE_SCAN_LIMIT = 64
+# How much faster a waiting call ages than a running one is served (see the policy above).
+AGEING_RATE = 2
 # Queue waits kept for the percentiles ``stats()`` reports.
 RECENT_WAITS = 1024
 
@@ -79,64 +84,35 @@ def batch_cost(lengths: np.ndarray, packed: bool) -> int:
     return int(lengths.sum()) if packed else len(lengths) * int(lengths.max())
 
 
-def plan_call(lengths: np.ndarray, batching: Batching, packed: bool) -> list[np.ndarray]:
-    """A call's own micro-batches: the optimal length-sorted cut of its inputs (row indices)."""
-    return plan_micro_batches(
-        lengths, batching.max_batch_tokens, batching.max_batch_size, batching.forward_overhead_tokens, packed
-    ).batches
-
-
-def form_pass(candidates: Sequence[np.ndarray], batching: Batching, packed: bool) -> list[int]:
-    """Which candidate micro-batches (token lengths, in priority order) run together in the next pass.
-
-    The first always runs. Each later one joins while the union fits the budget and merging pays: the
-    union's tokens are no more than the parts' plus one pass's overhead.
-    """
-    chosen = [0]
-    lengths = candidates[0]
-    rows, longest, total = len(lengths), int(lengths.max()), int(lengths.sum())
-    cost = batch_cost(lengths, packed)
-    for k in range(1, min(len(candidates), MERGE_SCAN_LIMIT)):
-        cand = candidates[k]
-        u_rows, u_longest, u_total = rows + len(cand), max(longest, int(cand.max())), total + int(cand.sum())
-        if u_rows > batching.max_batch_size:
-            continue
-        u_cost = u_total if packed else u_rows * u_longest
-        if u_cost > batching.max_batch_tokens:
-            continue
-        if u_cost > cost + batch_cost(cand, packed) + batching.forward_overhead_tokens:
-            continue
-        chosen.append(k)
-        rows, longest, total, cost = u_rows, u_longest, u_total, u_cost
-        if rows == batching.max_batch_size:
-            break
-    return chosen
-
-
 @dataclass(eq=False)
 class _Call:
     seq: int
     items: list[EncodedText]
     lengths: np.ndarray
-    batches: deque[np.ndarray]  # queued micro-batches: row indices into items
+    by_length: np.ndarray  # row indices, shortest first
+    queued: np.ndarray  # bool per row: not yet in a pass
+    queued_rows: int
+    queued_tokens: int
     normalize: bool
     on_done: OnDone
     admitted_at: float
     vectors: np.ndarray
-    rows_left: int
-    queued_cost: int
-    credit: int = 0  # tokens run for other calls while this one had queued rows
+    rows_left: int  # rows not yet computed: queued or in the running pass
+    aged: int = 0  # AGEING_RATE x tokens of the passes it sat out with queued rows
     started_at: float | None = None
     closed: bool = False  # answered, failed or cancelled: nothing more is computed for it
 
     @property
-    def key(self) -> int:
-        return self.queued_cost - self.credit
+    def key(self) -> tuple[int, int]:
+        return (self.queued_tokens - self.aged, self.seq)
+
+    def queued_by_length(self) -> np.ndarray:
+        return self.by_length[self.queued[self.by_length]]
 
 
 @dataclass
 class _Pass:
-    parts: list[tuple[_Call, np.ndarray]]
+    parts: list[tuple[_Call, np.ndarray]]  # (call, its rows in this pass)
     items: list[EncodedText]
     real_tokens: int
     padded_tokens: int
@@ -167,45 +143,53 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(
-        self, backend: EmbeddingBackend, batching: Batching, clock: Callable[[], float] = time.monotonic
+        self,
+        backend: EmbeddingBackend,
+        batching: Batching,
+        clock: Callable[[], float] = time.monotonic,
+        window_rows: int | None = None,
     ):
         self.backend = backend
         self.batching = batching
         self.clock = clock
+        # Inputs planned together: enough for a few full passes, few enough to plan in milliseconds.
+        self.window_rows = window_rows or max(512, 2 * batching.max_batch_size)
         self._calls: dict[int, _Call] = {}  # open calls with queued rows or rows in the running pass
+        self._plan: deque[list[tuple[_Call, np.ndarray]]] = deque()  # planned passes, most urgent first
+        self._stale = False  # a call arrived, left or failed since the plan was made
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stats = SchedulerStats()
         self._stopping = False
 
     # ---- called from the event loop ------------------------------------------------------------
-    def admit(
-        self, items: list[EncodedText], batches: list[np.ndarray], normalize: bool, on_done: OnDone
-    ) -> Ticket:
-        """Queue a tokenised, planned call; ``on_done`` gets its ``EmbedResult`` or the exception."""
+    def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
+        """Queue a tokenised call; ``on_done`` gets its ``EmbedResult`` or the exception that sank it."""
         lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
-        packed = self.backend.packed
         call = _Call(
             seq=next(self._seq),
             items=items,
             lengths=lengths,
-            batches=deque(batches),
+            by_length=np.argsort(lengths, kind="stable"),
+            queued=np.ones(len(items), dtype=bool),
+            queued_rows=len(items),
+            queued_tokens=int(lengths.sum()),
             normalize=normalize,
             on_done=on_done,
             admitted_at=self.clock(),
             vectors=np.zeros((len(items), self.backend.dimension), dtype=np.float32),
             rows_left=len(items),
-            queued_cost=sum(batch_cost(lengths[b], packed) for b in batches),
         )
         with self._cond:
             self._stats.calls += 1
             self._stats.inputs += len(items)
-            if not items:
+            if items:
+                self._calls[call.seq] = call
+                self._stale = True
+                self._cond.notify()
+            else:
                 call.closed = True
                 self._stats.answered_calls += 1
-            else:
-                self._calls[call.seq] = call
-                self._cond.notify()
         if not items:
             on_done(_finish(call))
         return Ticket(call.seq)
@@ -216,8 +200,8 @@ class Scheduler:
             call = self._calls.get(ticket.seq)
             if call is None or call.closed:
                 return 0
-            dropped = self._drop_queued(call)
             call.closed = True
+            dropped = self._drop_queued(call)
             self._stats.cancelled_calls += 1
             self._stats.dropped_inputs += dropped
             if call.rows_left == 0:  # nothing of it is running: forget it now
@@ -260,41 +244,65 @@ class Scheduler:
         return True
 
     def _has_work(self) -> bool:
-        return any(c.batches for c in self._calls.values())
+        return any(c.queued_rows for c in self._calls.values())
+
+    def _replan(self) -> None:
+        """Plan the window: the queue's most urgent inputs, jointly, as one request's would be."""
+        waiting = sorted((c for c in self._calls.values() if c.queued_rows), key=lambda c: c.key)
+        owners: list[_Call] = []
+        rows: list[np.ndarray] = []
+        room = self.window_rows
+        for call in waiting:
+            if room <= 0:
+                break
+            take = call.queued_by_length()[:room]
+            owners.append(call)
+            rows.append(take)
+            room -= len(take)
+        self._stale = False
+        self._plan.clear()
+        if not owners:
+            return
+        owner_of = np.repeat(np.arange(len(owners)), [len(r) for r in rows])
+        row_of = np.concatenate(rows)
+        lengths = np.concatenate([c.lengths[r] for c, r in zip(owners, rows, strict=True)])
+        b = self.batching
+        plan = plan_micro_batches(
+            lengths, b.max_batch_tokens, b.max_batch_size, b.forward_overhead_tokens, self.backend.packed
+        )
+        passes = []
+        for batch in plan.batches:
+            who = owner_of[batch]
+            parts = [(owners[k], row_of[batch[who == k]]) for k in np.unique(who)]
+            passes.append(parts)  # np.unique: in key order, so parts[0] is the most urgent call
+        passes.sort(key=lambda parts: parts[0][0].key)  # stable: equal urgency stays shortest first
+        self._plan.extend(passes)
 
     def _next_pass(self) -> _Pass | None:
-        waiting = sorted((c for c in self._calls.values() if c.batches), key=lambda c: (c.key, c.seq))
-        if not waiting:
-            return None
-        candidates: list[tuple[_Call, int]] = []
-        for call in waiting:
-            candidates.extend((call, k) for k in range(len(call.batches)))
-            if len(candidates) >= MERGE_SCAN_LIMIT:
+        if self._stale or not self._plan:
+            self._replan()
+        while self._plan:
+            parts = [(call, rows) for call, rows in self._plan.popleft() if not call.closed]
+            if parts:
                 break
-        packed = self.backend.packed
-        chosen = form_pass([c.lengths[c.batches[k]] for c, k in candidates], self.batching, packed)
-        picked: dict[int, list[int]] = {}
-        for i in chosen:
-            call, k = candidates[i]
-            picked.setdefault(call.seq, []).append(k)
-        parts: list[tuple[_Call, np.ndarray]] = []
+        else:
+            return None
         now = self.clock()
-        for seq, ks in picked.items():
-            call = self._calls[seq]
-            rows = [call.batches[k] for k in ks]
-            for k in sorted(ks, reverse=True):
-                del call.batches[k]
-            call.queued_cost -= sum(batch_cost(call.lengths[r], packed) for r in rows)
-            parts.append((call, np.concatenate(rows)))
+        packed = self.backend.packed
+        for call, rows in parts:
+            call.queued[rows] = False
+            call.queued_rows -= len(rows)
+            call.queued_tokens -= int(call.lengths[rows].sum())
             if call.started_at is None:
                 call.started_at = now
                 self._record_wait(now - call.admitted_at)
         items = [call.items[int(i)] for call, rows in parts for i in rows]
         lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
         padded = batch_cost(lengths, packed)
-        for call in waiting:  # ageing: the waiting calls that sit this pass out
-            if call.seq not in picked:
-                call.credit += padded
+        running = {call.seq for call, _ in parts}
+        for call in self._calls.values():  # ageing: the waiting calls that sit this pass out
+            if call.queued_rows and call.seq not in running:
+                call.aged += AGEING_RATE * padded
         return _Pass(parts, items, int(lengths.sum()), padded)
 
     def _record_wait(self, wait: float) -> None:
@@ -364,12 +372,12 @@ class Scheduler:
         else:
             self._stats.answered_calls += 1
 
-    @staticmethod
-    def _drop_queued(call: _Call) -> int:
-        dropped = sum(len(b) for b in call.batches)
-        call.batches.clear()
-        call.queued_cost = 0
+    def _drop_queued(self, call: _Call) -> int:
+        dropped = call.queued_rows
+        call.queued[:] = False
+        call.queued_rows = call.queued_tokens = 0
         call.rows_left -= dropped
+        self._stale = True
         return dropped
 
     # ---- reporting ---------------------------------------------------------------------------------
@@ -378,11 +386,11 @@ class Scheduler:
         with self._cond:
             s = self._stats
             out: dict[str, float | int] = {k: v for k, v in vars(s).items() if k != "recent_waits"}
-            queued = [c.lengths[b] for c in self._calls.values() for b in c.batches]
-            out["queue_calls"] = sum(1 for c in self._calls.values() if c.batches)
+            waiting = [c for c in self._calls.values() if c.queued_rows]
+            out["queue_calls"] = len(waiting)
+            out["queue_inputs"] = sum(c.queued_rows for c in waiting)
+            out["queue_tokens"] = sum(c.queued_tokens for c in waiting)
             waits = sorted(s.recent_waits)
-        out["queue_inputs"] = sum(len(q) for q in queued)
-        out["queue_tokens"] = sum(int(q.sum()) for q in queued)
         out["padding_efficiency"] = s.real_tokens / s.padded_tokens if s.padded_tokens else 1.0
         out["rows_per_pass"] = s.rows / s.forward_passes if s.forward_passes else 0.0
         out["queue_wait_seconds_p50"] = _percentile(waits, 0.50)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from deployments.backends.base import EmbeddingBackend, EncodedText
+from deployments.batching import plan_micro_batches
 from deployments.config import Batching
 from deployments.engine import EmbedCall, EmbeddingEngine
-from deployments.scheduler import EmbedResult, Scheduler, batch_cost, form_pass, plan_call
+from deployments.scheduler import EmbedResult, Scheduler, batch_cost
 
 
 class CountingBackend(EmbeddingBackend):
@@ -65,9 +66,7 @@ class Caller:
         self.scheduler = scheduler
         self.result: EmbedResult | Exception | None = None
         self.answered_after: int | None = None
-        items = items_of(lengths, first_id)
-        plan = plan_call(np.array(lengths), scheduler.batching, scheduler.backend.packed)
-        self.ticket = scheduler.admit(items, plan, normalize, self._done)
+        self.ticket = scheduler.admit(items_of(lengths, first_id), normalize, self._done)
 
     def _done(self, result):
         self.result = result
@@ -151,18 +150,20 @@ def test_rows_finished_after_their_caller_left_are_counted_not_delivered():
 
 def test_ageing_bounds_how_long_a_bulk_call_waits_behind_a_stream_of_small_ones():
     backend = CountingBackend()
-    s = Scheduler(backend, Batching(max_batch_tokens=100, max_batch_size=10, forward_overhead_tokens=0))
-    bulk = Caller(s, [10] * 50, first_id=1000)  # five full passes: 500 tokens; small rows never fit in
-    small_passes = 0
+    s = Scheduler(backend, Batching(max_batch_tokens=100, max_batch_size=1, forward_overhead_tokens=0))
+    bulk = Caller(s, [100] * 5, first_id=1000)  # five one-row passes of 100 tokens; nothing can share one
     for k in range(1000):
         Caller(s, [10], first_id=k + 1)  # a new small call before every pass, forever
         s.step()
         if bulk.result is not None:
             break
-        small_passes += not any(i >= 1000 for i in backend.pass_ids[-1])
     assert isinstance(bulk.result, EmbedResult)
-    # Once others ran as many tokens as it has left (500 = 50 one-row passes of 10), nobody overtakes it.
-    assert small_passes <= 50 + 1
+    runs = ["bulk" if ids[0] >= 1000 else "small" for ids in backend.pass_ids]
+    # Shortest first: small calls lead until others ran half of the bulk call's 500 tokens (25 x 10 x 2)...
+    assert runs.index("bulk") == 25
+    # ...then nobody overtakes it for long, and a waiting small call still gets in between its passes.
+    assert len(runs) <= 25 + 5 + 5
+    assert "small" in runs[runs.index("bulk") : len(runs) - 1]
 
 
 def test_without_newcomers_shortest_remaining_goes_first():
@@ -205,9 +206,10 @@ def test_normalize_applies_per_call():
     assert abs(np.linalg.norm(unit.result.vectors[0]) - 1) < 1e-6
 
 
+@pytest.mark.parametrize("window_rows", [None, 7])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_the_budget_is_never_exceeded_and_every_row_reaches_its_caller(packed, seed):
+def test_the_budget_is_never_exceeded_and_every_row_reaches_its_caller(packed, seed, window_rows):
     rng = random.Random(seed)
     batching = Batching(
         max_batch_tokens=rng.choice([64, 128, 300]),
@@ -215,7 +217,7 @@ def test_the_budget_is_never_exceeded_and_every_row_reaches_its_caller(packed, s
         forward_overhead_tokens=rng.choice([0, 16, 64]),
     )
     backend = CountingBackend(packed=packed)
-    s = Scheduler(backend, batching)
+    s = Scheduler(backend, batching, window_rows=window_rows)
     callers = []
     for k in range(40):
         n = rng.choice([1, 1, 2, 5, 20, 80])
@@ -241,18 +243,28 @@ def test_the_budget_is_never_exceeded_and_every_row_reaches_its_caller(packed, s
     assert stats["queue_inputs"] == 0 and stats["queue_calls"] == 0
 
 
-def test_form_pass_merges_only_what_fits_and_pays():
-    b = Batching(max_batch_tokens=100, max_batch_size=10, forward_overhead_tokens=8)
-    full, small, long_row = np.array([10] * 10), np.array([3]), np.array([50])
-    assert form_pass([full, small], b, packed=False) == [0]  # 11 rows: over the row cap
-    assert form_pass([np.array([10] * 5), small, long_row], b, packed=False) == [0, 1]
-    # a 50-token row beside five 10-token ones: 6 x 50 = 300 > 100 tokens
-    assert form_pass([np.array([4] * 2), np.array([40])], b, packed=False) == [0]  # 3 x 40 = 120 > 100
-    # fits, but 5 x 9 = 45 padded costs more than two passes (8 + 9 + one overhead of 8)
-    assert form_pass([np.array([2] * 4), np.array([9])], b, packed=False) == [0]
-    assert form_pass([np.array([2] * 4), np.array([3])], b, packed=False) == [0, 1]  # 15 <= 8 + 3 + 8
-    assert form_pass([np.array([20] * 3), np.array([20] * 2)], b, packed=True) == [0, 1]  # sum 100
-    assert form_pass([np.array([20] * 4), np.array([20] * 2)], b, packed=True) == [0]  # sum 120
+def test_the_queue_is_planned_as_one_request_would_be():
+    rng = np.random.default_rng(0)
+    backend = CountingBackend()
+    b = Batching(max_batch_tokens=256, max_batch_size=16, forward_overhead_tokens=16)
+    s = Scheduler(backend, b)
+    calls = [list(rng.integers(1, 60, size=n)) for n in (40, 7, 90, 1, 25)]
+    for k, lengths in enumerate(calls):
+        Caller(s, lengths, first_id=1000 * (k + 1))
+    drain(s)
+    joint = plan_micro_batches(np.concatenate(calls), 256, 16, 16)
+    stats = s.stats()
+    assert stats["padded_tokens"] == joint.padded_tokens and stats["forward_passes"] == len(joint.batches)
+
+
+def test_a_window_smaller_than_the_queue_still_keeps_the_budget():
+    backend = CountingBackend()
+    s = Scheduler(backend, Batching(max_batch_tokens=64, max_batch_size=4), window_rows=6)
+    big, small = Caller(s, list(range(1, 31)), first_id=1000), Caller(s, [5, 6], first_id=1)
+    drain(s)
+    assert small.answered_after == 1
+    assert isinstance(big.result, EmbedResult) and len(big.result.vectors) == 30
+    assert all(len(p) <= 4 and len(p) * max(p) <= 64 for p in backend.passes)
 
 
 def test_stats_report_the_queue_and_the_waits():
