@@ -5,6 +5,9 @@
 - ``ray://auto`` or ``ray://<head>:6379``: join the Ray cluster as a driver, call the router by handle;
 - ``http://...`` / ``https://...``: the OpenAI-style HTTP API (``EMBEDDING_API_KEY`` sent as a bearer token);
 - unset or empty: an in-process ``SentenceTransformer(model_name)``, as the pipeline does today.
+
+``install()`` does the same for every ``SentenceTransformer(...)`` of the process at once (one line at the
+pipeline's entry point; see ``clients/stand_in.py``).
 """
 
 from __future__ import annotations
@@ -15,11 +18,30 @@ from typing import Any
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder
 from clients.http import HTTPEmbedder
 from clients.serve import ServeEmbedder
+from clients.stand_in import (
+    ServiceSentenceTransformer,
+    install,
+    real_sentence_transformer,
+    served_name,
+    uninstall,
+)
 
-__all__ = ["EmbeddingServiceError", "HTTPEmbedder", "RemoteEmbedder", "ServeEmbedder", "get_embedder"]
+__all__ = [
+    "EmbeddingServiceError",
+    "HTTPEmbedder",
+    "RemoteEmbedder",
+    "ServeEmbedder",
+    "ServiceSentenceTransformer",
+    "get_embedder",
+    "install",
+    "served_name",
+    "uninstall",
+]
 
 
-def get_embedder(model_name: str, **kwargs: Any) -> Any:
+def get_embedder(model_name: str | None, **kwargs: Any) -> Any:
+    """The service's client for ``model_name`` (None: the service's default model), or an in-process
+    ``SentenceTransformer`` when ``EMBEDDING_SERVICE`` is unset."""
     service = os.environ.get("EMBEDDING_SERVICE", "").strip()
     if service.startswith("ray://"):
         app = os.environ.get("EMBEDDING_APP", "embeddings")
@@ -30,6 +52,4 @@ def get_embedder(model_name: str, **kwargs: Any) -> Any:
         )
     if service:
         raise ValueError(f"EMBEDDING_SERVICE={service!r}: expected ray://<address>, http(s)://<url> or unset")
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(model_name, **kwargs)
+    return real_sentence_transformer()(model_name, **kwargs)

@@ -1,12 +1,19 @@
 """``SentenceTransformer.encode`` over the service: the contract the GraphRAG pipeline relies on.
 
-``RemoteEmbedder`` holds everything both transports share: argument handling, client-side chunking with
-bounded concurrency, retries with exponential backoff and jitter inside a total deadline, and the shapes,
-dtypes and tensor conversions of ``encode``. A transport only sends one chunk and classifies failures.
+``RemoteEmbedder`` holds everything both transports share: argument handling, cutting a call into
+requests the server accepts and sending them in parallel, retries with exponential backoff and jitter
+inside a total deadline, and the shapes, dtypes and tensor conversions of ``encode``. A transport only
+sends one request and classifies failures.
+
+Requests are sized by the server, not by ``batch_size`` (a GPU-memory knob in process; the server batches
+by tokens): at most the server's ``max_inputs_per_request`` inputs and ``max_request_bytes`` of text each,
+cut into at least two requests per replica of the model (never below 64 inputs each) so every replica has
+work, and up to ``max_concurrency`` (default: two per replica, at least 4) in flight.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from abc import ABC, abstractmethod
@@ -16,6 +23,34 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from deployments.errors import ClientError, model_not_found
+from deployments.openai_api import check_items
+
+# Text bytes per request: bounds one request's work (and body) whatever the texts' lengths.
+MAX_REQUEST_BYTES = 1 << 20
+# Below this many inputs a request is not split further for parallelism (hops cost more than they give).
+MIN_SPLIT_INPUTS = 64
+
+
+def plan_requests(
+    texts: list[str], max_inputs: int, max_bytes: int = MAX_REQUEST_BYTES, min_requests: int = 1
+) -> list[slice]:
+    """Consecutive slices of ``texts``: each within ``max_inputs`` and ``max_bytes`` (a longer single text
+    travels alone), and at least ``min_requests`` of them when that leaves ``MIN_SPLIT_INPUTS`` each."""
+    if not texts:
+        return []
+    wanted = max(1, min(min_requests, len(texts) // MIN_SPLIT_INPUTS))
+    per_request = min(max_inputs, math.ceil(len(texts) / wanted))
+    slices, start, size = [], 0, 0
+    for i, text in enumerate(texts):
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if i > start and (i - start >= per_request or size + n > max_bytes):
+            slices.append(slice(start, i))
+            start, size = i, 0
+        size += n
+    slices.append(slice(start, len(texts)))
+    return slices
 
 
 class EmbeddingServiceError(RuntimeError):
@@ -38,9 +73,16 @@ class RemoteEmbedder(ABC):
     rather than being silently ignored.
     """
 
-    def __init__(self, model: str | None, *, deadline_s: float = 300.0, max_concurrency: int = 4):
+    def __init__(
+        self,
+        model: str | None,
+        *,
+        deadline_s: float = 300.0,
+        max_concurrency: int | None = None,
+        device: str | torch.device | None = None,
+    ):
         self.deadline_s = deadline_s
-        self.max_concurrency = max_concurrency
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
         models = self._call_with_retries(self._fetch_models, time.monotonic() + deadline_s)
         names: dict[str, dict[str, Any]] = {}
         for info in models:
@@ -48,12 +90,20 @@ class RemoteEmbedder(ABC):
                 names[name] = info
         default = next((m for m in models if m.get("default")), models[0])
         if model is not None and model not in names:
-            raise ValueError(f"model {model!r} is not served; available: {', '.join(sorted(names))}")
+            error = model_not_found(model, sorted(names))
+            raise ClientError(f"{error.message} (asked {self.where()})", 404, "model", error.code)
         self.model_name = model if model is not None else default["id"]
         self.info = names[self.model_name]
         self.max_seq_length: int = self.info["max_seq_length"]
+        self.max_inputs_per_request: int = self.info.get("max_inputs_per_request", 2048)
+        self.replicas: int = self.info.get("max_replicas", 1)
+        self.max_concurrency = max_concurrency or max(4, 2 * self.replicas)
 
     # ---- transport ---------------------------------------------------------------------------------
+    @abstractmethod
+    def where(self) -> str:
+        """The service this client talks to, for messages."""
+
     @abstractmethod
     def _fetch_models(self) -> list[dict[str, Any]]: ...
 
@@ -68,6 +118,28 @@ class RemoteEmbedder(ABC):
         return int(self.info["dimension"])
 
     get_sentence_embedding_dimension = get_embedding_dimension
+
+    def get_max_seq_length(self) -> int:
+        return self.max_seq_length
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``convert_to_tensor`` results land (the model itself runs on the server)."""
+        return self._device
+
+    def to(self, device: str | torch.device) -> RemoteEmbedder:
+        self._device = torch.device(device)
+        return self
+
+    def eval(self) -> RemoteEmbedder:
+        return self
+
+    @property
+    def tokenizer(self) -> Any:
+        raise AttributeError(
+            "the remote embedder has no tokenizer: the model and its tokenizer run on the embedding service "
+            "(max_seq_length says where it truncates)"
+        )
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -110,17 +182,34 @@ class RemoteEmbedder(ABC):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         prompt_name = self._prompt_name(prompt_name, prompt)
         single = isinstance(sentences, str)
-        texts = [sentences] if single else list(sentences)
-        vectors = self._embed_all(
-            texts, prompt_name, normalize_embeddings, batch_size, bool(show_progress_bar)
-        )
+        if single:
+            texts = [sentences]
+        elif isinstance(sentences, (list, tuple, np.ndarray)):
+            texts = list(sentences)
+        else:
+            raise ClientError(
+                f"'input' must be a string or a list of strings, got {type(sentences).__name__}", 400, "input"
+            )
+        check_items(texts)  # the server's own check, on the whole list: errors name the caller's index
+        vectors = self._embed_all(texts, prompt_name, normalize_embeddings, bool(show_progress_bar))
         if convert_to_tensor:
-            out: Any = torch.from_numpy(vectors).to(device or "cpu")
+            out: Any = torch.from_numpy(vectors).to(device or self._device)
             return out[0] if single else out
         if not convert_to_numpy:
             rows = [torch.from_numpy(v) for v in vectors]
             return rows[0] if single else rows
         return vectors[0] if single else vectors
+
+    def encode_query(self, sentences: str | list[str], **kwargs: Any) -> Any:
+        """``encode`` with the model's ``query`` prompt, when it has one (sentence-transformers 5)."""
+        kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(self, sentences: str | list[str], **kwargs: Any) -> Any:
+        """``encode`` with the model's ``document``, ``passage`` or ``corpus`` prompt, when it has one."""
+        name = next((n for n in ("document", "passage", "corpus") if n in self.prompts), None)
+        kwargs.setdefault("prompt_name", name)
+        return self.encode(sentences, **kwargs)
 
     # ---- internals ---------------------------------------------------------------------------------
     def _prompt_name(self, prompt_name: str | None, prompt: str | None) -> str | None:
@@ -137,17 +226,18 @@ class RemoteEmbedder(ABC):
         )
 
     def _embed_all(
-        self, texts: list[str], prompt_name: str | None, normalize: bool, batch_size: int, progress: bool
+        self, texts: list[str], prompt_name: str | None, normalize: bool, progress: bool
     ) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.get_embedding_dimension()), dtype=np.float32)
-        chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        slices = plan_requests(texts, self.max_inputs_per_request, min_requests=2 * self.replicas)
+        chunks = [texts[s] for s in slices]
         deadline = time.monotonic() + self.deadline_s
         bar = None
         if progress:
             from tqdm.autonotebook import tqdm
 
-            bar = tqdm(total=len(chunks), desc="Batches")
+            bar = tqdm(total=len(texts), desc="Embedding", unit="text")
 
         def run(chunk: list[str]) -> np.ndarray:
             def send() -> np.ndarray:
@@ -155,7 +245,7 @@ class RemoteEmbedder(ABC):
 
             result = self._call_with_retries(send, deadline)
             if bar is not None:
-                bar.update(1)
+                bar.update(len(chunk))
             return result
 
         try:

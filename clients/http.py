@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import torch
 
 from clients.embedder import RemoteEmbedder, Retryable
 from deployments.errors import ClientError
@@ -30,12 +31,18 @@ class HTTPEmbedder(RemoteEmbedder):
         api_key: str | None = None,
         timeout: float = 60.0,
         deadline_s: float = 300.0,
-        max_concurrency: int = 4,
+        max_concurrency: int | None = None,
+        device: str | torch.device | None = None,
     ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
-        super().__init__(model, deadline_s=deadline_s, max_concurrency=max_concurrency)
+        self.base_url = base_url.rstrip("/")
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, limits=limits)
+        super().__init__(model, deadline_s=deadline_s, max_concurrency=max_concurrency, device=device)
+
+    def where(self) -> str:
+        return self.base_url
 
     def close(self) -> None:
         self._client.close()
@@ -51,10 +58,11 @@ class HTTPEmbedder(RemoteEmbedder):
             error = resp.json()["error"]
         except (ValueError, KeyError, TypeError):
             error = {"message": resp.text[:300]}
-        message = f"HTTP {resp.status_code}: {error.get('message')}"
         if resp.status_code in RETRY_STATUSES:
+            message = f"HTTP {resp.status_code}: {error.get('message')}"
             raise Retryable(message, _retry_after(resp.headers.get("Retry-After")))
-        raise ClientError(message, resp.status_code, error.get("param"), error.get("code"))
+        # the caller's mistake, raised as the server said it (a ClientError is a ValueError)
+        raise ClientError(str(error.get("message")), resp.status_code, error.get("param"), error.get("code"))
 
     def _fetch_models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/models")["data"]

@@ -9,6 +9,7 @@ cancelled), the ``asyncio.CancelledError`` reaches ``engine.embed``, which drops
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from ray import serve
 from deployments.backends import load_backend
 from deployments.config import ModelEntry
 from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.errors import quiet_client_errors
 
 HEALTH_TEXT = "health check"
 
@@ -35,6 +37,7 @@ def _cpu_threads() -> int:
 class Embedder:
     def __init__(self, entry: dict[str, Any], config_dir: str | None = None):
         self.entry = ModelEntry.model_validate(entry)
+        quiet_client_errors(logging.getLogger("ray.serve"))
         use_gpu = bool(ray.get_gpu_ids())
         threads = _cpu_threads()
         if not use_gpu:

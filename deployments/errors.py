@@ -1,13 +1,17 @@
 """Errors that cross the Ray boundary and become HTTP statuses.
 
 A ``ClientError`` is the caller's mistake (4xx, nothing retried); anything else raised while serving is a
-server fault (5xx). They keep their arguments in ``args`` so they pickle across Ray unchanged.
+server fault (5xx). They keep their arguments in ``args`` so they pickle across Ray unchanged. A
+``ClientError`` is a ``ValueError``, as sentence-transformers raises for a bad input, so pipeline code that
+catches ``ValueError`` behaves the same in process and through the service.
 """
 
 from __future__ import annotations
 
+import logging
 
-class ClientError(Exception):
+
+class ClientError(ValueError):
     """The request is wrong; ``status`` is its HTTP status, ``param`` the request field at fault."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
@@ -19,6 +23,24 @@ class ClientError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ClientErrorsAreNotServerErrors(logging.Filter):
+    """Serve logs every exception a replica method raises as ERROR with a traceback; a client mistake
+    (raised to a handle caller) is the caller's business: one INFO line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ClientError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = f"client error ({error.status}): {error.message}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_client_errors(logger: logging.Logger) -> None:
+    if not any(isinstance(f, ClientErrorsAreNotServerErrors) for f in logger.filters):
+        logger.addFilter(ClientErrorsAreNotServerErrors())
 
 
 def model_not_found(model: str, available: list[str]) -> ClientError:

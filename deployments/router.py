@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
-from deployments.errors import ClientError, model_not_found
+from deployments.errors import ClientError, model_not_found, quiet_client_errors
 from deployments.openai_api import (
     check_dimensions,
     parse_embeddings_request,
@@ -47,6 +47,7 @@ def _error_response(message: str, status: int, param: str | None = None, code: s
 class EmbeddingRouter:
     def __init__(self, config: dict[str, Any], embedders: dict[str, DeploymentHandle]):
         self.config = ModelsConfig.model_validate(config)
+        quiet_client_errors(logger)
         self.names = self.config.name_table()
         self.embedders = embedders
         self._info: dict[str, dict[str, Any]] = {}
@@ -181,7 +182,8 @@ class EmbeddingRouter:
         return vectors
 
     async def models(self) -> list[dict[str, Any]]:
-        """The served models: names, aliases, prompts (name -> text), dimension and limits."""
+        """The served models: names, aliases, prompts (name -> text), dimension, limits and how many
+        replicas may serve each (clients size and parallelise their requests from these)."""
         infos = await asyncio.gather(*(self._model_info(e.name) for e in self.config.models))
         return [
             {
@@ -194,6 +196,8 @@ class EmbeddingRouter:
                 "default_prompt": e.default_prompt,
                 "dimension": info["dimension"],
                 "max_seq_length": e.max_seq_length,
+                "max_inputs_per_request": self.config.router.max_inputs_per_request,
+                "max_replicas": e.max_replicas,
                 "default": e.name == self.names[self.config.default_model],
             }
             for e, info in zip(self.config.models, infos, strict=True)

@@ -48,3 +48,19 @@ def test_kt_gen_semantic_dedup_example_gives_identical_clusters():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "identical: True" in out.stdout
     assert "[0, 1]" in out.stdout  # the two Marie Curie descriptions really were merged
+
+
+def test_tree_comm_example_gives_identical_communities():
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBEDDING_SERVICE", "RAY_ADDRESS")}
+    out = subprocess.run(
+        [sys.executable, "examples/tree_comm_communities.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "identical: True" in out.stdout
+    communities = next(line for line in out.stdout.splitlines() if line.startswith("service communities"))
+    assert len(set(communities.split(":", 1)[1].strip(" []").split(", "))) == 4  # four real communities
