@@ -6,7 +6,9 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,3 +90,26 @@ def ray_session(tmp_path_factory):
 
     serve.shutdown()
     ray.shutdown()
+
+
+def assert_same(got, expected, where: str) -> None:
+    """The same as sentence-transformers gave: types, devices, dtypes, shapes; vectors at cosine >= 0.9999."""
+    assert type(got) is type(expected), (where, type(got), type(expected))
+    if isinstance(got, list):
+        assert len(got) == len(expected), where
+        for i, (g, x) in enumerate(zip(got, expected, strict=True)):
+            assert_same(g, x, f"{where}[{i}]")
+        return
+    if isinstance(got, torch.Tensor):
+        assert (got.device, got.dtype, got.shape) == (expected.device, expected.dtype, expected.shape), where
+        got, expected = got.detach().cpu().numpy(), expected.detach().cpu().numpy()
+    if isinstance(got, np.ndarray):
+        assert got.shape == expected.shape and got.dtype == expected.dtype, (where, got.shape, expected.shape)
+        if where == "similarity":
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+            return
+        g, x = np.atleast_2d(got), np.atleast_2d(expected)
+        cos = (g * x).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(x, axis=1)
+        assert cos.min() >= 0.9999, where
+        return
+    assert got == expected, where

@@ -35,32 +35,24 @@ def test_nvembed_benchmark_smoke_on_cpu():
         assert float(line.rsplit(" ", 1)[1]) <= limit, line
 
 
-def test_kt_gen_semantic_dedup_example_gives_identical_clusters():
+def run_example(script: str) -> str:
+    """An example run as a user would (it starts its own private service), its output."""
     env = {k: v for k, v in os.environ.items() if k not in ("EMBEDDING_SERVICE", "RAY_ADDRESS")}
     out = subprocess.run(
-        [sys.executable, "examples/kt_gen_semantic_dedup.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+        [sys.executable, script], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "identical: True" in out.stdout
-    assert "[0, 1]" in out.stdout  # the two Marie Curie descriptions really were merged
+    return out.stdout
+
+
+def test_kt_gen_semantic_dedup_example_gives_identical_clusters():
+    out = run_example("examples/kt_gen_semantic_dedup.py")
+    assert "identical: True" in out
+    assert "[0, 1]" in out  # the two Marie Curie descriptions really were merged
 
 
 def test_tree_comm_example_gives_identical_communities():
-    env = {k: v for k, v in os.environ.items() if k not in ("EMBEDDING_SERVICE", "RAY_ADDRESS")}
-    out = subprocess.run(
-        [sys.executable, "examples/tree_comm_communities.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "identical: True" in out.stdout
-    communities = next(line for line in out.stdout.splitlines() if line.startswith("service communities"))
+    out = run_example("examples/tree_comm_communities.py")
+    assert "identical: True" in out
+    communities = next(line for line in out.splitlines() if line.startswith("service communities"))
     assert len(set(communities.split(":", 1)[1].strip(" []").split(", "))) == 4  # four real communities

@@ -12,13 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
-import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
 from clients import EmbeddingServiceError, HTTPEmbedder, ServeEmbedder, get_embedder
 from deployments.errors import ClientError
-from tests.conftest import MINILM_DIR, REPO, free_port
+from tests.conftest import MINILM_DIR, REPO, assert_same, free_port
 
 MODEL = "all-MiniLM-L6-v2"
 PROMPTS = {"query": "query: ", "passage": ""}
@@ -82,28 +81,6 @@ def call_patterns(e) -> dict:
         "max_seq_length": e.max_seq_length,
         "similarity": e.similarity(e.encode(TEXTS[:2]), e.encode(TEXTS)),
     }
-
-
-def assert_same(got, expected, where: str) -> None:
-    assert type(got) is type(expected), (where, type(got), type(expected))
-    if isinstance(got, list):
-        assert len(got) == len(expected), where
-        for i, (g, x) in enumerate(zip(got, expected, strict=True)):
-            assert_same(g, x, f"{where}[{i}]")
-        return
-    if isinstance(got, torch.Tensor):
-        assert got.device == expected.device and got.dtype == expected.dtype, where
-        got, expected = got.cpu().numpy(), expected.cpu().numpy()
-    if isinstance(got, np.ndarray):
-        assert got.shape == expected.shape and got.dtype == expected.dtype, (where, got.shape, expected.shape)
-        if where == "similarity":
-            np.testing.assert_allclose(got, expected, atol=1e-4)
-            return
-        g, x = np.atleast_2d(got), np.atleast_2d(expected)
-        cos = (g * x).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(x, axis=1)
-        assert cos.min() >= 0.9999, where
-        return
-    assert got == expected, where
 
 
 @pytest.mark.parametrize("transport", ["serve", "http"])

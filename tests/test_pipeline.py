@@ -27,7 +27,7 @@ from deployments.errors import ClientError
 from examples.kt_gen_semantic_dedup import DESCRIPTIONS, THRESHOLD, cluster_candidate_tails, dedup_embedder
 from examples.tree_comm_communities import COMMUNITIES, TRIPLES, communities, triple_embeddings
 from tests import pipeline_shapes as shapes
-from tests.conftest import MINILM_DIR, REPO, free_port
+from tests.conftest import MINILM_DIR, REPO, assert_same, free_port
 
 REAL_ST = sentence_transformers.SentenceTransformer
 MODEL = "all-MiniLM-L6-v2"
@@ -112,25 +112,6 @@ def switched(request, service, in_process, monkeypatch):
     assert clients.install() is True
     yield request.param
     clients.uninstall()
-
-
-def assert_same(got, expected, where: str) -> None:
-    assert type(got) is type(expected), (where, type(got), type(expected))
-    if isinstance(got, list):
-        assert len(got) == len(expected), where
-        for i, (g, x) in enumerate(zip(got, expected, strict=True)):
-            assert_same(g, x, f"{where}[{i}]")
-        return
-    if isinstance(got, torch.Tensor):
-        assert (got.device, got.dtype, got.shape) == (expected.device, expected.dtype, expected.shape), where
-        got, expected = got.detach().numpy(), expected.detach().numpy()
-    if isinstance(got, np.ndarray):
-        assert (got.dtype, got.shape) == (expected.dtype, expected.shape), where
-        g, x = np.atleast_2d(got), np.atleast_2d(expected)
-        cosine = (g * x).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(x, axis=1)
-        assert cosine.min() >= 0.9999, where
-        return
-    assert got == expected, where
 
 
 def test_every_call_site_of_upstream_and_the_fork_matches_in_process(switched, in_process):
