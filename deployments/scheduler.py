@@ -43,6 +43,7 @@ Callbacks are invoked on the model thread, outside the lock.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -55,6 +56,8 @@ import numpy as np
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import plan_micro_batches
 from deployments.config import Batching
+
+log = logging.getLogger(__name__)
 
 # How much faster a waiting call ages than a running one is served (see the policy above).
 AGEING_RATE = 2
@@ -226,7 +229,22 @@ class Scheduler:
                         self._cond.wait(idle_wait_s)
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a fault here must not stop the model thread
+                log.exception("scheduler step failed; failing the calls in flight")
+                self._fail_running(exc)
+
+    def _fail_running(self, error: Exception) -> None:
+        """After an unexpected fault: answer every open call with it, so no caller waits forever."""
+        with self._cond:
+            calls = [c for c in self._calls.values() if not c.closed]
+            for call in calls:
+                self._close(call, failed=True)
+            self._calls.clear()
+            self._plan.clear()
+        for call in calls:
+            call.on_done(RuntimeError(f"internal error in the model's scheduler: {error!r}"))
 
     def step(self) -> bool:
         """Form and run one pass, then answer the calls it finished; False when nothing is queued."""
@@ -240,7 +258,10 @@ class Scheduler:
         with self._cond:
             answers = self._deliver(batch, outputs, failures, passes, elapsed)
         for on_done, result in answers:
-            on_done(result)
+            try:
+                on_done(result)
+            except Exception:  # noqa: BLE001 - one caller's failure must not leave the others unanswered
+                log.exception("answering a call failed")
         return True
 
     def _has_work(self) -> bool:
@@ -315,7 +336,7 @@ class Scheduler:
         """Vectors for a pass, the rows whose forward fails (found by running them one by one), and the
         number of forward passes that took."""
         try:
-            return self.backend.forward(items), {}, 1
+            return self._checked_forward(items), {}, 1
         except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
             if len(items) == 1:
                 return np.zeros((1, self.backend.dimension), np.float32), {0: exc}, 1
@@ -323,10 +344,17 @@ class Scheduler:
         failures: dict[int, Exception] = {}
         for i, item in enumerate(items):
             try:
-                out[i] = self.backend.forward([item])[0]
+                out[i] = self._checked_forward([item])[0]
             except Exception as exc:  # noqa: BLE001
                 failures[i] = exc
         return out, failures, 1 + len(items)
+
+    def _checked_forward(self, items: list[EncodedText]) -> np.ndarray:
+        out = self.backend.forward(items)
+        expected = (len(items), self.backend.dimension)
+        if getattr(out, "shape", None) != expected:
+            raise RuntimeError(f"the model returned shape {getattr(out, 'shape', None)}, expected {expected}")
+        return out
 
     def _deliver(
         self, batch: _Pass, outputs: np.ndarray, failures: dict[int, Exception], passes: int, elapsed: float

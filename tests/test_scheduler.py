@@ -188,6 +188,45 @@ def test_a_failing_row_fails_only_its_call_and_names_the_input():
     assert s.stats()["failed_calls"] == 1
 
 
+def test_a_wrong_shaped_output_fails_only_the_rows_that_produce_it():
+    class HalfBroken(CountingBackend):
+        def forward(self, items):
+            out = super().forward(items)
+            return out[:, :2] if any(int(it.features["input_ids"][0]) == 66 for it in items) else out
+
+    backend = HalfBroken()
+    s = Scheduler(backend, BUDGET)
+    bad, good = Caller(s, [3], first_id=66), Caller(s, [3, 4], first_id=70)
+    drain(s)
+    assert isinstance(bad.result, RuntimeError) and "shape (1, 2), expected (1, 3)" in str(bad.result)
+    np.testing.assert_array_equal(good.result.vectors[:, 0], [70, 71])
+
+
+def test_a_failing_answer_leaves_no_other_caller_waiting_and_the_thread_serving():
+    import threading
+
+    s = Scheduler(CountingBackend(), BUDGET)
+    answers: list = []
+
+    def explode(result):
+        answers.append(result)
+        raise RuntimeError("the caller's loop is gone")
+
+    s.admit(items_of([3]), False, explode)  # both share the first pass; the first answer raises
+    s.admit(items_of([4], first_id=5), False, answers.append)
+    thread = threading.Thread(target=s.run_forever, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while len(answers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.admit(items_of([4], first_id=9), False, answers.append)
+    while len(answers) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.stop()
+    thread.join(5)
+    assert [a.vectors[0, 0] for a in answers] == [0, 5, 9]  # the second caller was answered; still serving
+
+
 def test_non_finite_output_is_refused_for_its_call_only():
     backend = CountingBackend(nan_id=7)
     s = Scheduler(backend, BUDGET)
