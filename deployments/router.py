@@ -18,6 +18,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
@@ -40,6 +41,31 @@ def _error_response(message: str, status: int, param: str | None = None, code: s
     return Response(
         render_error(message, status, param, code), status_code=status, media_type="application/json"
     )
+
+
+ROUTES = "POST /v1/embeddings, GET|HEAD /v1/models, GET|HEAD /health"
+
+
+@api.exception_handler(HTTPException)
+async def _route_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in the OpenAI shape, keeping their headers."""
+    path, code = request.url.path, None
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message, code = f"no route {request.method} {path}; routes: {ROUTES}", "not_found"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on {path}; allowed: {allowed}"
+        code = "method_not_allowed"
+    response = _error_response(message, exc.status_code, code=code)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+@api.exception_handler(Exception)
+async def _server_fault(request: Request, exc: Exception) -> Response:
+    logger.exception("request %s %s failed", request.method, request.url.path)
+    return _error_response(f"internal error: {type(exc).__name__}", 500, code="internal_error")
 
 
 @serve.deployment
@@ -134,11 +160,11 @@ class EmbeddingRouter:
             logger.exception("embedding request failed")
             return _error_response(f"internal error while embedding: {type(exc).__name__}", 500)
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": await self.models()})
 
-    @api.get("/health")
+    @api.api_route("/health", methods=["GET", "HEAD"])
     async def health(self) -> JSONResponse:
         async def probe(name: str) -> str:
             try:

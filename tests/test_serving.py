@@ -222,6 +222,32 @@ def test_malformed_json_is_a_400(service):
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow", "fragment"),
+    [
+        ("GET", "/v1/embeddings", 405, "POST", "method GET is not allowed on /v1/embeddings; allowed: POST"),
+        ("PUT", "/health", 405, "GET, HEAD", "method PUT is not allowed on /health; allowed: "),
+        ("DELETE", "/v1/models", 405, "GET, HEAD", "method DELETE is not allowed on /v1/models"),
+        ("GET", "/nope", 404, None, "no route GET /nope; routes: POST /v1/embeddings"),
+        ("POST", "/v1/completions", 404, None, "no route POST /v1/completions"),
+    ],
+)
+def test_every_route_error_is_openai_shaped(service, method, path, status, allow, fragment):
+    resp = service.request(method, path)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == ("method_not_allowed" if status == 405 else "not_found")
+    allowed = resp.headers.get("allow")
+    assert (set(allowed.split(", ")) if allowed else None) == (set(allow.split(", ")) if allow else None)
+
+
+def test_head_is_answered_wherever_get_is(service):
+    for path in ("/health", "/v1/models"):
+        resp = service.head(path)
+        assert resp.status_code == 200 and resp.content == b"", path
+
+
 def test_a_refused_request_does_not_disturb_concurrent_ones(service, minilm):
     async def fire():
         async with httpx.AsyncClient(base_url=str(service.base_url), timeout=60) as client:
