@@ -9,10 +9,12 @@ import httpx
 import numpy as np
 import torch
 
-from clients.embedder import RemoteEmbedder, Retryable
+from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
 from deployments.errors import ClientError
 
-RETRY_STATUSES = {429, 500, 502, 503, 504}
+# What can succeed later: overload (429, 503), a gateway or timeout (502, 504). A 500 is a server fault the
+# same request would meet again (code model_error: the model fails on an input), so it is never retried.
+RETRY_STATUSES = {429, 502, 503, 504}
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -61,6 +63,9 @@ class HTTPEmbedder(RemoteEmbedder):
         if resp.status_code in RETRY_STATUSES:
             message = f"HTTP {resp.status_code}: {error.get('message')}"
             raise Retryable(message, _retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code >= 500:
+            code, message = error.get("code"), error.get("message")
+            raise EmbeddingServiceError(f"HTTP {resp.status_code} ({code}): {message}")
         # the caller's mistake, raised as the server said it (a ClientError is a ValueError)
         raise ClientError(str(error.get("message")), resp.status_code, error.get("param"), error.get("code"))
 

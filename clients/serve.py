@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.exceptions import RayTaskError
 
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
-from deployments.errors import ClientError
+from deployments.errors import ClientError, original_error
 
 
 def unreachable(address: str, timeout_s: float = 3.0) -> str | None:
@@ -33,7 +34,7 @@ def unreachable(address: str, timeout_s: float = 3.0) -> str | None:
 
 def plain_client_error(error: ClientError) -> ClientError:
     """The server's ClientError without Ray's wrapper and remote traceback."""
-    original = getattr(error, "cause", None)
+    original = original_error(error)
     if not isinstance(original, ClientError):
         original = error
     return ClientError(original.message, original.status, original.param, original.code)
@@ -100,6 +101,9 @@ class ServeEmbedder(RemoteEmbedder):
             return response.result(timeout_s=timeout)
         except ClientError as error:  # the caller's mistake: never retried, raised as the server said it
             raise plain_client_error(error) from None
+        except RayTaskError as error:  # a server fault the same call would meet again (a model fault...)
+            cause = original_error(error)
+            raise EmbeddingServiceError(f"the service failed: {type(cause).__name__}: {cause}") from None
         except Exception as exc:  # noqa: BLE001 - replica death, overload, timeout: embedding is idempotent
             raise Retryable(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 

@@ -6,8 +6,9 @@ single-text traffic long before the model does. The coalescer sends a request at
 otherwise the request waits for a free slot and leaves together with every request that queued
 meanwhile. Light load sees no added latency; heavy load gets large calls.
 
-A merged call that fails is retried request by request, so one bad request fails alone. Plain asyncio:
-no Ray here.
+A merged call refused as a client mistake is retried request by request, so one bad request fails alone;
+any other failure (overload, a model fault, replica loss) goes to every request of the group as it is,
+never multiplied into one call per request. Plain asyncio: no Ray here.
 
 Callers that leave (hang up, time out, are cancelled) cost nothing more than what already runs: a queued
 request leaves the queue; a request sent on its own cancels its call; a merged call is cancelled when the
@@ -27,6 +28,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from deployments.errors import ClientError
 
 # send(key, texts) -> (vectors [len(texts), dim], tokens per text [len(texts)])
 Send = Callable[[Hashable, list[str]], Awaitable[tuple[np.ndarray, np.ndarray]]]
@@ -118,8 +121,13 @@ class Coalescer:
             texts = [t for p in group for t in p.texts]
             try:
                 vectors, tokens = await self._call(key, texts)
-            except Exception:  # noqa: BLE001 - find the culprit: each request on its own
+            except ClientError:  # find the culprit: each request on its own
                 await asyncio.gather(*(self._deliver(key, p) for p in group))
+                return
+            except Exception as exc:  # noqa: BLE001 - overload, model fault, replica loss: the same for all
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
                 return
             start = 0
             for p in group:

@@ -25,6 +25,17 @@ class ClientError(ValueError):
         return self.message
 
 
+class ModelError(RuntimeError):
+    """The model failed on an input (an exception in its forward pass, non-finite output): a server fault
+    (500, code ``model_error``) that would happen again, so callers must not retry it."""
+
+
+def original_error(error: BaseException) -> BaseException:
+    """The exception a remote replica raised, without Ray's ``RayTaskError`` wrapper (and its traceback)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
 class ClientErrorsAreNotServerErrors(logging.Filter):
     """Serve logs every exception a replica method raises as ERROR with a traceback; a client mistake
     (raised to a handle caller) is the caller's business: one INFO line, no traceback."""

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
-from deployments.errors import ClientError, model_not_found, quiet_client_errors
+from deployments.errors import ClientError, ModelError, model_not_found, original_error, quiet_client_errors
 from deployments.openai_api import (
     check_dimensions,
     parse_embeddings_request,
@@ -156,6 +156,9 @@ class EmbeddingRouter:
             return response
         except asyncio.TimeoutError:
             return _error_response("the model did not answer in time", 504, code="timeout")
+        except ModelError as err:  # deterministic: the same input fails again; logged, not to be retried
+            logger.error("model %s failed: %s", req.model, original_error(err))
+            return _error_response(str(original_error(err)), 500, "input", "model_error")
         except Exception as exc:  # noqa: BLE001 - a server fault: say so, log it, never hang
             logger.exception("embedding request failed")
             return _error_response(f"internal error while embedding: {type(exc).__name__}", 500)

@@ -56,6 +56,7 @@ import numpy as np
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import plan_micro_batches
 from deployments.config import Batching
+from deployments.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ class Scheduler:
                 failed = [i for i in range(start, end) if i in failures]
                 if failed:
                     index = int(rows[failed[0] - start])
-                    error = RuntimeError(f"embedding failed for input[{index}]: {failures[failed[0]]!r}")
+                    error = ModelError(f"embedding failed for input[{index}]: {failures[failed[0]]!r}")
                     answers.append((call.on_done, error))
                     self._close(call, failed=True)
                 else:
@@ -438,5 +439,5 @@ def _finish(call: _Call) -> EmbedResult | Exception:
     if call.normalize and len(out):
         out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     if not np.isfinite(out).all():
-        return RuntimeError("the model produced non-finite values")
+        return ModelError("the model produced non-finite values")
     return EmbedResult(np.ascontiguousarray(out, dtype=np.float32), call.lengths.astype(np.int32))

@@ -62,6 +62,31 @@ def build_tiny_bge(path: Path) -> str:
     return str(path)
 
 
+def build_poisoned_bge(tiny_bge_dir: str, path: Path, token: str = "poison") -> str:
+    """The tiny bge with one vocabulary row set to NaN: any text holding ``token`` embeds to NaN (a real
+    model fault, deterministic, confined to the inputs that hold the token)."""
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if (path / "modules.json").exists():
+        return str(path)
+    model = SentenceTransformer(tiny_bge_dir, device="cpu")
+    bert = model[0].auto_model
+    token_id = model.tokenizer.convert_tokens_to_ids(token)
+    with torch.no_grad():
+        bert.embeddings.word_embeddings.weight[token_id] = float("nan")
+    shutil.rmtree(path, ignore_errors=True)
+    model.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def poisoned_bge_dir(tmp_path_factory, tiny_bge_dir) -> str:
+    return build_poisoned_bge(tiny_bge_dir, tmp_path_factory.mktemp("poisoned-bge"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bge_dir(tmp_path_factory) -> str:
     return build_tiny_bge(tmp_path_factory.mktemp("tiny-bge"))

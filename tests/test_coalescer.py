@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from deployments.coalescer import Coalescer
+from deployments.errors import ClientError
 
 
 class Downstream:
-    """A stand-in model deployment: vectors encode the text, a text 'bad' fails its call."""
+    """A stand-in model deployment: vectors encode the text, a text 'bad' is refused as a client mistake,
+    a text 'overload' fails its call as an overloaded model would."""
 
     def __init__(self, delay: float = 0.01):
         self.calls: list[list[str]] = []
@@ -21,7 +23,9 @@ class Downstream:
         self.calls.append(list(texts))
         await asyncio.sleep(self.delay)
         if "bad" in texts:
-            raise ValueError("bad input")
+            raise ClientError("bad input")
+        if "overload" in texts:
+            raise RuntimeError("overloaded")
         vectors = np.array([[len(t), hash(key) % 7] for t in texts], dtype=np.float32)
         return vectors, np.array([len(t) for t in texts], dtype=np.int32)
 
@@ -76,8 +80,23 @@ def test_one_failing_request_fails_alone():
         return await asyncio.gather(first, *rest, return_exceptions=True)
 
     results = asyncio.run(main())
-    assert isinstance(results[2], ValueError)
+    assert isinstance(results[2], ClientError)
     assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
+
+
+def test_any_other_failure_goes_to_the_whole_group_without_resending():
+    async def main():
+        down = Downstream()
+        co = Coalescer(down, max_in_flight=1)
+        first = asyncio.ensure_future(co.submit("k", ["warm"]))
+        await asyncio.sleep(0)
+        rest = [co.submit("k", [t]) for t in ("ok1", "overload", "ok2")]
+        return down, await asyncio.gather(first, *rest, return_exceptions=True)
+
+    down, results = asyncio.run(main())
+    assert isinstance(results[0], tuple)
+    assert all(isinstance(r, RuntimeError) and str(r) == "overloaded" for r in results[1:])
+    assert down.calls == [["warm"], ["ok1", "overload", "ok2"]]  # one merged call, not one per request
 
 
 def test_a_caller_that_gives_up_does_not_block_the_others():

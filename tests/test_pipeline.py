@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import sentence_transformers
@@ -41,7 +42,7 @@ QUERIES = ["Who discovered radium?", "capital of Poland"]
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory, tiny_bge_dir) -> str:
+def service(ray_session, tmp_path_factory, tiny_bge_dir, poisoned_bge_dir) -> str:
     from ray import serve
 
     from deployments.app import AppArgs, build_app
@@ -64,7 +65,12 @@ def service(ray_session, tmp_path_factory, tiny_bge_dir) -> str:
         "max_seq_length": 512,
         "placement": "cpu",
     }
-    config = {"default_model": MODEL, "placements": {"cpu": {"num_cpus": 1}}, "models": [minilm, bge]}
+    poisoned = {**bge, "name": "poisoned", "aliases": [], "source": poisoned_bge_dir}
+    config = {
+        "default_model": MODEL,
+        "placements": {"cpu": {"num_cpus": 1}},
+        "models": [minilm, bge, poisoned],
+    }
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -257,3 +263,23 @@ def test_requests_are_planned_by_the_servers_limits():
     mixed = ["a", "é" * 600, "b", "c"]  # 1200 bytes: travels alone over a 1000-byte cap
     assert [(s.start, s.stop) for s in plan_requests(mixed, 10, max_bytes=1000)] == [(0, 1), (1, 2), (2, 4)]
     assert plan_requests([], 10) == []
+
+
+@pytest.mark.parametrize("transport", ["http", "ray"])
+def test_a_model_fault_is_a_500_model_error_and_is_not_retried(service, transport):
+    from ray import serve
+
+    stats = serve.get_deployment_handle("poisoned", "embeddings").stats
+    resp = httpx.post(
+        f"{service}/v1/embeddings", json={"input": ["fine", "a poison pill"], "model": "poisoned"}
+    )
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "model_error"
+    assert resp.json()["error"]["message"] == "the model produced non-finite values"
+    fine = httpx.post(f"{service}/v1/embeddings", json={"input": ["fine"], "model": "poisoned"})
+    assert fine.status_code == 200  # the fault is the input's, not the model's
+    client = HTTPEmbedder("poisoned", base_url=service) if transport == "http" else ServeEmbedder("poisoned")
+    before = stats.remote().result()["calls"]
+    t0 = time.monotonic()
+    with pytest.raises(EmbeddingServiceError, match="non-finite values"):
+        client.encode(["poison"])
+    assert time.monotonic() - t0 < 2 and stats.remote().result()["calls"] - before == 1  # sent once
