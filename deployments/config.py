@@ -141,6 +141,11 @@ class RouterOptions(_Strict):
     # HTTP requests queued at the proxy beyond this get a 503 with Retry-After instead of waiting.
     max_queued_requests: int = Field(2048, gt=0)
     retry_after_s: float = Field(1.0, ge=0)
+    # The environment variable (in the router's process) holding the accepted API keys, comma-separated.
+    api_keys_env: str | None = None
+    health_requires_key: bool = False
+    # An app whose proxy listens beyond loopback without API keys refuses to start unless this is true.
+    allow_unauthenticated: bool = False
 
 
 class ModelsConfig(_Strict):

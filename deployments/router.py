@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from deployments.auth import ApiKeys, exposure_problem
 from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
 from deployments.errors import ClientError, ModelError, model_not_found, original_error, quiet_client_errors
@@ -68,11 +69,25 @@ async def _server_fault(request: Request, exc: Exception) -> Response:
     return _error_response(f"internal error: {type(exc).__name__}", 500, code="internal_error")
 
 
+def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxy listens on (None when it cannot be read)."""
+    try:
+        return serve.context._get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - no client here: leave the decision to the config
+        return None
+
+
 @serve.deployment
 @serve.ingress(api)
 class EmbeddingRouter:
     def __init__(self, config: dict[str, Any], embedders: dict[str, DeploymentHandle]):
         self.config = ModelsConfig.model_validate(config)
+        options = self.config.router
+        self.keys = ApiKeys.from_env(options.api_keys_env) if options.api_keys_env else None
+        problem = exposure_problem(_proxy_host(), self.keys is not None, options.allow_unauthenticated)
+        if problem:
+            raise RuntimeError(problem)
+        self.auth_failures = 0
         quiet_client_errors(logger)
         self.names = self.config.name_table()
         self.embedders = embedders
@@ -131,8 +146,21 @@ class EmbeddingRouter:
         return vectors, int(tokens.sum())
 
     # ---- HTTP -----------------------------------------------------------------------------------
+    def _refused(self, request: Request) -> Response | None:
+        """A 401 when API keys are set and the request does not carry one of them (no hint which part)."""
+        if self.keys is None or self.keys.accepts(request.headers.get("authorization")):
+            return None
+        self.auth_failures += 1
+        response = _error_response(
+            "invalid or missing API key: send Authorization: Bearer <key>", 401, code="invalid_api_key"
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
+        if refused := self._refused(request):
+            return refused
         try:
             req = parse_embeddings_request(await request.body(), self.config.router.max_inputs_per_request)
             model = self._resolve(req.model)
@@ -164,11 +192,16 @@ class EmbeddingRouter:
             return _error_response(f"internal error while embedding: {type(exc).__name__}", 500)
 
     @api.api_route("/v1/models", methods=["GET", "HEAD"])
-    async def list_models(self) -> JSONResponse:
+    async def list_models(self, request: Request) -> Response:
+        if refused := self._refused(request):
+            return refused
         return JSONResponse({"object": "list", "data": await self.models()})
 
     @api.api_route("/health", methods=["GET", "HEAD"])
-    async def health(self) -> JSONResponse:
+    async def health(self, request: Request) -> Response:
+        if self.config.router.health_requires_key and (refused := self._refused(request)):
+            return refused
+
         async def probe(name: str) -> str:
             try:
                 ok = await asyncio.wait_for(self.embedders[name].ping.remote(), HEALTH_TIMEOUT_S)

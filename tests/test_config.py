@@ -163,3 +163,18 @@ def test_deployment_options_come_from_the_placement_class():
     data["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     auto = deployment_options(parse_models_config(data), parse_models_config(data).models[0])
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
+
+
+def test_a_gpu_placement_without_usable_cuda_fails_at_start(monkeypatch):
+    import torch
+
+    from deployments.backends.base import pick_device
+
+    assert not torch.cuda.is_available()  # this machine: no usable CUDA
+    monkeypatch.delenv("EMBEDDINGS_FAKE_GPUS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(RuntimeError, match=r"CUDA is unusable here .* refusing to load the model on CPU"):
+        pick_device(want_gpu=True)
+    assert pick_device(want_gpu=False).type == "cpu"
+    monkeypatch.setenv("EMBEDDINGS_FAKE_GPUS", "1")  # Ray's fake GPUs in tests
+    assert pick_device(want_gpu=True).type == "cpu"

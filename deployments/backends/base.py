@@ -7,6 +7,7 @@ the grouping beyond floating-point noise.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -51,8 +52,25 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+# Set to 1 only where Ray's GPUs are fake (tests on ray.cluster_utils.Cluster): replicas then run on CPU.
+FAKE_GPUS_ENV = "EMBEDDINGS_FAKE_GPUS"
+
+
 def pick_device(want_gpu: bool) -> torch.device:
-    return torch.device("cuda") if want_gpu and torch.cuda.is_available() else torch.device("cpu")
+    """CUDA for a replica Ray gave GPUs, CPU otherwise. A replica placed on GPUs whose CUDA is unusable fails
+    at start: silently loading on CPU would put NV-Embed-v2 (31 GB in float32) in host memory and crawl."""
+    if not want_gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get(FAKE_GPUS_ENV) == "1":
+        return torch.device("cpu")
+    raise RuntimeError(
+        f"this replica's placement gives it GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but CUDA is unusable here (torch {torch.__version__}, "
+        f"built for CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s) visible); refusing to "
+        "load the model on CPU. Fix the node's driver or torch build, or place the model on a CPU class."
+    )
 
 
 def pad_right(items: list[EncodedText], pad_values: dict[str, int]) -> dict[str, torch.Tensor]:
