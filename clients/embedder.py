@@ -96,6 +96,10 @@ class RemoteEmbedder(ABC):
         self.info = names[self.model_name]
         self.max_seq_length: int = self.info["max_seq_length"]
         self.max_inputs_per_request: int = self.info.get("max_inputs_per_request", 2048)
+        # Text bytes per request: within the server's body limit with room for JSON escaping.
+        self.max_request_bytes = min(
+            MAX_REQUEST_BYTES, self.info.get("max_body_bytes", 2 * MAX_REQUEST_BYTES) // 2
+        )
         self.replicas: int = self.info.get("max_replicas", 1)
         self.max_concurrency = max_concurrency or max(4, 2 * self.replicas)
 
@@ -230,7 +234,9 @@ class RemoteEmbedder(ABC):
     ) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.get_embedding_dimension()), dtype=np.float32)
-        slices = plan_requests(texts, self.max_inputs_per_request, min_requests=2 * self.replicas)
+        slices = plan_requests(
+            texts, self.max_inputs_per_request, self.max_request_bytes, min_requests=2 * self.replicas
+        )
         chunks = [texts[s] for s in slices]
         deadline = time.monotonic() + self.deadline_s
         bar = None

@@ -141,6 +141,9 @@ class RouterOptions(_Strict):
     # HTTP requests queued at the proxy beyond this get a 503 with Retry-After instead of waiting.
     max_queued_requests: int = Field(2048, gt=0)
     retry_after_s: float = Field(1.0, ge=0)
+    # Largest request body; default: room for max_inputs_per_request inputs of the longest max_seq_length
+    # (8 bytes a token), at least 1 MB.
+    max_body_mb: float | None = Field(None, gt=0)
     # The environment variable (in the router's process) holding the accepted API keys, comma-separated.
     api_keys_env: str | None = None
     health_requires_key: bool = False
@@ -180,6 +183,14 @@ class ModelsConfig(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request-body limit in bytes (``router.max_body_mb`` or the default derived from the models)."""
+        if self.router.max_body_mb is not None:
+            return int(self.router.max_body_mb * 1024 * 1024)
+        longest = max(e.max_seq_length for e in self.models)
+        return max(1 << 20, self.router.max_inputs_per_request * longest * 8)
 
     def name_table(self) -> dict[str, str]:
         """Every accepted name (model names and aliases) -> the model name it routes to."""

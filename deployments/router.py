@@ -69,6 +69,15 @@ async def _server_fault(request: Request, exc: Exception) -> Response:
     return _error_response(f"internal error: {type(exc).__name__}", 500, code="internal_error")
 
 
+def _body_too_large(size: int, limit: int, at_least: bool = False) -> ClientError:
+    return ClientError(
+        f"request body of {'more than ' if at_least else ''}{size} bytes exceeds the limit of {limit} bytes "
+        "(router.max_body_mb); send fewer or shorter inputs per request",
+        413,
+        code="body_too_large",
+    )
+
+
 def _proxy_host() -> str | None:
     """The host Serve's HTTP proxy listens on (None when it cannot be read)."""
     try:
@@ -157,12 +166,28 @@ class EmbeddingRouter:
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to pass the limit: from Content-Length
+        before reading anything, else while a chunked body streams in."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _body_too_large(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _body_too_large(size, limit, at_least=True)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
         if refused := self._refused(request):
             return refused
         try:
-            req = parse_embeddings_request(await request.body(), self.config.router.max_inputs_per_request)
+            body = await self._read_body(request)
+            req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
             model = self._resolve(req.model)
             if req.dimensions is not None:  # refused before any model work
                 native = (await self._model_info(model))["dimension"]
@@ -259,6 +284,7 @@ class EmbeddingRouter:
                 "dimension": info["dimension"],
                 "max_seq_length": e.max_seq_length,
                 "max_inputs_per_request": self.config.router.max_inputs_per_request,
+                "max_body_bytes": self.config.max_body_bytes,
                 "max_replicas": e.max_replicas,
                 "default": e.name == self.names[self.config.default_model],
             }

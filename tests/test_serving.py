@@ -50,7 +50,7 @@ def write_config(path: Path, tiny_bge_dir: str) -> Path:
                 "placement": "cpu",
             },
         ],
-        "router": {"max_inputs_per_request": 64},
+        "router": {"max_inputs_per_request": 64, "max_body_mb": 0.25},
     }
     config["models"].append(
         {
@@ -240,6 +240,26 @@ def test_every_route_error_is_openai_shaped(service, method, path, status, allow
     assert error["code"] == ("method_not_allowed" if status == 405 else "not_found")
     allowed = resp.headers.get("allow")
     assert (set(allowed.split(", ")) if allowed else None) == (set(allow.split(", ")) if allow else None)
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(service):
+    limit = service.get("/v1/models").json()["data"][0]["max_body_bytes"]
+    assert limit == int(0.25 * 1024 * 1024)  # router.max_body_mb in this config
+    big = json.dumps({"input": ["word " * 2000] * 40}).encode()
+    assert len(big) > limit
+    declared = service.post("/v1/embeddings", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
+    assert f"exceeds the limit of {limit} bytes" in declared.json()["error"]["message"]
+    huge = big * 50  # 20 MB, sent chunked: no Content-Length, the router counts while it streams in
+
+    def chunked():
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    streamed = service.post("/v1/embeddings", content=chunked(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "more than" in streamed.json()["error"]["message"]
+    small = service.post("/v1/embeddings", json={"input": ["word " * 20] * 4})
+    assert small.status_code == 200
 
 
 def test_head_is_answered_wherever_get_is(service):
