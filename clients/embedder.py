@@ -119,6 +119,12 @@ class RemoteEmbedder(ABC):
 
     # ---- the sentence-transformers surface ---------------------------------------------------------
     def get_embedding_dimension(self) -> int:
+        if self.info.get("dimension") is None:  # the model was pending when this client was made
+            models = self._call_with_retries(self._fetch_models, time.monotonic() + self.deadline_s)
+            self.info = next((m for m in models if m["id"] == self.info["id"]), self.info)
+            if self.info.get("dimension") is None:
+                state = self.info.get("state")
+                raise EmbeddingServiceError(f"model {self.model_name!r} is not ready: {state}")
         return int(self.info["dimension"])
 
     get_sentence_embedding_dimension = get_embedding_dimension

@@ -36,6 +36,8 @@ from deployments.openai_api import (
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="GraphRAG embeddings", docs_url=None, redoc_url=None)
 HEALTH_TIMEOUT_S = 10.0
+# How long /v1/models (and so a client's constructor) waits for a model's replica before listing it pending.
+INFO_TIMEOUT_S = 3.0
 
 
 def _error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> Response:
@@ -67,6 +69,10 @@ async def _route_error(request: Request, exc: HTTPException) -> Response:
 async def _server_fault(request: Request, exc: Exception) -> Response:
     logger.exception("request %s %s failed", request.method, request.url.path)
     return _error_response(f"internal error: {type(exc).__name__}", 500, code="internal_error")
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def _body_too_large(size: int, limit: int, at_least: bool = False) -> ClientError:
@@ -122,9 +128,16 @@ class EmbeddingRouter:
                 "prompt_name",
             )
 
-    async def _model_info(self, model: str) -> dict[str, Any]:
+    async def _model_info(self, model: str) -> dict[str, Any] | None:
+        """A replica's ``info()`` (cached once known); None while no replica answers within seconds, for
+        example while the model's replicas wait for a node of their class."""
         if model not in self._info:
-            self._info[model] = await self.embedders[model].info.remote()
+            response = self.embedders[model].info.remote()
+            try:
+                self._info[model] = await asyncio.wait_for(_awaited(response), INFO_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                response.cancel()
+                return None
         return self._info[model]
 
     async def _send(self, key: tuple, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -189,13 +202,15 @@ class EmbeddingRouter:
             body = await self._read_body(request)
             req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
             model = self._resolve(req.model)
-            if req.dimensions is not None:  # refused before any model work
-                native = (await self._model_info(model))["dimension"]
-                check_dimensions(req.dimensions, native)
+            info = self._info.get(model)  # known once a replica answered; never waited for here
+            if req.dimensions is not None and info is not None:  # refused before any model work
+                check_dimensions(req.dimensions, info["dimension"])
             vectors, tokens = await self._embed(
                 req.texts, model, req.prompt_name, req.normalize, req.truncate
             )
             if req.dimensions is not None:
+                native = vectors.shape[1]
+                check_dimensions(req.dimensions, native)
                 normalize = self.config.entry(model).normalize if req.normalize is None else req.normalize
                 vectors = shorten(vectors, req.dimensions, native, normalize)
             return Response(
@@ -281,7 +296,8 @@ class EmbeddingRouter:
                 "aliases": list(e.aliases),
                 "prompts": dict(e.prompts),
                 "default_prompt": e.default_prompt,
-                "dimension": info["dimension"],
+                "dimension": info["dimension"] if info else None,
+                "state": "ready" if info else f"pending: {self._deployment_status(e.name)}",
                 "max_seq_length": e.max_seq_length,
                 "max_inputs_per_request": self.config.router.max_inputs_per_request,
                 "max_body_bytes": self.config.max_body_bytes,

@@ -160,6 +160,24 @@ def test_a_class_without_nodes_stays_pending_and_is_reported(cluster):
     assert "xl_gpu" in models["orphan"], models["orphan"]  # Serve's message names the missing resource
 
 
+def test_models_and_clients_answer_within_seconds_while_a_model_is_pending(cluster):
+    from clients import HTTPEmbedder
+
+    t0 = time.monotonic()
+    listed = {m["id"]: m for m in httpx.get(f"{cluster['url']}/v1/models", timeout=30).json()["data"]}
+    assert time.monotonic() - t0 < 8
+    assert listed["orphan"]["dimension"] is None and listed["orphan"]["state"].startswith("pending")
+    assert "xl_gpu" in listed["orphan"]["state"]
+    assert listed["big"]["state"] == "ready" and listed["big"]["dimension"] == 32
+    t0 = time.monotonic()
+    client = HTTPEmbedder("small", base_url=cluster["url"])
+    assert time.monotonic() - t0 < 8 and client.encode("Warsaw").shape == (32,)
+    resp = httpx.post(
+        f"{cluster['url']}/v1/embeddings", json={"input": "x", "model": "big", "dimensions": 64}, timeout=30
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "dimensions"
+
+
 def test_requests_route_to_the_right_model(cluster, tiny_bge_dir):
     reference = SentenceTransformer(tiny_bge_dir, device="cpu")
     for model, prompt in (("big", BGE_QUERY), ("small", None)):
