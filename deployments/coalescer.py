@@ -6,9 +6,10 @@ single-text traffic long before the model does. The coalescer sends a request at
 otherwise the request waits for a free slot and leaves together with every request that queued
 meanwhile. Light load sees no added latency; heavy load gets large calls.
 
-A merged call refused as a client mistake is retried request by request, so one bad request fails alone;
-any other failure (overload, a model fault, replica loss) goes to every request of the group as it is,
-never multiplied into one call per request. Plain asyncio: no Ray here.
+A merged call that fails because of an input (a client mistake, or the model failing on it) is sent again
+request by request, so the request holding that input fails alone; any other failure (overload, replica
+loss) goes to every request of the group as it is, never multiplied into one call per request. Plain
+asyncio: no Ray here.
 
 Callers that leave (hang up, time out, are cancelled) cost nothing more than what already runs: a queued
 request leaves the queue; a request sent on its own cancels its call; a merged call is cancelled when the
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deployments.errors import ClientError
+from deployments.errors import ClientError, ModelError
 
 # send(key, texts) -> (vectors [len(texts), dim], tokens per text [len(texts)])
 Send = Callable[[Hashable, list[str]], Awaitable[tuple[np.ndarray, np.ndarray]]]
@@ -121,10 +122,10 @@ class Coalescer:
             texts = [t for p in group for t in p.texts]
             try:
                 vectors, tokens = await self._call(key, texts)
-            except ClientError:  # find the culprit: each request on its own
+            except (ClientError, ModelError):  # an input's fault: each request on its own finds its owner
                 await asyncio.gather(*(self._deliver(key, p) for p in group))
                 return
-            except Exception as exc:  # noqa: BLE001 - overload, model fault, replica loss: the same for all
+            except Exception as exc:  # noqa: BLE001 - overload, replica loss: the same for every request
                 for p in group:
                     if not p.future.done():
                         p.future.set_exception(exc)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from deployments.coalescer import Coalescer
-from deployments.errors import ClientError
+from deployments.errors import ClientError, ModelError
 
 
 class Downstream:
     """A stand-in model deployment: vectors encode the text, a text 'bad' is refused as a client mistake,
-    a text 'overload' fails its call as an overloaded model would."""
+    a text 'nan' fails its call as a model failing on an input would, a text 'overload' as an overloaded
+    model would."""
 
     def __init__(self, delay: float = 0.01):
         self.calls: list[list[str]] = []
@@ -26,6 +27,8 @@ class Downstream:
             raise ClientError("bad input")
         if "overload" in texts:
             raise RuntimeError("overloaded")
+        if "nan" in texts:
+            raise ModelError("the model produced non-finite values")
         vectors = np.array([[len(t), hash(key) % 7] for t in texts], dtype=np.float32)
         return vectors, np.array([len(t) for t in texts], dtype=np.int32)
 
@@ -81,6 +84,19 @@ def test_one_failing_request_fails_alone():
 
     results = asyncio.run(main())
     assert isinstance(results[2], ClientError)
+    assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
+
+
+def test_a_model_fault_on_one_input_fails_only_its_request():
+    async def main():
+        co = Coalescer(Downstream(), max_in_flight=1)
+        first = asyncio.ensure_future(co.submit("k", ["warm"]))
+        await asyncio.sleep(0)
+        rest = [co.submit("k", [t]) for t in ("ok1", "nan", "ok2")]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[2], ModelError)
     assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
 
 
