@@ -23,6 +23,7 @@ from deployments.backends import load_backend
 from deployments.config import ModelEntry
 from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.errors import quiet_client_errors
+from deployments.metrics import ModelMetrics
 
 HEALTH_TEXT = "health check"
 
@@ -46,7 +47,10 @@ class Embedder:
             self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None
         )
         self.engine = EmbeddingEngine(
-            self.backend, self.entry.batching, thread_init=lambda: torch.set_num_threads(threads)
+            self.backend,
+            self.entry.batching,
+            thread_init=lambda: torch.set_num_threads(threads),
+            observer=ModelMetrics(self.entry.name),
         )
 
     async def embed(

