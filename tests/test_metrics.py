@@ -109,3 +109,22 @@ def test_counters_move_by_what_the_traffic_did(service):
     assert total(samples, "embeddings_queue_wait_seconds_count", model=MODEL) == 3
     assert total(samples, "embeddings_queue_depth", model=MODEL, unit="inputs") == 0
     assert total(samples, "embeddings_dropped_inputs_total", model=MODEL) == 0
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_service_exports():
+    import json
+    from pathlib import Path
+
+    source = (Path(__file__).parent.parent / "deployments" / "metrics.py").read_text()
+    exported = set(re.findall(r'"(embeddings_[a-z_]+)"', source))
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "configs" / "grafana" / "embeddings-dashboard.json").read_text()
+    )
+    queried = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"ray_(embeddings_[a-z_]+)", target["expr"])
+    }
+    assert queried and queried <= exported, queried - exported
+    assert exported - queried == set(), exported - queried  # every exported metric has a panel
