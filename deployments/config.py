@@ -144,6 +144,9 @@ class RouterOptions(_Strict):
     # Largest request body; default: room for max_inputs_per_request inputs of the longest max_seq_length
     # (8 bytes a token), at least 1 MB.
     max_body_mb: float | None = Field(None, gt=0)
+    # A request body not fully received within this many seconds is a 408: a slow or stalled client must
+    # not hold one of the router's slots.
+    body_timeout_s: float = Field(10.0, gt=0)
     # The environment variable (in the router's process) holding the accepted API keys, comma-separated.
     api_keys_env: str | None = None
     health_requires_key: bool = False

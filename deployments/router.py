@@ -180,6 +180,17 @@ class EmbeddingRouter:
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
+    async def _read_body_in_time(self, request: Request) -> bytes:
+        timeout = self.config.router.body_timeout_s
+        try:
+            return await asyncio.wait_for(self._read_body(request), timeout)
+        except asyncio.TimeoutError:
+            raise ClientError(
+                f"the request body was not received within {timeout:g} s (router.body_timeout_s)",
+                408,
+                code="body_timeout",
+            ) from None
+
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused with a 413 as soon as it is known to pass the limit: from Content-Length
         before reading anything, else while a chunked body streams in."""
@@ -206,7 +217,7 @@ class EmbeddingRouter:
         if refused := self._refused(request):
             return refused
         try:
-            body = await self._read_body(request)
+            body = await self._read_body_in_time(request)
             req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
             model = resolved["model"] = self._resolve(req.model)
             info = self._info.get(model)  # known once a replica answered; never waited for here

@@ -50,7 +50,7 @@ def write_config(path: Path, tiny_bge_dir: str) -> Path:
                 "placement": "cpu",
             },
         ],
-        "router": {"max_inputs_per_request": 64, "max_body_mb": 0.25},
+        "router": {"max_inputs_per_request": 64, "max_body_mb": 0.25, "body_timeout_s": 2},
     }
     config["models"].append(
         {
@@ -260,6 +260,18 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(service):
     assert streamed.status_code == 413 and "more than" in streamed.json()["error"]["message"]
     small = service.post("/v1/embeddings", json={"input": ["word " * 20] * 4})
     assert small.status_code == 200
+
+
+def test_a_body_that_trickles_in_is_a_408_after_the_body_timeout(service):
+    def trickle():
+        yield b'{"input": ["slow'
+        time.sleep(4)  # the test config's router.body_timeout_s is 2
+        yield b' client"]}'
+
+    t0 = time.monotonic()
+    resp = service.post("/v1/embeddings", content=trickle(), headers={"content-type": "application/json"})
+    assert resp.status_code == 408 and resp.json()["error"]["code"] == "body_timeout"
+    assert "within 2 s" in resp.json()["error"]["message"] and time.monotonic() - t0 < 10
 
 
 def test_head_is_answered_wherever_get_is(service):
