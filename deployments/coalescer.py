@@ -32,8 +32,9 @@ import numpy as np
 
 from deployments.errors import ClientError, ModelError
 
-# send(key, texts) -> (vectors [len(texts), dim], tokens per text [len(texts)])
-Send = Callable[[Hashable, list[str]], Awaitable[tuple[np.ndarray, np.ndarray]]]
+# send(key, texts) -> (vectors [len(texts), dim], tokens per text [len(texts)], *whatever else the call
+# reports, e.g. its timings: passed to every request of a merged call unchanged)
+Send = Callable[[Hashable, list[str]], Awaitable[tuple]]
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Coalescer:
                 return
             texts = [t for p in group for t in p.texts]
             try:
-                vectors, tokens = await self._call(key, texts)
+                vectors, tokens, *extra = await self._call(key, texts)
             except (ClientError, ModelError):  # an input's fault: each request on its own finds its owner
                 await asyncio.gather(*(self._deliver(key, p) for p in group))
                 return
@@ -134,7 +135,7 @@ class Coalescer:
             for p in group:
                 end = start + len(p.texts)
                 if not p.future.done():
-                    p.future.set_result((vectors[start:end], tokens[start:end]))
+                    p.future.set_result((vectors[start:end], tokens[start:end], *extra))
                 start = end
         finally:
             lane.in_flight -= 1

@@ -59,8 +59,9 @@ class Embedder:
         prompt_name: str | None = None,
         normalize: bool | None = None,
         truncate: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors (float32 [n, dim]) and the tokens each input took; a bad call raises ClientError."""
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """Vectors (float32 [n, dim]), the tokens each input took, and (seconds queued, seconds computing);
+        a bad call raises ClientError."""
         call = EmbedCall(
             texts=list(texts),
             prompt=self.entry.prompt_text(prompt_name),
@@ -68,11 +69,11 @@ class Embedder:
             truncate=truncate,
         )
         result = await self.engine.embed(call)
-        return result.vectors, result.token_counts
+        return result.vectors, result.token_counts, (result.queue_seconds, result.compute_seconds)
 
     async def ping(self) -> bool:
         """True once a real text has gone through the whole batching path."""
-        vectors, _ = await self.embed([HEALTH_TEXT])
+        vectors, _, _ = await self.embed([HEALTH_TEXT])
         return bool(vectors.shape == (1, self.backend.dimension))
 
     def info(self) -> dict[str, Any]:

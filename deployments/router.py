@@ -160,13 +160,14 @@ class EmbeddingRouter:
 
     async def _embed(
         self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool
-    ) -> tuple[np.ndarray, int]:
-        """Vectors and total tokens. Requests that may be refused (truncate: false) travel alone."""
+    ) -> tuple[np.ndarray, int, tuple[float, float]]:
+        """Vectors, total tokens, and the model call's (seconds queued, seconds computing). Requests that
+        may be refused (truncate: false) travel alone."""
         self._check_prompt(model, prompt_name)
         key = (model, prompt_name, normalize, truncate)
         call = self.coalescer.submit(key, texts) if truncate else self._send(key, texts)
-        vectors, tokens = await asyncio.wait_for(call, self.config.router.request_timeout_s)
-        return vectors, int(tokens.sum())
+        vectors, tokens, timing = await asyncio.wait_for(call, self.config.router.request_timeout_s)
+        return vectors, int(tokens.sum()), timing
 
     # ---- HTTP -----------------------------------------------------------------------------------
     def _refused(self, request: Request) -> Response | None:
@@ -223,7 +224,7 @@ class EmbeddingRouter:
             info = self._info.get(model)  # known once a replica answered; never waited for here
             if req.dimensions is not None and info is not None:  # refused before any model work
                 check_dimensions(req.dimensions, info["dimension"])
-            vectors, tokens = await self._embed(
+            vectors, tokens, (queued_s, computing_s) = await self._embed(
                 req.texts, model, req.prompt_name, req.normalize, req.truncate
             )
             if req.dimensions is not None:
@@ -232,7 +233,12 @@ class EmbeddingRouter:
                 normalize = self.config.entry(model).normalize if req.normalize is None else req.normalize
                 vectors = shorten(vectors, req.dimensions, native, normalize)
             return Response(
-                render_embeddings(vectors, model, tokens, req.encoding_format), media_type="application/json"
+                render_embeddings(vectors, model, tokens, req.encoding_format),
+                media_type="application/json",
+                headers={  # where the time went (Serve adds x-request-id, echoed or generated)
+                    "x-queue-time-ms": f"{queued_s * 1e3:.1f}",
+                    "x-inference-time-ms": f"{computing_s * 1e3:.1f}",
+                },
             )
         except ClientError as err:
             return _error_response(err.message, err.status, err.param, err.code)
@@ -300,7 +306,7 @@ class EmbeddingRouter:
     ) -> np.ndarray:
         """float32 [n, dim] for a list (a str counts as a list of one); raises ClientError on bad input."""
         batch = validate_texts(texts, self.config.router.max_inputs_per_request)
-        vectors, _ = await self._embed(batch, self._resolve(model), prompt_name, normalize, True)
+        vectors, _, _ = await self._embed(batch, self._resolve(model), prompt_name, normalize, True)
         return vectors
 
     async def models(self) -> list[dict[str, Any]]:

@@ -70,6 +70,8 @@ RECENT_WAITS = 1024
 class EmbedResult:
     vectors: np.ndarray  # float32 [n, dimension]
     token_counts: np.ndarray  # int32 [n]: tokens each input took, special tokens included
+    queue_seconds: float = 0.0  # admission to the call's first forward pass
+    compute_seconds: float = 0.0  # its first forward pass to its last
 
 
 OnDone = Callable[["EmbedResult | Exception"], None]
@@ -228,7 +230,7 @@ class Scheduler:
                 call.closed = True
                 self._stats.answered_calls += 1
         if not items:
-            on_done(_finish(call))
+            on_done(_finish(call, call.admitted_at))
         return Ticket(call.seq)
 
     def cancel(self, ticket: Ticket) -> int:
@@ -428,7 +430,7 @@ class Scheduler:
                 else:
                     call.vectors[rows] = outputs[start:end]
                     if call.rows_left == 0:
-                        result = _finish(call)
+                        result = _finish(call, self.clock())
                         answers.append((call.on_done, result))
                         self._close(call, failed=isinstance(result, Exception))
             if call.rows_left == 0:
@@ -477,11 +479,17 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _finish(call: _Call) -> EmbedResult | Exception:
+def _finish(call: _Call, now: float) -> EmbedResult | Exception:
     """The call's answer: normalised if asked, refused if the model produced non-finite values."""
     out = call.vectors
     if call.normalize and len(out):
         out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     if not np.isfinite(out).all():
         return ModelError("the model produced non-finite values")
-    return EmbedResult(np.ascontiguousarray(out, dtype=np.float32), call.lengths.astype(np.int32))
+    started = call.started_at if call.started_at is not None else now
+    return EmbedResult(
+        np.ascontiguousarray(out, dtype=np.float32),
+        call.lengths.astype(np.int32),
+        queue_seconds=started - call.admitted_at,
+        compute_seconds=now - started,
+    )

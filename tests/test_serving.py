@@ -274,6 +274,15 @@ def test_a_body_that_trickles_in_is_a_408_after_the_body_timeout(service):
     assert "within 2 s" in resp.json()["error"]["message"] and time.monotonic() - t0 < 10
 
 
+def test_responses_say_where_the_time_went_and_carry_the_request_id(service):
+    resp = service.post("/v1/embeddings", json={"input": TEXTS}, headers={"x-request-id": "trace-42"})
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "trace-42"  # echoed
+    queued, computing = float(resp.headers["x-queue-time-ms"]), float(resp.headers["x-inference-time-ms"])
+    assert queued >= 0 and computing > 0
+    generated = service.post("/v1/embeddings", json={"input": "x"}).headers["x-request-id"]
+    assert generated and generated != "trace-42"
+
+
 def test_head_is_answered_wherever_get_is(service):
     for path in ("/health", "/v1/models"):
         resp = service.head(path)
@@ -335,7 +344,7 @@ def test_replica_stays_responsive_during_a_long_batch(service):
     t0 = time.perf_counter()
     info = embedder.info.remote().result()
     answered = time.perf_counter() - t0
-    vectors, _ = big.result()
+    vectors, _, _ = big.result()
     assert info["dimension"] == 384 and vectors.shape == (256, 384)
     assert answered < 1.0, f"replica took {answered:.2f} s to answer during a long batch"
 
