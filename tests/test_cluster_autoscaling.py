@@ -148,8 +148,8 @@ def fake_cluster(tiny_bge_dir):
         deadline = time.time() + 60
         while True:
             try:
-                env = {"HF_HUB_OFFLINE": "1", "EMBEDDINGS_FAKE_GPUS": "1"}  # fake GPUs: run on CPU
-                ray.init(address=gcs, runtime_env={"env_vars": env})
+                replica_env = {"HF_HUB_OFFLINE": "1", "EMBEDDINGS_FAKE_GPUS": "1"}  # fake GPUs: run on CPU
+                ray.init(address=gcs, runtime_env={"env_vars": replica_env})
                 break
             except Exception:
                 if time.time() > deadline or head.poll() is not None:

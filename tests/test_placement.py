@@ -81,8 +81,8 @@ def cluster(tmp_path_factory, tiny_bge_dir):
             "small-1gpu": cluster.add_node(num_cpus=2, num_gpus=1, resources={"small_gpu": 1}),
             "small-2gpu": cluster.add_node(num_cpus=3, num_gpus=2, resources={"small_gpu": 2}),
         }
-        env = {"HF_HUB_OFFLINE": "1", "EMBEDDINGS_FAKE_GPUS": "1"}  # Ray's GPUs are fake here: run on CPU
-        ray.init(address=cluster.address, runtime_env={"env_vars": env})
+        replica_env = {"HF_HUB_OFFLINE": "1", "EMBEDDINGS_FAKE_GPUS": "1"}  # fake GPUs here: run on CPU
+        ray.init(address=cluster.address, runtime_env={"env_vars": replica_env})
         from deployments.app import AppArgs, build_app
 
         config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir)

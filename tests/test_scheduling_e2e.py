@@ -37,7 +37,8 @@ def write_config(path: Path, request_timeout_s: float) -> Path:
                 "batching": {"max_batch_tokens": 4096, "max_batch_size": 128, "forward_overhead_tokens": 128},
             }
         ],
-        "router": {"request_timeout_s": request_timeout_s},
+        # bodies up to 16 MB: the timeout test sends 2048 inputs of 256+ tokens (about 5.7 MB of JSON)
+        "router": {"request_timeout_s": request_timeout_s, "max_body_mb": 16},
     }
     path.write_text(yaml.safe_dump(config))
     return path
