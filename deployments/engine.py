@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
 from deployments.errors import ClientError
-from deployments.scheduler import EmbedResult, Scheduler, SchedulerObserver, Ticket
+from deployments.scheduler import EmbedResult, Scheduler, SchedulerObserver
 
 __all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
 
@@ -157,11 +157,6 @@ class EmbeddingEngine:
         while self.scheduler.step():
             pass
         return results  # type: ignore[return-value]
-
-    def submit(self, call: EmbedCall, on_done: Callable[[EmbedResult | Exception], None]) -> Ticket:
-        """Tokenise and admit on the caller's thread (tests drive ``scheduler.step`` themselves)."""
-        items = tokenize_capped(self.backend, call.texts, call.prompt, call.truncate)
-        return self.scheduler.admit(items, call.normalize, on_done)
 
 
 def _settle(future: asyncio.Future, result: EmbedResult | Exception) -> None:

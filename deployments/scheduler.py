@@ -302,7 +302,7 @@ class Scheduler:
         return True
 
     def _has_work(self) -> bool:
-        return any(c.queued_rows for c in self._calls.values())
+        return self._queued_inputs > 0
 
     def _replan(self) -> None:
         """Plan the window: the queue's most urgent inputs, jointly, as one request's would be."""
@@ -461,10 +461,9 @@ class Scheduler:
         with self._cond:
             s = self._stats
             out: dict[str, float | int] = {k: v for k, v in vars(s).items() if k != "recent_waits"}
-            waiting = [c for c in self._calls.values() if c.queued_rows]
-            out["queue_calls"] = len(waiting)
-            out["queue_inputs"] = sum(c.queued_rows for c in waiting)
-            out["queue_tokens"] = sum(c.queued_tokens for c in waiting)
+            out["queue_calls"] = sum(1 for c in self._calls.values() if c.queued_rows)
+            out["queue_inputs"] = self._queued_inputs
+            out["queue_tokens"] = self._queued_tokens
             waits = sorted(s.recent_waits)
         out["padding_efficiency"] = s.real_tokens / s.padded_tokens if s.padded_tokens else 1.0
         out["rows_per_pass"] = s.rows / s.forward_passes if s.forward_passes else 0.0
