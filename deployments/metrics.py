@@ -16,10 +16,11 @@ SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
-def _tagged(metric: Any, tags: dict[str, str]) -> Any:
-    """``metric`` with default tags. Serve's ``set_default_tags`` adds its own tags to the dict it is given
-    and returns None: hence a copy per metric, and no chaining."""
-    metric.set_default_tags(dict(tags))
+def _per_model(kind: type, name: str, description: str, model: str, tags: tuple = (), **kwargs: Any) -> Any:
+    """A metric tagged with its model. Serve's ``set_default_tags`` adds its own tags to the dict it is given
+    and returns None: hence a fresh dict per metric, and no chaining."""
+    metric = kind(name, description, tag_keys=("model", *tags), **kwargs)
+    metric.set_default_tags({"model": model})
     return metric
 
 
@@ -27,59 +28,35 @@ class ModelMetrics:
     """What one model replica's scheduler decides: admissions, queue, waits, passes, dropped work."""
 
     def __init__(self, model: str):
-        tags = {"model": model}
-        model_only = ("model",)
-        self._inputs = _tagged(
-            metrics.Counter(
-                "embeddings_inputs", "Inputs admitted to the model's queue.", tag_keys=model_only
-            ),
-            tags,
+        counter, gauge, histogram = metrics.Counter, metrics.Gauge, metrics.Histogram
+        self._inputs = _per_model(
+            counter, "embeddings_inputs", "Inputs admitted to the model's queue.", model
         )
-        self._tokens = _tagged(
-            metrics.Counter(
-                "embeddings_tokens",
-                "Tokens computed by forward passes: kind=real (the inputs') or padded (what passes paid).",
-                tag_keys=("model", "kind"),
-            ),
-            tags,
+        self._tokens = _per_model(
+            counter,
+            "embeddings_tokens",
+            "Tokens computed by forward passes: kind=real (the inputs') or padded (what passes paid).",
+            model,
+            ("kind",),
         )
-        self._queue = _tagged(
-            metrics.Gauge(
-                "embeddings_queue_depth",
-                "Queued work, in inputs or tokens (unit).",
-                tag_keys=("model", "unit"),
-            ),
-            tags,
+        self._queue = _per_model(
+            gauge, "embeddings_queue_depth", "Queued work, in inputs or tokens (unit).", model, ("unit",)
         )
-        self._wait = _tagged(
-            metrics.Histogram(
-                "embeddings_queue_wait_seconds",
-                "Per call: admission to its first forward pass.",
-                boundaries=SECONDS,
-                tag_keys=model_only,
-            ),
-            tags,
+        self._wait = _per_model(
+            histogram,
+            "embeddings_queue_wait_seconds",
+            "Per call: admission to its first forward pass.",
+            model,
+            boundaries=SECONDS,
         )
-        self._rows = _tagged(
-            metrics.Histogram(
-                "embeddings_batch_rows", "Rows per forward pass.", boundaries=ROWS, tag_keys=model_only
-            ),
-            tags,
+        self._rows = _per_model(
+            histogram, "embeddings_batch_rows", "Rows per forward pass.", model, boundaries=ROWS
         )
-        self._forward = _tagged(
-            metrics.Histogram(
-                "embeddings_forward_seconds",
-                "Time of one forward pass.",
-                boundaries=SECONDS,
-                tag_keys=model_only,
-            ),
-            tags,
+        self._forward = _per_model(
+            histogram, "embeddings_forward_seconds", "Time of one forward pass.", model, boundaries=SECONDS
         )
-        self._dropped = _tagged(
-            metrics.Counter(
-                "embeddings_dropped_inputs", "Queued inputs dropped: their caller left.", tag_keys=model_only
-            ),
-            tags,
+        self._dropped = _per_model(
+            counter, "embeddings_dropped_inputs", "Queued inputs dropped: their caller left.", model
         )
 
     def queue(self, inputs: int, tokens: int) -> None:
