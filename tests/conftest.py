@@ -99,17 +99,24 @@ def minilm():
     return SentenceTransformer(MINILM_DIR, device="cpu")
 
 
+def start_private_ray(tmp_path_factory, env: dict[str, str] | None = None, **init_kwargs):
+    """``ray.init`` under a private temp dir, offline, with ``env`` for every worker; returns ``ray``."""
+    import ray
+
+    env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    ray.init(
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars},
+        **init_kwargs,
+    )
+    return ray
+
+
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     """A Ray of our own (private temp dir, so nothing attaches to a stale cluster), shut down after."""
-    import ray
-
-    ray.init(
-        num_cpus=4,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        include_dashboard=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
+    ray = start_private_ray(tmp_path_factory, num_cpus=4)
     yield ray
     from ray import serve
 

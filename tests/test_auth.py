@@ -9,7 +9,7 @@ import yaml
 
 from clients import HTTPEmbedder, get_embedder
 from deployments.auth import ApiKeys, exposure_problem
-from tests.conftest import free_port
+from tests.conftest import free_port, start_private_ray
 
 KEYS_ENV = "TEST_EMBEDDING_API_KEYS"
 
@@ -46,18 +46,7 @@ def keyed_service(tmp_path_factory):
 
     from deployments.app import AppArgs, build_app
 
-    ray.init(
-        num_cpus=2,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        include_dashboard=False,
-        runtime_env={
-            "env_vars": {
-                "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                KEYS_ENV: "old-key,new-key",
-            }
-        },
-    )
+    start_private_ray(tmp_path_factory, {KEYS_ENV: "old-key,new-key"}, num_cpus=2)
     path = tmp_path_factory.mktemp("auth") / "models.yaml"
     entry = {
         "name": "all-MiniLM-L6-v2",

@@ -73,43 +73,34 @@ def test_keys_never_mix_and_the_call_size_is_capped():
     assert sum(len(c) for c in down.calls) == 16
 
 
-def test_one_failing_request_fails_alone():
+def merged_group(texts: tuple[str, ...]) -> tuple[Downstream, list]:
+    """A call in flight ("warm"), then one request per text queued behind it: they leave merged."""
+
     async def main():
         down = Downstream()
         co = Coalescer(down, max_in_flight=1)
         first = asyncio.ensure_future(co.submit("k", ["warm"]))
         await asyncio.sleep(0)
-        rest = [co.submit("k", [t]) for t in ("ok1", "bad", "ok2")]
-        return await asyncio.gather(first, *rest, return_exceptions=True)
+        rest = [co.submit("k", [t]) for t in texts]
+        return down, await asyncio.gather(first, *rest, return_exceptions=True)
 
-    results = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_one_failing_request_fails_alone():
+    _, results = merged_group(("ok1", "bad", "ok2"))
     assert isinstance(results[2], ClientError)
     assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
 
 
 def test_a_model_fault_on_one_input_fails_only_its_request():
-    async def main():
-        co = Coalescer(Downstream(), max_in_flight=1)
-        first = asyncio.ensure_future(co.submit("k", ["warm"]))
-        await asyncio.sleep(0)
-        rest = [co.submit("k", [t]) for t in ("ok1", "nan", "ok2")]
-        return await asyncio.gather(first, *rest, return_exceptions=True)
-
-    results = asyncio.run(main())
+    _, results = merged_group(("ok1", "nan", "ok2"))
     assert isinstance(results[2], ModelError)
     assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
 
 
 def test_any_other_failure_goes_to_the_whole_group_without_resending():
-    async def main():
-        down = Downstream()
-        co = Coalescer(down, max_in_flight=1)
-        first = asyncio.ensure_future(co.submit("k", ["warm"]))
-        await asyncio.sleep(0)
-        rest = [co.submit("k", [t]) for t in ("ok1", "overload", "ok2")]
-        return down, await asyncio.gather(first, *rest, return_exceptions=True)
-
-    down, results = asyncio.run(main())
+    down, results = merged_group(("ok1", "overload", "ok2"))
     assert isinstance(results[0], tuple)
     assert all(isinstance(r, RuntimeError) and str(r) == "overloaded" for r in results[1:])
     assert down.calls == [["warm"], ["ok1", "overload", "ok2"]]  # one merged call, not one per request

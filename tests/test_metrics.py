@@ -9,7 +9,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, start_private_ray
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -22,13 +22,12 @@ def service(tmp_path_factory):
     from deployments.app import AppArgs, build_app
 
     metrics_port = free_port()
-    ray.init(
+    start_private_ray(
+        tmp_path_factory,
+        {"KEYS": "k1"},
         num_cpus=2,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        include_dashboard=False,
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 500},
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "KEYS": "k1"}},
     )
     path = tmp_path_factory.mktemp("metrics") / "models.yaml"
     entry = {
