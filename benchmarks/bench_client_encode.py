@@ -15,14 +15,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_serving import kt_gen_mix  # noqa: E402
+from benchmarks.common import kt_gen_mix, start_local_service, stop_local_service  # noqa: E402
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -61,27 +60,21 @@ def main() -> None:
     local.encode(texts[:64])
     rows = {"in-process SentenceTransformer.encode(texts)": timed(lambda: local.encode(texts), args.repeats)}
 
-    import ray
-    from ray import serve
 
     from clients import HTTPEmbedder, ServeEmbedder
-    from deployments.app import AppArgs, build_app
     from tests.conftest import free_port
 
     port = free_port()
-    ray.init(_temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=args.models_config)), name="embeddings", route_prefix="/")
+    base = start_local_service(args.models_config, port)
     try:
         for name, client in (
-            ("HTTPEmbedder.encode(texts)", HTTPEmbedder(model, base_url=f"http://127.0.0.1:{port}")),
+            ("HTTPEmbedder.encode(texts)", HTTPEmbedder(model, base_url=base)),
             ("ServeEmbedder.encode(texts)", ServeEmbedder(model)),
         ):
             client.encode(texts[:64])
             rows[name] = timed(lambda client=client: client.encode(texts), args.repeats)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_service()
 
     base = statistics.median(rows["in-process SentenceTransformer.encode(texts)"])
     print(f"\nmodel {model}, {len(texts)} kt_gen-like texts, default batch_size, {os.cpu_count()} CPUs\n")

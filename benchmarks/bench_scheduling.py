@@ -20,7 +20,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_serving import kt_gen_mix  # noqa: E402
+from benchmarks.common import kt_gen_mix, start_local_service, stop_local_service  # noqa: E402
 
 
 def main() -> None:
@@ -46,10 +45,8 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import httpx
-    import ray
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
     from deployments.config import load_models_config
 
     config = load_models_config(args.models_config)
@@ -58,11 +55,8 @@ def main() -> None:
     singles = kt_gen_mix(400, seed=2)
     singles = [t for t in singles if len(t.split()) <= 4]  # entity names: what retrievers send one by one
 
-    ray.init(_temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(AppArgs(models_config=args.models_config)), name="embeddings", route_prefix="/")
+    base = start_local_service(args.models_config, args.port)
     stats = serve.get_deployment_handle(model, "embeddings").stats
-    base = f"http://127.0.0.1:{args.port}"
     rows: list[str] = []
 
     async def post(client: httpx.AsyncClient, texts, timeout: float = 600) -> float:
@@ -157,8 +151,7 @@ def main() -> None:
     print("| scenario | throughput | latency / work |")
     print("| --- | --- | --- |")
     print("\n".join(rows))
-    serve.shutdown()
-    ray.shutdown()
+    stop_local_service()
 
 
 if __name__ == "__main__":

