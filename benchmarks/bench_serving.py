@@ -1,13 +1,19 @@
-"""Throughput and latency of the service against in-process sentence-transformers, side by side.
+"""The service against in-process sentence-transformers and against Infinity, side by side, in one run.
 
-Starts its own Ray (private temp dir) and the app from a models config, then measures in one run:
-in-process ``SentenceTransformer.encode(batch_size=64)``; the service via handle; the service via HTTP;
-for (a) many concurrent clients sending one text each and (b) fewer clients sending 32 texts each, on a
-kt_gen-like mix (60% entity names of 2-4 words, 40% descriptions of 8-120 words). Prints a table with
-texts/s, p50/p99 latency, the ratio to in-process and the batcher's padding efficiency.
+Order, so that no measurement shares the CPUs with an idle server:
+1. in-process ``SentenceTransformer.encode(batch_size=64)`` and single-text ``encode`` latency, no Ray;
+2. Infinity (``--infinity``, its own virtualenv) on the same texts and concurrency, then stopped;
+3. our service (its own Ray, private temp dir): via the Python handle and via HTTP;
+4. Ray shut down, the in-process baseline again.
 
-    python benchmarks/bench_serving.py                 # all-MiniLM-L6-v2 on CPU, 2000 texts
-    python benchmarks/bench_serving.py --texts 4000 --port 8123
+Workloads, on a kt_gen-like mix (60% entity names of 2-4 words, 40% descriptions of 8-120 words):
+(a) many concurrent clients sending one text each; (b) fewer clients sending 32 texts each; (c) one
+client sending single entity names one after another (latency added over in-process single-text encode).
+Every HTTP response is decoded into a float32 array, as a client would. The table gives texts/s,
+p50/p99, the ratio to the clean in-process baseline and to Infinity, and our batcher's padding efficiency.
+
+    python benchmarks/bench_serving.py --infinity /path/to/venv/bin/infinity_emb
+    python benchmarks/bench_serving.py --texts 4000 --port 8123 --skip-infinity
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
+import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +36,203 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import kt_gen_mix, start_local_service, stop_local_service  # noqa: E402
 
-
-def summarise(
-    name: str, texts: int, wall: float, latencies: list[float], base: float | None, pad: str
-) -> str:
-    rate = texts / wall
-    p50 = statistics.median(latencies) * 1e3 if latencies else float("nan")
-    p99 = float(np.percentile(latencies, 99)) * 1e3 if latencies else float("nan")
-    ratio = f"{rate / base:.2f}x" if base else "1.00x"
-    return f"| {name} | {rate:8.1f} | {p50:8.1f} | {p99:8.1f} | {ratio} | {pad} |"
+Send = Callable[[list[str]], Awaitable[np.ndarray]]
 
 
-async def drive(send, texts: list[str], clients: int, per_request: int) -> tuple[float, list[float]]:
+@dataclass
+class Result:
+    texts: int
+    wall: float
+    latencies: list[float] = field(default_factory=list)
+    padding: str = "-"
+
+    @property
+    def rate(self) -> float:
+        return self.texts / self.wall
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1e3 if self.latencies else float("nan")
+
+
+async def drive(send: Send, texts: list[str], clients: int, per_request: int) -> Result:
     """``clients`` tasks each sending ``per_request`` texts at a time until all texts are sent."""
-    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
-    queue = iter(chunks)
+    chunks = iter([texts[i : i + per_request] for i in range(0, len(texts), per_request)])
     latencies: list[float] = []
 
     async def client() -> None:
-        for chunk in queue:
+        for chunk in chunks:
             t0 = time.perf_counter()
-            await send(chunk)
+            vectors = await send(chunk)
             latencies.append(time.perf_counter() - t0)
+            if vectors.shape[0] != len(chunk):
+                raise RuntimeError(f"{vectors.shape[0]} vectors for {len(chunk)} texts")
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return time.perf_counter() - t0, latencies
+    return Result(len(texts), time.perf_counter() - t0, latencies)
+
+
+def in_process(source: str, max_seq_length: int, threads: int, texts: list[str], singles: list[str]):
+    """texts/s of ``encode(batch_size=64)`` and single-text ``encode`` latencies (s), nothing else running."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    st = SentenceTransformer(source, device="cpu")
+    st.max_seq_length = max_seq_length
+    st.encode(texts[:64], batch_size=64)
+    t0 = time.perf_counter()
+    st.encode(texts, batch_size=64)
+    rate = len(texts) / (time.perf_counter() - t0)
+    latencies = []
+    for text in singles:
+        t0 = time.perf_counter()
+        st.encode([text])
+        latencies.append(time.perf_counter() - t0)
+    return rate, latencies
+
+
+def client_connector():
+    """Connections idle over 4 s are closed by the client, before uvicorn's 5 s keep-alive closes them."""
+    import aiohttp
+
+    return aiohttp.TCPConnector(limit=256, keepalive_timeout=4)
+
+
+def http_sender(session, url: str, model: str, headers: dict[str, str] | None = None) -> Send:
+    import aiohttp
+    import orjson
+
+    async def send(chunk: list[str]) -> np.ndarray:
+        for attempt in (0, 1):  # a keep-alive connection the server closed as it was reused: resend once
+            try:
+                async with session.post(url, json={"input": chunk, "model": model}, headers=headers) as resp:
+                    body = await resp.read()
+                    break
+            except aiohttp.ServerDisconnectedError:
+                if attempt:
+                    raise
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
+        return np.array([d["embedding"] for d in orjson.loads(body)["data"]], dtype=np.float32)
+
+    return send
+
+
+async def run_workloads(send: Send, texts, singles, args, stats=None) -> dict[str, Result]:
+    """(a), (b) and (c) through one sender; padding from the model deployment's counters when given."""
+    await drive(send, texts[:64], 8, 8)  # warm-up
+    results = {}
+    for key, clients, per in (("a", args.single_clients, 1), ("b", args.batch_clients, args.batch_size)):
+        before = await stats() if stats else None
+        results[key] = await drive(send, texts, clients, per)
+        if stats:
+            after = await stats()
+            real = after["real_tokens"] - before["real_tokens"]
+            padded = after["padded_tokens"] - before["padded_tokens"]
+            passes = after["forward_passes"] - before["forward_passes"]
+            results[key].padding = f"{real / padded:.2f} ({len(texts) / max(passes, 1):.1f} texts/pass)"
+    results["c"] = await drive(send, singles, 1, 1)
+    return results
+
+
+def infinity_results(args, model_dir: str, texts, singles) -> dict[str, Result] | None:
+    binary = args.infinity or shutil.which("infinity_emb")
+    if args.skip_infinity or not binary:
+        print("Infinity: not measured (pass --infinity PATH to its infinity_emb)", file=sys.stderr)
+        return None
+    import aiohttp
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    command = [binary, "v2", "--model-id", model_dir, "--engine", "torch", "--device", "cpu",
+               "--port", str(args.infinity_port)]  # fmt: skip
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{args.infinity_port}"
+    try:
+
+        async def measure() -> dict[str, Result]:
+            async with aiohttp.ClientSession(connector=client_connector()) as session:
+                for _ in range(300):
+                    try:
+                        async with session.get(f"{base}/models") as resp:
+                            model = (await resp.json())["data"][0]["id"]
+                            break
+                    except (aiohttp.ClientError, KeyError, IndexError):
+                        await asyncio.sleep(0.5)
+                else:
+                    raise RuntimeError("Infinity did not start within 150 s")
+                return await run_workloads(
+                    http_sender(session, f"{base}/embeddings", model), texts, singles, args
+                )
+
+        return asyncio.run(measure())
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
+    import aiohttp
+    from ray import serve
+
+    url = start_local_service(args.models_config, args.port) + "/v1/embeddings"
+    try:
+
+        async def measure() -> dict[str, dict[str, Result]]:
+            # Handles are made inside the event loop (Serve's throughput-optimised mode requires it).
+            handle = serve.get_app_handle("embeddings")
+            stats_handle = serve.get_deployment_handle(args.stats_deployment or model, "embeddings")
+
+            async def stats() -> dict:
+                return await stats_handle.stats.remote()
+
+            async def via_handle(chunk: list[str]) -> np.ndarray:
+                return await handle.embed.remote(chunk, model=model)
+
+            async with aiohttp.ClientSession(connector=client_connector()) as session:
+                return {
+                    "handle": await run_workloads(via_handle, texts, singles, args, stats),
+                    "HTTP": await run_workloads(
+                        http_sender(session, url, model), texts, singles, args, stats
+                    ),
+                }
+
+        return asyncio.run(measure())
+    finally:
+        stop_local_service()
+
+
+def table(args, base: tuple[float, float], single: tuple[float, float], peer, results) -> str:
+    first, again = base
+    lines = [
+        "| run | texts/s | p50 ms | p99 ms | vs in-process | vs Infinity | padding efficiency |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| in-process encode(batch_size=64), before Ray | {first:.1f} | - | - | 1.00x | - | - |",
+        f"| in-process encode(batch_size=64), after Ray | {again:.1f} | - | - | {again / first:.2f}x "
+        "| - | - |",
+        f"| (c) in-process single-text encode | - | {single[0]:.1f} | {single[1]:.1f} | - | - | - |",
+    ]
+    labels = {
+        "a": f"(a) {args.single_clients} clients x 1 text",
+        "b": f"(b) {args.batch_clients} clients x {args.batch_size} texts",
+        "c": "(c) 1 client x 1 text, ms added over in-process",
+    }
+    runs = ([("Infinity", peer)] if peer else []) + list(results.items())
+    for key in "abc":
+        for name, res in runs:
+            r = res[key]
+            if key == "c":  # latency added over in-process single-text encode
+                lines.append(
+                    f"| {labels[key]} via {name} | {r.rate:.1f} | +{r.pct(50) - single[0]:.1f} "
+                    f"| +{r.pct(99) - single[1]:.1f} | - | - | {r.padding} |"
+                )
+                continue
+            vs_peer = f"{r.rate / peer[key].rate:.2f}x" if peer else "-"
+            lines.append(
+                f"| {labels[key]} via {name} | {r.rate:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} "
+                f"| {r.rate / first:.2f}x | {vs_peer} | {r.padding} |"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -61,81 +241,38 @@ def main() -> None:
     )
     parser.add_argument("--models-config", default=str(REPO / "configs/models.local.yaml"))
     parser.add_argument("--model", default=None, help="model name (default: the config's default_model)")
+    parser.add_argument("--stats-deployment", default=None, help="deployment with stats() (default: model)")
     parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--singles", type=int, default=200, help="entity names sent one by one in (c)")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--single-clients", type=int, default=32)
     parser.add_argument("--batch-clients", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--infinity", default=None, help="path of infinity_emb (default: on PATH)")
+    parser.add_argument("--infinity-port", type=int, default=7997)
+    parser.add_argument("--skip-infinity", action="store_true")
     args = parser.parse_args()
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import aiohttp
-    import torch
-    from ray import serve
-    from sentence_transformers import SentenceTransformer
 
     from deployments.config import load_models_config, resolve_model_source
 
     config = load_models_config(args.models_config)
     model = args.model or config.name_table()[config.default_model]
     entry = config.entry(model)
+    source = str(resolve_model_source(entry.source))
+    threads = max(1, int(config.placements[entry.placement].num_cpus or 1))
     texts = kt_gen_mix(args.texts)
+    singles = [t for t in kt_gen_mix(args.singles * 4, seed=1) if len(t.split()) <= 4][: args.singles]
 
-    start_local_service(args.models_config, args.port)
+    first, single_latencies = in_process(source, entry.max_seq_length, threads, texts, singles)
+    peer = infinity_results(args, source, texts, singles)
+    results = ours(args, model, texts, singles)
+    again, _ = in_process(source, entry.max_seq_length, threads, texts, singles)
 
-    # In-process baseline, with the threads the service's replica gets.
-    torch.set_num_threads(max(1, int(config.placements[entry.placement].num_cpus or 1)))
-    st = SentenceTransformer(resolve_model_source(entry.source), device="cpu")
-    st.max_seq_length = entry.max_seq_length
-    st.encode(texts[:64], batch_size=64)
-    t0 = time.perf_counter()
-    st.encode(texts, batch_size=64)
-    base = len(texts) / (time.perf_counter() - t0)
-    del st
-
-    url = f"http://127.0.0.1:{args.port}/v1/embeddings"
-    rows = [f"| in-process encode(batch_size=64) | {base:8.1f} | - | - | 1.00x | - |"]
-
-    async def run_all() -> None:
-        # Handles are made inside the event loop: Serve's throughput-optimised mode requires it.
-        handle = serve.get_app_handle("embeddings")
-        stats = serve.get_deployment_handle(model, "embeddings").stats
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
-
-            async def via_http(chunk: list[str]) -> None:
-                async with session.post(url, json={"input": chunk, "model": model}) as resp:
-                    body = await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
-
-            async def via_handle(chunk: list[str]) -> None:
-                await handle.embed.remote(chunk, model=model)
-
-            for sender, name in ((via_handle, "handle"), (via_http, "HTTP")):
-                await drive(sender, texts[:64], 8, 8)  # warm-up
-                for label, clients, per in (
-                    (f"(a) {args.single_clients} clients x 1 text", args.single_clients, 1),
-                    (
-                        f"(b) {args.batch_clients} clients x {args.batch_size} texts",
-                        args.batch_clients,
-                        args.batch_size,
-                    ),
-                ):
-                    before = await stats.remote()
-                    wall, lat = await drive(sender, texts, clients, per)
-                    after = await stats.remote()
-                    real = after["real_tokens"] - before["real_tokens"]
-                    padded = after["padded_tokens"] - before["padded_tokens"]
-                    passes = after["forward_passes"] - before["forward_passes"]
-                    pad = f"{real / padded:.2f} ({len(texts) / max(passes, 1):.1f} texts/pass)"
-                    rows.append(summarise(f"{label} via {name}", len(texts), wall, lat, base, pad))
-
-    asyncio.run(run_all())
-    print(f"\nmodel {model} ({entry.source}), {len(texts)} kt_gen-like texts, {os.cpu_count()} CPUs\n")
-    print("| run | texts/s | p50 ms | p99 ms | vs in-process | padding efficiency |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    print("\n".join(rows))
-    stop_local_service()
+    single = tuple(float(np.percentile(single_latencies, q)) * 1e3 for q in (50, 99))
+    print(f"\nmodel {model} ({entry.source}), {len(texts)} kt_gen-like texts, {len(singles)} single entity "
+          f"names, {os.cpu_count()} CPUs, {threads} torch threads everywhere\n")  # fmt: skip
+    print(table(args, (first, again), single, peer, results))
 
 
 if __name__ == "__main__":
