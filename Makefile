@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# `serve run configs/local.yaml`, through Serve's HAProxy ingress when haproxy is installed.
 serve: setup
-	$(VENV)/bin/serve run configs/local.yaml
+	$(PY) -m deployments.serve_local configs/local.yaml
 
 test: setup
 	$(VENV)/bin/ruff check .

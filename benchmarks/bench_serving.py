@@ -3,7 +3,8 @@
 Order, so that no measurement shares the CPUs with an idle server:
 1. in-process ``SentenceTransformer.encode(batch_size=64)`` and single-text ``encode`` latency, no Ray;
 2. Infinity (``--infinity``, its own virtualenv) on the same texts and concurrency, then stopped;
-3. our service (its own Ray, private temp dir): via the Python handle and via HTTP;
+3. our service (its own Ray, private temp dir; through HAProxy as ``make serve`` when haproxy is
+   installed): via the Python handle and via HTTP;
 4. Ray shut down, the in-process baseline again.
 
 Workloads, on a kt_gen-like mix (60% entity names of 2-4 words, 40% descriptions of 8-120 words):
@@ -131,7 +132,12 @@ async def run_workloads(send: Send, texts, singles, args, stats=None) -> dict[st
             real = after["real_tokens"] - before["real_tokens"]
             padded = after["padded_tokens"] - before["padded_tokens"]
             passes = after["forward_passes"] - before["forward_passes"]
-            results[key].padding = f"{real / padded:.2f} ({len(texts) / max(passes, 1):.1f} texts/pass)"
+            busy = (after["forward_seconds"] - before["forward_seconds"]) / results[key].wall
+            results[
+                key
+            ].padding = (
+                f"{real / padded:.2f} ({len(texts) / max(passes, 1):.1f} texts/pass, model busy {busy:.0%})"
+            )
     results["c"] = await drive(send, singles, 1, 1)
     return results
 
@@ -175,13 +181,15 @@ def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
     import aiohttp
     from ray import serve
 
-    url = start_local_service(args.models_config, args.port) + "/v1/embeddings"
+    url = start_local_service(args.models_config, args.port, args.haproxy) + "/v1/embeddings"
+    print(f"service: {'HAProxy ingress' if args.haproxy else 'Serve proxy'}, stats from "
+          f"{args.stats_deployment}", file=sys.stderr)  # fmt: skip
     try:
 
         async def measure() -> dict[str, dict[str, Result]]:
             # Handles are made inside the event loop (Serve's throughput-optimised mode requires it).
             handle = serve.get_app_handle("embeddings")
-            stats_handle = serve.get_deployment_handle(args.stats_deployment or model, "embeddings")
+            stats_handle = serve.get_deployment_handle(args.stats_deployment, "embeddings")
 
             async def stats() -> dict:
                 return await stats_handle.stats.remote()
@@ -205,7 +213,7 @@ def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
 def table(args, base: tuple[float, float], single: tuple[float, float], peer, results) -> str:
     first, again = base
     lines = [
-        "| run | texts/s | p50 ms | p99 ms | vs in-process | vs Infinity | padding efficiency |",
+        "| run | texts/s | p50 ms | p99 ms | vs in-process | vs Infinity | padding (passes, busy) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         f"| in-process encode(batch_size=64), before Ray | {first:.1f} | - | - | 1.00x | - | - |",
         f"| in-process encode(batch_size=64), after Ray | {again:.1f} | - | - | {again / first:.2f}x "
@@ -241,7 +249,6 @@ def main() -> None:
     )
     parser.add_argument("--models-config", default=str(REPO / "configs/models.local.yaml"))
     parser.add_argument("--model", default=None, help="model name (default: the config's default_model)")
-    parser.add_argument("--stats-deployment", default=None, help="deployment with stats() (default: model)")
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--singles", type=int, default=200, help="entity names sent one by one in (c)")
     parser.add_argument("--port", type=int, default=8123)
@@ -251,6 +258,9 @@ def main() -> None:
     parser.add_argument("--infinity", default=None, help="path of infinity_emb (default: on PATH)")
     parser.add_argument("--infinity-port", type=int, default=7997)
     parser.add_argument("--skip-infinity", action="store_true")
+    parser.add_argument(
+        "--no-haproxy", action="store_true", help="serve through Serve's proxy even if haproxy is installed"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -259,6 +269,9 @@ def main() -> None:
     config = load_models_config(args.models_config)
     model = args.model or config.name_table()[config.default_model]
     entry = config.entry(model)
+    local = config.in_process_entry
+    args.stats_deployment = "EmbeddingRouter" if local is not None and local.name == model else model
+    args.haproxy = not args.no_haproxy and bool(shutil.which("haproxy"))
     source = str(resolve_model_source(entry.source))
     threads = max(1, int(config.placements[entry.placement].num_cpus or 1))
     texts = kt_gen_mix(args.texts)

@@ -25,12 +25,22 @@ def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def start_local_service(models_config: str, port: int) -> str:
-    """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL."""
+def start_local_service(models_config: str, port: int, haproxy: bool = False) -> str:
+    """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL. With
+    ``haproxy``, through Serve's HAProxy ingress (as ``make serve`` does when haproxy is installed)."""
+    import os
+
     import ray
     from ray import serve
 
     from deployments.app import AppArgs, build_app
+    from deployments.serve_local import haproxy_env
+
+    if haproxy:
+        env = haproxy_env()
+        if not env:
+            raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
+        os.environ.update(env)  # inherited by the raylet, hence the Serve controller and replicas
 
     ray.init(_temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

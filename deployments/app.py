@@ -37,10 +37,14 @@ def build_app(args: AppArgs | dict) -> Application:
     if packing:
         raise ConfigError(packing, str(path))
     check_backends(config, path.parent)
+    local = config.in_process_entry
     embedders = {
         entry.name: Embedder.options(**deployment_options(config, entry)).bind(
             entry.model_dump(), str(path.parent)
         )
         for entry in config.models
+        if entry is not local
     }
-    return EmbeddingRouter.options(**router_options(config)).bind(config.model_dump(), embedders)
+    return EmbeddingRouter.options(**router_options(config)).bind(
+        config.model_dump(exclude_unset=True), embedders, str(path.parent)
+    )

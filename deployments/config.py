@@ -75,6 +75,12 @@ class Autoscaling(_Strict):
         return self
 
 
+class Cache(_Strict):
+    """The ingress's embedding cache for one model (``deployments/cache.py``), per ingress replica."""
+
+    max_mb: float = Field(gt=0)
+
+
 class ModelEntry(_Strict):
     """One served model; its ``name`` is also the name of its Ray Serve deployment."""
 
@@ -98,6 +104,8 @@ class ModelEntry(_Strict):
     # GPU memory one replica needs; estimated from the model's size, dtype and batch budget when unset.
     gpu_memory_gb: float | None = Field(None, gt=0)
     trust_remote_code: bool = False
+    # Repeated texts answered from memory at the ingress; off when absent.
+    cache: Cache | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
@@ -152,6 +160,9 @@ class RouterOptions(_Strict):
     health_requires_key: bool = False
     # An app whose proxy listens beyond loopback without API keys refuses to start unless this is true.
     allow_unauthenticated: bool = False
+    # A model (name or alias) that the ingress replicas run themselves: its requests take no hop between
+    # deployments. The ingress then takes that model's placement, replicas and autoscaling.
+    in_process_model: str | None = None
 
 
 class ModelsConfig(_Strict):
@@ -183,9 +194,32 @@ class ModelsConfig(_Strict):
                 f"default_model: {self.default_model!r} is not a model name or alias "
                 f"({', '.join(e.name for e in self.models)})"
             )
+        problems += self._in_process_problems(owner)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _in_process_problems(self, owner: dict[str, str]) -> list[str]:
+        name = self.router.in_process_model
+        if name is None:
+            return []
+        if name not in owner:
+            return [
+                f"router.in_process_model: {name!r} is not a model name or alias "
+                f"({', '.join(e.name for e in self.models)})"
+            ]
+        return [
+            f"router.{key}: the ingress runs model {owner[name]!r} in process (router.in_process_model), "
+            f"so its {key} come from that model's entry; remove router.{key}"
+            for key in ("num_replicas", "num_cpus")
+            if key in self.router.model_fields_set
+        ]
+
+    @property
+    def in_process_entry(self) -> ModelEntry | None:
+        """The entry of the model the ingress replicas run themselves, if any."""
+        name = self.router.in_process_model
+        return None if name is None else self.entry(self.name_table()[name])
 
     @property
     def max_body_bytes(self) -> int:
@@ -318,8 +352,9 @@ def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]
 
 
 def router_options(config: ModelsConfig) -> dict[str, Any]:
-    """``Deployment.options`` of the ingress: overload gets a fast 503 + Retry-After at the proxy."""
-    return {
+    """``Deployment.options`` of the ingress: overload gets a fast 503 + Retry-After at the proxy. With
+    ``router.in_process_model`` its resources, replicas and autoscaling are that model's."""
+    options: dict[str, Any] = {
         "num_replicas": config.router.num_replicas,
         "ray_actor_options": {"num_cpus": config.router.num_cpus},
         "max_ongoing_requests": config.router.max_ongoing_requests,
@@ -327,6 +362,15 @@ def router_options(config: ModelsConfig) -> dict[str, Any]:
         "backpressure_config": {"status_code": 503, "retry_after_s": config.router.retry_after_s},
         "logging_config": {"enable_access_log": config.router.access_log},
     }
+    entry = config.in_process_entry
+    if entry is not None:
+        model = deployment_options(config, entry)
+        options["ray_actor_options"] = model["ray_actor_options"]
+        options.pop("num_replicas")
+        for key in ("num_replicas", "autoscaling_config"):
+            if key in model:
+                options[key] = model[key]
+    return options
 
 
 def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The per-model Ray Serve deployment: a thin shell that hands each call to the engine's scheduler.
+"""One model served: ``ModelServer`` (backend + engine, no Serve decorator) and ``Embedder``, the per-model
+Ray Serve deployment around it. The ingress runs a ``ModelServer`` itself for ``router.in_process_model``.
 
 Every call is admitted at once (no gathering window): the engine tokenises it on its tokenizer thread,
 the scheduler decides each forward pass on its model thread, and each call is answered as soon as its
@@ -34,8 +35,7 @@ def _cpu_threads() -> int:
     return max(1, int(assigned))
 
 
-@serve.deployment
-class Embedder:
+class ModelServer:
     def __init__(self, entry: dict[str, Any], config_dir: str | None = None):
         self.entry = ModelEntry.model_validate(entry)
         quiet_client_errors(logging.getLogger("ray.serve"))
@@ -94,7 +94,14 @@ class Embedder:
         """The scheduler's counters and queue gauges (see ``Scheduler.stats``)."""
         return self.engine.stats()
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# The per-model deployment: the same object, one per replica, called by handle from the router.
+Embedder = serve.deployment(name="Embedder")(ModelServer)

@@ -3,7 +3,8 @@
 Ray's metrics agent exports them on every node's metrics port (``ray start --metrics-export-port``, or
 ``_metrics_export_port`` of ``ray.init``) with Ray's ``ray_`` prefix, tagged with Serve's application,
 deployment and replica besides the tags below. ``ModelMetrics`` is the scheduler's observer in a model
-replica; ``RouterMetrics`` counts requests by route and status, and refused API keys.
+replica; ``RouterMetrics`` counts requests by route and status, and refused API keys; ``CacheMetrics``
+follows one model's embedding cache at the ingress.
 """
 
 from __future__ import annotations
@@ -96,3 +97,29 @@ class RouterMetrics:
 
     def auth_failure(self, route: str) -> None:
         self._auth_failures.inc(tags={"route": route})
+
+
+class CacheMetrics:
+    """One model's embedding cache in an ingress replica: lookups by result, evictions, bytes held."""
+
+    def __init__(self, model: str):
+        self._lookups = _per_model(
+            metrics.Counter,
+            "embeddings_cache_lookups",
+            "Inputs looked up in the embedding cache, by result (hit, miss).",
+            model,
+            ("result",),
+        )
+        self._evictions = _per_model(
+            metrics.Counter, "embeddings_cache_evictions", "Cache entries evicted to stay in max_mb.", model
+        )
+        self._bytes = _per_model(metrics.Gauge, "embeddings_cache_bytes", "Bytes the cache holds.", model)
+
+    def record(self, hits: int, misses: int, evictions: int, size: int) -> None:
+        if hits:
+            self._lookups.inc(hits, tags={"result": "hit"})
+        if misses:
+            self._lookups.inc(misses, tags={"result": "miss"})
+        if evictions:
+            self._evictions.inc(evictions)
+        self._bytes.set(size)

@@ -1,8 +1,9 @@
 """The ingress deployment: OpenAI-style HTTP API and a Python handle API over the model deployments.
 
 It resolves model names and aliases from the models config, checks each request before any model work,
-and calls the model's ``Embedder`` by handle. Client mistakes become 4xx OpenAI-style errors; anything
-else is a server fault (5xx) and is logged.
+and calls the model's ``Embedder`` by handle, or, for ``router.in_process_model``, the ``ModelServer``
+it runs itself (no hop: the lean path for a one-machine service). Client mistakes become 4xx
+OpenAI-style errors; anything else is a server fault (5xx) and is logged.
 """
 
 import asyncio
@@ -21,10 +22,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from deployments.auth import ApiKeys, exposure_problem
+from deployments.cache import EmbeddingCache, cache_key, fill, look_up
 from deployments.coalescer import Coalescer
 from deployments.config import ModelsConfig
+from deployments.embedder import ModelServer
 from deployments.errors import ClientError, ModelError, model_not_found, original_error, quiet_client_errors
-from deployments.metrics import RouterMetrics
+from deployments.metrics import CacheMetrics, RouterMetrics
 from deployments.openai_api import (
     check_dimensions,
     parse_embeddings_request,
@@ -96,7 +99,12 @@ def _proxy_host() -> str | None:
 @serve.deployment
 @serve.ingress(api)
 class EmbeddingRouter:
-    def __init__(self, config: dict[str, Any], embedders: dict[str, DeploymentHandle]):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        embedders: dict[str, DeploymentHandle],
+        config_dir: str | None = None,
+    ):
         self.config = ModelsConfig.model_validate(config)
         options = self.config.router
         self.keys = ApiKeys.from_env(options.api_keys_env) if options.api_keys_env else None
@@ -107,7 +115,14 @@ class EmbeddingRouter:
         quiet_client_errors(logger)
         self.names = self.config.name_table()
         self.embedders = embedders
+        local = self.config.in_process_entry
+        self.local = ModelServer(local.model_dump(), config_dir) if local is not None else None
         self._info: dict[str, dict[str, Any]] = {}
+        self.caches = {
+            e.name: (EmbeddingCache(int(e.cache.max_mb * 2**20)), CacheMetrics(e.name))
+            for e in self.config.models
+            if e.cache is not None
+        }
         self.coalescer = Coalescer(
             self._send, max_in_flight=lambda key: 2 * self.config.entry(key[0]).max_replicas
         )
@@ -132,6 +147,8 @@ class EmbeddingRouter:
     async def _model_info(self, model: str) -> dict[str, Any] | None:
         """A replica's ``info()`` (cached once known); None while no replica answers within seconds, for
         example while the model's replicas wait for a node of their class."""
+        if self.local is not None and model == self.local.entry.name:
+            return self.local.info()
         if model not in self._info:
             response = self.embedders[model].info.remote()
             try:
@@ -140,6 +157,11 @@ class EmbeddingRouter:
                 response.cancel()
                 return None
         return self._info[model]
+
+    def _known_info(self, model: str) -> dict[str, Any] | None:
+        if self.local is not None and model == self.local.entry.name:
+            return self.local.info()
+        return self._info.get(model)
 
     async def _send(self, key: tuple, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """One call to the model deployment. Embedding is idempotent, so a call lost with its replica
@@ -161,13 +183,48 @@ class EmbeddingRouter:
     async def _embed(
         self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool
     ) -> tuple[np.ndarray, int, tuple[float, float]]:
-        """Vectors, total tokens, and the model call's (seconds queued, seconds computing). Requests that
-        may be refused (truncate: false) travel alone."""
+        """Vectors, total tokens, and the model call's (seconds queued, seconds computing); inputs the
+        model's cache holds are answered from it and only the rest is computed."""
         self._check_prompt(model, prompt_name)
+        if model not in self.caches:
+            vectors, tokens, timing = await self._compute(texts, model, prompt_name, normalize, truncate)
+            return vectors, int(tokens.sum()), timing
+        cache, metrics = self.caches[model]
+        entry = self.config.entry(model)
+        prompt = entry.prompt_text(prompt_name)
+        norm = entry.normalize if normalize is None else normalize
+        before = (cache.stats.hits, cache.stats.misses, cache.stats.evictions)
+        lookup = look_up(cache, [cache_key(model, prompt, norm, truncate, t) for t in texts], texts)
+        computed, tokens, timing = None, None, (0.0, 0.0)
+        if not lookup.complete:
+            try:
+                computed, tokens, timing = await self._compute(
+                    lookup.missing, model, prompt_name, normalize, truncate
+                )
+            except (ClientError, ModelError):
+                if len(lookup.missing) == len(texts):
+                    raise
+                # The error names an input by its place in the call: ask with the whole request instead.
+                vectors, tokens, timing = await self._compute(texts, model, prompt_name, normalize, truncate)
+                return vectors, int(tokens.sum()), timing
+        vectors, counts = fill(cache, lookup, computed, tokens)
+        s = cache.stats
+        metrics.record(s.hits - before[0], s.misses - before[1], s.evictions - before[2], s.bytes)
+        return vectors, int(counts.sum()), timing
+
+    async def _compute(
+        self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """Vectors, tokens per input and the model call's timing. Requests that may be refused
+        (truncate: false) travel alone."""
         key = (model, prompt_name, normalize, truncate)
-        call = self.coalescer.submit(key, texts) if truncate else self._send(key, texts)
-        vectors, tokens, timing = await asyncio.wait_for(call, self.config.router.request_timeout_s)
-        return vectors, int(tokens.sum()), timing
+        if self.local is not None and model == self.local.entry.name:
+            call = self.local.embed(texts, prompt_name, normalize, truncate)
+        elif truncate:
+            call = self.coalescer.submit(key, texts)
+        else:
+            call = self._send(key, texts)
+        return await asyncio.wait_for(call, self.config.router.request_timeout_s)
 
     # ---- HTTP -----------------------------------------------------------------------------------
     def _refused(self, request: Request) -> Response | None:
@@ -221,7 +278,7 @@ class EmbeddingRouter:
             body = await self._read_body_in_time(request)
             req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
             model = resolved["model"] = self._resolve(req.model)
-            info = self._info.get(model)  # known once a replica answered; never waited for here
+            info = self._known_info(model)  # known once a replica answered; never waited for here
             if req.dimensions is not None and info is not None:  # refused before any model work
                 check_dimensions(req.dimensions, info["dimension"])
             vectors, tokens, (queued_s, computing_s) = await self._embed(
@@ -270,7 +327,8 @@ class EmbeddingRouter:
 
         async def probe(name: str) -> str:
             try:
-                ok = await asyncio.wait_for(self.embedders[name].ping.remote(), HEALTH_TIMEOUT_S)
+                ping = self.local.ping() if name not in self.embedders else self.embedders[name].ping.remote()
+                ok = await asyncio.wait_for(_awaited(ping), HEALTH_TIMEOUT_S)
                 return "ok" if ok else "wrong output shape"
             except asyncio.TimeoutError:
                 return f"no answer within {HEALTH_TIMEOUT_S:.0f} s"
@@ -286,12 +344,12 @@ class EmbeddingRouter:
             {"status": "ok" if healthy else "unhealthy", "models": states}, 200 if healthy else 503
         )
 
-    @staticmethod
-    def _deployment_status(name: str) -> str:
+    def _deployment_status(self, name: str) -> str:
         """Serve's own word on a model's deployment (for example: replicas waiting for resources)."""
         try:
-            app = serve.status().applications[serve.get_replica_context().app_name]
-            deployment = app.deployments[name]
+            context = serve.get_replica_context()
+            app = serve.status().applications[context.app_name]
+            deployment = app.deployments[name if name in self.embedders else context.deployment]
             return f"deployment {deployment.status.value}: {deployment.message or 'no message'}"[:600]
         except Exception as exc:  # noqa: BLE001 - health must answer even if status cannot be read
             return f"deployment status unavailable ({type(exc).__name__})"
@@ -332,3 +390,16 @@ class EmbeddingRouter:
             }
             for e, info in zip(self.config.models, infos, strict=True)
         ]
+
+    def stats(self) -> dict[str, float | int]:
+        """The in-process model's scheduler counters (see ``Scheduler.stats``); empty without one."""
+        return self.local.stats() if self.local is not None else {}
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Per cached model: hits, misses, evictions, bytes and entries of this replica's cache."""
+        return {name: vars(cache.stats).copy() for name, (cache, _) in self.caches.items()}
+
+    def __del__(self) -> None:
+        local = getattr(self, "local", None)
+        if local is not None:
+            local.close()

@@ -13,6 +13,7 @@ from deployments.config import (
     load_models_config,
     parse_models_config,
     resolve_model_source,
+    router_options,
 )
 from tests.conftest import MINILM_DIR, REPO
 
@@ -62,6 +63,28 @@ def test_the_issue_example_and_shipped_configs_parse():
     assert config.name_table()["tree_comm"] == "bge-large-en-v1.5"
     for name in ("models.local.yaml", "models.yaml"):
         assert load_models_config(REPO / "configs" / name).models
+
+
+def test_an_in_process_model_gives_the_ingress_its_resources_and_replicas():
+    data = copy.deepcopy(VALID)
+    data["router"] = {"in_process_model": "tree_comm"}  # an alias names the model too
+    data["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 4}
+    del data["models"][0]["num_replicas"]
+    config = parse_models_config(data)
+    assert config.in_process_entry.name == "bge-large-en-v1.5"
+    options = router_options(config)
+    model = deployment_options(config, config.in_process_entry)
+    assert options["ray_actor_options"] == model["ray_actor_options"]
+    assert options["ray_actor_options"]["resources"] == {"small_gpu": 0.25}
+    assert options["autoscaling_config"] == model["autoscaling_config"]
+    assert "num_replicas" not in options
+    assert options["max_ongoing_requests"] == config.router.max_ongoing_requests  # still the ingress's
+    assert "autoscaling_config" not in router_options(parse_models_config(VALID))
+
+
+def test_the_local_config_runs_its_model_in_the_ingress():
+    config = load_models_config(REPO / "configs/models.local.yaml")
+    assert config.in_process_entry.name == config.default_model == "all-MiniLM-L6-v2"
 
 
 def test_relative_config_path_falls_back_to_the_repo_root(tmp_path, monkeypatch):
@@ -119,6 +142,25 @@ def test_relative_config_path_falls_back_to_the_repo_root(tmp_path, monkeypatch)
 def test_each_mistake_is_named_with_its_key_path(change, expected):
     problems = broken(change)
     assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("router", "expected"),
+    [
+        ({"in_process_model": "gpt-4"}, "router.in_process_model: 'gpt-4' is not a model name or alias"),
+        (
+            {"in_process_model": "all-MiniLM-L6-v2", "num_replicas": 2},
+            "router.num_replicas: the ingress runs model 'all-MiniLM-L6-v2' in process",
+        ),
+        (
+            {"in_process_model": "all-MiniLM-L6-v2", "num_cpus": 1},
+            "router.num_cpus: the ingress runs model 'all-MiniLM-L6-v2' in process",
+        ),
+    ],
+)
+def test_an_in_process_model_must_exist_and_own_the_ingress_resources(router, expected):
+    problems = broken(lambda d: d.update(router=router))
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
 
 
 def test_all_problems_are_reported_at_once():

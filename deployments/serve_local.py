@@ -1,0 +1,58 @@
+"""``python -m deployments.serve_local``: ``serve run configs/local.yaml`` on the lean HTTP path when it can.
+
+With HAProxy installed, Ray Serve's HAProxy ingress is turned on (``RAY_SERVE_ENABLE_HA_PROXY``, which
+implies direct ingress): HAProxy listens on the configured port and forwards each request straight to
+the ingress replica's own HTTP server, so no Python proxy actor and no actor call sit on the request
+path (what that is worth: README, "Benchmark"). Without HAProxy (or with ``EMBEDDINGS_HAPROXY=0``)
+the same command serves through Serve's proxy as usual.
+
+Serve reads these variables in its controller and replicas, which inherit the environment of the
+process that starts Ray, so they are set before ``serve run`` starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_SERVE_CONFIG = "configs/local.yaml"
+# How long a direct-ingress replica keeps answering after it is told to stop, so a load balancer sees
+# it leave first. Serve's default (30 s) suits a cluster; one machine with one HAProxy needs seconds.
+LOCAL_DRAINING_S = "2"
+
+
+def haproxy_env(haproxy: str | None = None, state_dir: str | None = None) -> dict[str, str]:
+    """The variables that turn on Serve's HAProxy ingress, or {} when HAProxy is not installed or
+    ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to ``state_dir`` (default: a new private directory)
+    rather than Serve's fixed ``/tmp/haproxy-serve``, so two services on one machine do not collide."""
+    haproxy = haproxy or shutil.which("haproxy")
+    if not haproxy or os.environ.get("EMBEDDINGS_HAPROXY", "1") == "0":
+        return {}
+    # Short: HAProxy refuses socket paths over 97 characters, and Serve adds a 40-character node id.
+    state = Path(state_dir or tempfile.mkdtemp(prefix="hap-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": LOCAL_DRAINING_S,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+    }
+
+
+def main(argv: list[str]) -> None:
+    config = argv[0] if argv else DEFAULT_SERVE_CONFIG
+    extra = haproxy_env()
+    how = "HAProxy ingress (direct to the replica)" if extra else "Serve's HTTP proxy (HAProxy not installed)"
+    print(f"serving {config} through {how}", file=sys.stderr, flush=True)
+    serve = str(Path(sys.executable).parent / "serve")
+    os.execve(serve, [serve, "run", config, *argv[1:]], {**os.environ, **extra})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
