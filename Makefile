@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup serve test bench
+.PHONY: setup haproxy serve test bench
 
 # torch first, pinned: that takes the CPU build; a bare torch requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -12,7 +12,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed
+# HAProxy (a Debian package) puts `make serve` on Serve's HAProxy ingress: the lean HTTP path. Best effort:
+# without it (no apt, not root) the service runs through Serve's own proxy and those tests are skipped.
+haproxy:
+	@command -v haproxy >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q haproxy >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q haproxy >/dev/null 2>&1; }; }; } || \
+	  echo "haproxy not installed: the service will use Serve's HTTP proxy"
+
+setup: $(VENV)/.installed haproxy
 
 # `serve run configs/local.yaml`, through Serve's HAProxy ingress when haproxy is installed.
 serve: setup

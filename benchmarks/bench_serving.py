@@ -35,7 +35,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import kt_gen_mix, start_local_service, stop_local_service  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    config_with_cache,
+    kt_gen_mix,
+    start_local_service,
+    stop_local_service,
+)
 
 Send = Callable[[list[str]], Awaitable[np.ndarray]]
 
@@ -181,7 +186,10 @@ def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
     import aiohttp
     from ray import serve
 
-    url = start_local_service(args.models_config, args.port, args.haproxy) + "/v1/embeddings"
+    # Without the embedding cache: the same texts go through handle and HTTP, and each must be computed
+    # (benchmarks/bench_cache.py measures the cache).
+    uncached = config_with_cache(args.models_config, None)
+    url = start_local_service(uncached, args.port, args.haproxy) + "/v1/embeddings"
     print(f"service: {'HAProxy ingress' if args.haproxy else 'Serve proxy'}, stats from "
           f"{args.stats_deployment}", file=sys.stderr)  # fmt: skip
     try:

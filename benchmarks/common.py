@@ -7,6 +7,8 @@ import random
 import tempfile
 from pathlib import Path
 
+import yaml
+
 
 def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
     """Entity names (2-4 words, 60%) and descriptions (8-120 words, 40%) from a real vocabulary."""
@@ -54,3 +56,15 @@ def stop_local_service() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+
+def config_with_cache(models_config: str, max_mb: float | None) -> str:
+    """The models config with every model's cache set to ``max_mb`` (None: off), as a temp file."""
+    data = yaml.safe_load(Path(models_config).read_text())
+    for entry in data["models"]:
+        entry.pop("cache", None)
+        if max_mb is not None:
+            entry["cache"] = {"max_mb": max_mb}
+    path = Path(tempfile.mkdtemp(prefix="bench-cache-")) / "models.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

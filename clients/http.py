@@ -12,8 +12,10 @@ import torch
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
 from deployments.errors import ClientError
 
-# What can succeed later: overload (429, 503), a gateway or timeout (502, 504). A 500 is a server fault the
-# same request would meet again (code model_error: the model fails on an input), so it is never retried.
+# What can succeed later: overload (429, 503), a gateway or timeout (502, 504). The service's own 500 (a JSON
+# error) is a fault the same request would meet again (code model_error: the model fails on an input), so it
+# is never retried; a 500 without that body comes from in front of the service (Serve's HAProxy ingress
+# answers a replica lost mid-request, a 502, as a plain-text 500) and is retried like a 502.
 RETRY_STATUSES = {429, 502, 503, 504}
 
 
@@ -57,10 +59,10 @@ class HTTPEmbedder(RemoteEmbedder):
         if resp.status_code < 400:
             return resp.json()
         try:
-            error = resp.json()["error"]
+            error, ours = resp.json()["error"], True
         except (ValueError, KeyError, TypeError):
-            error = {"message": resp.text[:300]}
-        if resp.status_code in RETRY_STATUSES:
+            error, ours = {"message": resp.text[:300]}, False
+        if resp.status_code in RETRY_STATUSES or (resp.status_code == 500 and not ours):
             message = f"HTTP {resp.status_code}: {error.get('message')}"
             raise Retryable(message, _retry_after(resp.headers.get("Retry-After")))
         if resp.status_code >= 500:

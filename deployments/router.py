@@ -10,7 +10,8 @@ import asyncio
 import itertools
 import logging
 import math
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,6 +38,7 @@ from deployments.openai_api import (
     validate_texts,
 )
 
+T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="GraphRAG embeddings", docs_url=None, redoc_url=None)
 HEALTH_TIMEOUT_S = 10.0
@@ -77,6 +79,41 @@ async def _server_fault(request: Request, exc: Exception) -> Response:
 
 async def _awaited(response: Any) -> Any:
     return await response
+
+
+class ClientLeft(Exception):
+    """The HTTP client closed its connection before its answer was ready."""
+
+
+# nginx's "client closed request": the status a hang-up is counted under (no client ever receives it).
+CLIENT_CLOSED = 499
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientLeft as soon as the client disconnects, with ``work`` cancelled (so the
+    model drops the request's queued inputs). Behind Serve's proxy the proxy cancels a request whose
+    client left; behind HAProxy (direct ingress) nothing else does: the replica's own HTTP server only
+    reports the disconnect, as the next ASGI message once the body has been read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # the work ends with the request: its answer, its client leaving, or its own cancellation
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientLeft
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has disconnected; never, if the server cannot tell."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - no way to watch this connection: leave the work alone
+        await asyncio.Event().wait()
 
 
 def _body_too_large(size: int, limit: int, at_least: bool = False) -> ClientError:
@@ -281,8 +318,8 @@ class EmbeddingRouter:
             info = self._known_info(model)  # known once a replica answered; never waited for here
             if req.dimensions is not None and info is not None:  # refused before any model work
                 check_dimensions(req.dimensions, info["dimension"])
-            vectors, tokens, (queued_s, computing_s) = await self._embed(
-                req.texts, model, req.prompt_name, req.normalize, req.truncate
+            vectors, tokens, (queued_s, computing_s) = await _unless_client_leaves(
+                request, self._embed(req.texts, model, req.prompt_name, req.normalize, req.truncate)
             )
             if req.dimensions is not None:
                 native = vectors.shape[1]
@@ -299,6 +336,8 @@ class EmbeddingRouter:
             )
         except ClientError as err:
             return _error_response(err.message, err.status, err.param, err.code)
+        except ClientLeft:  # nobody reads this answer; its status only counts the hang-up in the metrics
+            return _error_response("the client closed the connection", CLIENT_CLOSED, code="client_closed")
         except BackPressureError:
             response = _error_response("the model is overloaded; retry later", 503, code="overloaded")
             response.headers["Retry-After"] = str(max(1, math.ceil(self.config.router.retry_after_s)))

@@ -24,15 +24,15 @@ DEFAULT_SERVE_CONFIG = "configs/local.yaml"
 LOCAL_DRAINING_S = "2"
 
 
-def haproxy_env(haproxy: str | None = None, state_dir: str | None = None) -> dict[str, str]:
+def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
     """The variables that turn on Serve's HAProxy ingress, or {} when HAProxy is not installed or
-    ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to ``state_dir`` (default: a new private directory)
-    rather than Serve's fixed ``/tmp/haproxy-serve``, so two services on one machine do not collide."""
+    ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to a new private directory rather than Serve's fixed
+    ``/tmp/haproxy-serve``, so two services on one machine do not collide."""
     haproxy = haproxy or shutil.which("haproxy")
     if not haproxy or os.environ.get("EMBEDDINGS_HAPROXY", "1") == "0":
         return {}
     # Short: HAProxy refuses socket paths over 97 characters, and Serve adds a 40-character node id.
-    state = Path(state_dir or tempfile.mkdtemp(prefix="hap-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    state = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp" if os.path.isdir("/tmp") else None))
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy,

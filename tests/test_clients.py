@@ -129,9 +129,14 @@ def test_client_mistakes_are_not_retried(service, transport):
 
 
 class FlakyProxy:
-    """A real HTTP server in front of the service: its first ``failures`` POSTs get 503 + Retry-After."""
+    """A real HTTP server in front of the service: its first ``failures`` POSTs get ``status`` with
+    ``payload`` (default: 503 + Retry-After and an OpenAI-style error)."""
 
-    def __init__(self, upstream: str, failures: int, retry_after: float):
+    OVERLOADED = b'{"error": {"message": "overloaded", "type": "server_error"}}'
+
+    def __init__(
+        self, upstream: str, failures: int, retry_after: float, status: int = 503, payload: bytes = OVERLOADED
+    ):
         self.attempts = 0
         outer = self
 
@@ -159,8 +164,7 @@ class FlakyProxy:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 outer.attempts += 1
                 if outer.attempts <= failures:
-                    payload = b'{"error": {"message": "overloaded", "type": "server_error"}}'
-                    self.send_response(503)
+                    self.send_response(status)
                     self.send_header("Retry-After", str(retry_after))
                     self.send_header("content-length", str(len(payload)))
                     self.end_headers()
@@ -188,6 +192,27 @@ def test_http_retries_503_honouring_retry_after(service, reference):
     assert proxy.attempts == 3
     assert elapsed >= 2.0  # two Retry-After: 1 waits
     assert_same(got, reference.encode(TEXTS), "after retries")
+
+
+@pytest.mark.parametrize(
+    ("payload", "retried"),
+    [
+        (b"Internal Server Error", True),  # a gateway's (HAProxy's normalised 502): the service never saw it
+        (b'{"error": {"message": "model failed", "type": "server_error", "code": "model_error"}}', False),
+    ],
+)
+def test_http_retries_a_500_only_when_it_is_not_the_service_s_own(service, reference, payload, retried):
+    proxy = FlakyProxy(service, failures=1, retry_after=0.1, status=500, payload=payload)
+    try:
+        client = HTTPEmbedder(MODEL, base_url=proxy.url)
+        if retried:
+            assert_same(client.encode(TEXTS), reference.encode(TEXTS), "after a gateway's 500")
+        else:
+            with pytest.raises(EmbeddingServiceError, match="model_error"):
+                client.encode(TEXTS)
+    finally:
+        proxy.close()
+    assert proxy.attempts == (2 if retried else 1)
 
 
 def test_a_stopped_server_gives_a_clear_error_after_the_deadline():

@@ -1,13 +1,14 @@
-"""The README's service command: `serve run configs/local.yaml` answers on 127.0.0.1:8000 offline."""
+"""The README's service command (`make serve`: `python -m deployments.serve_local`, which is `serve run
+configs/local.yaml` behind HAProxy when it is installed) answers on 127.0.0.1:8000 offline, both ways."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,8 +19,10 @@ from tests.conftest import REPO
 URL = "http://127.0.0.1:8000"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["haproxy", "serve-proxy"])
+def served(request, tmp_path_factory):
+    if request.param == "haproxy" and not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (make setup installs it)")
     try:
         httpx.get(URL, timeout=1)
         pytest.fail("something already listens on 127.0.0.1:8000; configs/local.yaml needs that port")
@@ -27,11 +30,15 @@ def served(tmp_path_factory):
         pass
     tmp = tmp_path_factory.mktemp("serve-run")
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
+    env["EMBEDDINGS_HAPROXY"] = "1" if request.param == "haproxy" else "0"
     env.pop("RAY_ADDRESS", None)
     log = (tmp / "serve.log").open("w")
-    serve_bin = Path(sys.executable).parent / "serve"
     proc = subprocess.Popen(
-        [str(serve_bin), "run", "configs/local.yaml"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "deployments.serve_local", "configs/local.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.time() + 240
@@ -47,7 +54,7 @@ def served(tmp_path_factory):
             pytest.fail(
                 "serve run did not become healthy in 240 s:\n" + (tmp / "serve.log").read_text()[-3000:]
             )
-        yield proc
+        yield request.param
     finally:
         proc.send_signal(signal.SIGTERM)  # serve run shuts its own Ray down on SIGTERM
         try:
@@ -70,3 +77,9 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     models = httpx.get(f"{URL}/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["all-MiniLM-L6-v2"]
     assert httpx.get(f"{URL}/health", timeout=30).json()["status"] == "ok"
+    try:  # HAProxy's stats page: there exactly when HAProxy fronts the service
+        haproxy = httpx.get("http://127.0.0.1:8404/stats", timeout=5)
+        fronted = haproxy.status_code == 200 and "HAProxy" in haproxy.text
+    except httpx.TransportError:
+        fronted = False
+    assert fronted == (served == "haproxy")

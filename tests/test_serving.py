@@ -1,4 +1,9 @@
-"""End to end on a real Ray with real HTTP: MiniLM and a bge-shaped tiny model served side by side."""
+"""End to end on a real Ray with real HTTP: MiniLM, a bge-shaped tiny model and NV-Embed-tiny side by side.
+
+Every test runs against two topologies: each model its own deployment behind Serve's HTTP proxy, and the
+lean path (MiniLM run inside the ingress replicas, ``router.in_process_model``, behind Serve's HAProxy
+ingress) beside the other two as deployments.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +22,8 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from deployments.errors import ClientError
-from tests.conftest import free_port
+from deployments.serve_local import haproxy_env
+from tests.conftest import free_port, start_private_ray
 
 NVEMBED_FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
 NV_CASES = {c["name"]: c for c in json.loads((NVEMBED_FIXTURE / "expected.json").read_text())["cases"]}
@@ -24,7 +31,7 @@ BGE_QUERY = "Represent this sentence for searching relevant passages: "
 TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity research in Paris laboratories"]
 
 
-def write_config(path: Path, tiny_bge_dir: str) -> Path:
+def write_config(path: Path, tiny_bge_dir: str, in_process: bool) -> Path:
     config = {
         "default_model": "all-MiniLM-L6-v2",
         "placements": {"cpu": {"num_cpus": 1}},
@@ -48,10 +55,13 @@ def write_config(path: Path, tiny_bge_dir: str) -> Path:
                 "prompts": {"query": BGE_QUERY, "passage": ""},
                 "default_prompt": "query",
                 "placement": "cpu",
+                "cache": {"max_mb": 1},
             },
         ],
         "router": {"max_inputs_per_request": 64, "max_body_mb": 0.25, "body_timeout_s": 2},
     }
+    if in_process:
+        config["router"]["in_process_model"] = "all-MiniLM-L6-v2"
     config["models"].append(
         {
             "name": "nvembed-tiny",
@@ -73,19 +83,36 @@ def write_config(path: Path, tiny_bge_dir: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory, tiny_bge_dir):
+@pytest.fixture(scope="module", params=["deployments+proxy", "in-process+haproxy"])
+def service(request, tmp_path_factory, tiny_bge_dir):
+    """An httpx client on the app; ``client.deployment_of[model]`` names the deployment that runs it."""
     from ray import serve
 
     from deployments.app import AppArgs, build_app
 
-    config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=str(config))), name="embeddings", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as client:
-        yield client
+    in_process = request.param == "in-process+haproxy"
+    env = pytest.MonkeyPatch()
+    if in_process:
+        if not shutil.which("haproxy"):
+            pytest.skip("haproxy is not installed (make setup installs it)")
+        for key, value in haproxy_env().items():
+            env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
+    ray = start_private_ray(tmp_path_factory, num_cpus=4)
+    try:
+        config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir, in_process)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(AppArgs(models_config=str(config))), name="embeddings", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            client.deployment_of = {
+                "all-MiniLM-L6-v2": "EmbeddingRouter" if in_process else "all-MiniLM-L6-v2"
+            }
+            client.in_process = in_process
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        env.undo()
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +144,11 @@ def max_seq_length(model: SentenceTransformer, tokens: int):
         model.max_seq_length = before
 
 
-def stats(model: str) -> dict:
+def stats(service: httpx.Client, model: str) -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle(model, "embeddings").stats.remote().result()
+    deployment = service.deployment_of.get(model, model)
+    return serve.get_deployment_handle(deployment, "embeddings").stats.remote().result()
 
 
 def test_http_equals_in_process_sentence_transformers(service, minilm):
@@ -166,26 +194,28 @@ def test_handle_api_equals_in_process(service, minilm, tiny_bge):
 def test_concurrent_single_texts_are_merged(service, minilm):
     texts = [f"entity number {i} of the knowledge tree" for i in range(32)]
     expected = minilm.encode(texts)
-    before = stats("all-MiniLM-L6-v2")
+    before = stats(service, "all-MiniLM-L6-v2")
 
     async def fire():
         async with httpx.AsyncClient(base_url=str(service.base_url), timeout=60) as client:
             return await asyncio.gather(*(client.post("/v1/embeddings", json={"input": t}) for t in texts))
 
     responses = asyncio.run(fire())
-    after = stats("all-MiniLM-L6-v2")
+    after = stats(service, "all-MiniLM-L6-v2")
     got = np.array([r.json()["data"][0]["embedding"] for r in responses], dtype=np.float32)
     assert min_cosine(got, expected) >= 0.9999  # every caller got its own text's vector
     passes = after["forward_passes"] - before["forward_passes"]
     calls = after["calls"] - before["calls"]
-    assert passes <= 16 and calls <= 16, (passes, calls)
+    assert passes <= 16, passes
+    # through deployments the router merges the requests into few calls; in process each is a call
+    assert calls == 32 if service.in_process else calls <= 16, calls
 
 
 def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
     texts = [f"{i} " + "knowledge graph community detection " * 40 for i in range(40)]  # >128 tokens each
-    before = stats("all-MiniLM-L6-v2")
+    before = stats(service, "all-MiniLM-L6-v2")
     vectors, body = embed(service, input=texts)
-    after = stats("all-MiniLM-L6-v2")
+    after = stats(service, "all-MiniLM-L6-v2")
     assert body["usage"]["prompt_tokens"] == 40 * 128  # truncated at max_seq_length, every token counted
     with max_seq_length(minilm, 128):
         assert min_cosine(vectors, minilm.encode(texts)) >= 0.9999
@@ -337,14 +367,23 @@ def test_replica_stays_responsive_during_a_long_batch(service):
     """Model work runs off the event loop: the replica answers calls (and Serve's health checks) meanwhile."""
     from ray import serve
 
-    embedder = serve.get_deployment_handle("all-MiniLM-L6-v2", "embeddings")
     texts = [f"{i} " + "long passage about graph retrieval " * 30 for i in range(64)]
-    big = embedder.embed.remote(texts * 4)
-    time.sleep(0.3)
-    t0 = time.perf_counter()
-    info = embedder.info.remote().result()
-    answered = time.perf_counter() - t0
-    vectors, _, _ = big.result()
+    if service.in_process:  # the model runs in the ingress replica: its own API must stay responsive
+        router = serve.get_app_handle("embeddings")
+        big = [router.embed.remote(texts) for _ in range(4)]  # the router takes 64 inputs a request
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        info = {"dimension": router.models.remote().result()[0]["dimension"]}
+        answered = time.perf_counter() - t0
+        vectors = np.concatenate([b.result() for b in big])
+    else:
+        embedder = serve.get_deployment_handle("all-MiniLM-L6-v2", "embeddings")
+        big = embedder.embed.remote(texts * 4)
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        info = embedder.info.remote().result()
+        answered = time.perf_counter() - t0
+        vectors, _, _ = big.result()
     assert info["dimension"] == 384 and vectors.shape == (256, 384)
     assert answered < 1.0, f"replica took {answered:.2f} s to answer during a long batch"
 
@@ -367,3 +406,35 @@ def test_nvembed_served_equals_the_published_reference(service, prompt_name, cas
     assert data["model"] == "nvembed-tiny"
     assert data["usage"]["prompt_tokens"] == sum(map(sum, NV_CASES[case]["attention_mask"]))
     assert np.abs(vectors - expected).max() <= 1e-4
+
+
+def test_repeated_texts_come_from_the_cache_without_a_hop(service, tiny_bge):
+    from ray import serve
+
+    texts = [f"cached entity {i}" for i in range(6)]
+    before = stats(service, "bge-tiny")
+    first = service.post("/v1/embeddings", json={"input": texts[:4], "model": "tree_comm"})
+    middle = stats(service, "bge-tiny")
+    again = service.post("/v1/embeddings", json={"input": texts[:4], "model": "bge-tiny"})
+    after_hit = stats(service, "bge-tiny")
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content  # the very bytes the miss returned, usage included
+    assert middle["inputs"] - before["inputs"] == 4
+    assert after_hit["calls"] == middle["calls"]  # no call reached the model's deployment
+    assert float(again.headers["x-inference-time-ms"]) == 0.0
+
+    mixed, body = embed(service, input=texts[2:], model="bge-tiny")  # 2 cached, 2 new
+    assert stats(service, "bge-tiny")["inputs"] - after_hit["inputs"] == 2
+    assert min_cosine(mixed, tiny_bge.encode(texts[2:], prompt=BGE_QUERY)) >= 0.9999
+    # these texts take equally many tokens each: cached rows report theirs as computed ones do
+    assert body["usage"]["prompt_tokens"] == first.json()["usage"]["prompt_tokens"]
+
+    short, _ = embed(service, input=texts[:2], model="bge-tiny", dimensions=8)  # cached, then shortened
+    full = np.array([d["embedding"] for d in first.json()["data"][:2]], dtype=np.float32)[:, :8]
+    np.testing.assert_allclose(short, full / np.linalg.norm(full, axis=1, keepdims=True), rtol=1e-6)
+    passage, _ = embed(service, input=texts[:2], model="bge-tiny", prompt_name="passage")  # another key
+    assert min_cosine(passage, tiny_bge.encode(texts[:2])) >= 0.9999
+
+    counts = serve.get_app_handle("embeddings").cache_stats.remote().result()["bge-tiny"]
+    assert counts["hits"] >= 4 + 2 + 2 and counts["misses"] >= 4 + 2 + 2
+    assert 0 < counts["bytes"] <= 1 << 20 and counts["entries"] >= 8

@@ -1,0 +1,189 @@
+"""The lean path end to end: the model inside the ingress replicas, behind Serve's HAProxy ingress.
+
+What the path through deployments proves elsewhere must hold here too, on real Ray, real HAProxy and real
+HTTP: callers that hang up leave no work behind, overload is a fast 503 with Retry-After, and a replica
+killed under load costs the client's retries nothing but time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from benchmarks.common import kt_gen_mix
+from clients import HTTPEmbedder
+from deployments.serve_local import haproxy_env
+from tests.conftest import MINILM_DIR, free_port, start_private_ray
+
+pytestmark = pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)")
+
+
+def app_config(path: Path, source: str, num_cpus: float, replicas: int = 1, **router) -> str:
+    config = {
+        "default_model": "lean",
+        "placements": {"cpu": {"num_cpus": num_cpus}},
+        "models": [
+            {
+                "name": "lean",
+                "source": source,
+                "backend": "sentence-transformers",
+                "max_seq_length": 256,
+                "placement": "cpu",
+                "batching": {"max_batch_tokens": 4096, "max_batch_size": 128, "batch_wait_timeout_s": 0},
+                "num_replicas": replicas,
+            }
+        ],
+        "router": {"in_process_model": "lean", **router},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory, tiny_bge_dir):
+    """Three apps behind one HAProxy: /lean (MiniLM), /tight (tiny limits), /pair (two replicas)."""
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    env = pytest.MonkeyPatch()
+    for key, value in haproxy_env().items():
+        env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
+    ray = start_private_ray(tmp_path_factory, num_cpus=4)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = tmp_path_factory.mktemp("cfg")
+        apps = {
+            "lean": app_config(cfg / "lean.yaml", MINILM_DIR, 1),
+            "tight": app_config(
+                cfg / "tight.yaml", tiny_bge_dir, 0.5, max_ongoing_requests=2, max_queued_requests=2,
+                retry_after_s=3,
+            ),  # fmt: skip
+            "pair": app_config(cfg / "pair.yaml", tiny_bge_dir, 0.5, replicas=2),
+        }
+        for name, path in apps.items():
+            serve.run(build_app(AppArgs(models_config=path)), name=name, route_prefix=f"/{name}")
+        yield {"url": f"http://127.0.0.1:{port}", "ray": ray}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        env.undo()
+
+
+def stats(app: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("EmbeddingRouter", app).stats.remote().result()
+
+
+def test_callers_that_hang_up_leave_no_work_behind(lean):
+    url = f"{lean['url']}/lean/v1/embeddings"
+    clients = 100
+    texts = [kt_gen_mix(16, seed=200 + i) for i in range(clients)]
+    before = stats("lean")
+
+    async def storm():
+        # aiohttp: it closes a timed-out request's connection at once (httpx's AsyncClient does not always,
+        # and HAProxy only passes on a hang-up it sees; README, "Known issues")
+        connector = aiohttp.TCPConnector(limit=clients + 8)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one(i: int) -> None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    timeout = aiohttp.ClientTimeout(total=1.0)
+                    async with session.post(url, json={"input": texts[i]}, timeout=timeout) as resp:
+                        await resp.read()
+
+            await asyncio.gather(*(one(i) for i in range(clients)))
+
+    asyncio.run(storm())
+    time.sleep(0.5)  # HAProxy and the replica see the hang-ups
+    settled = stats("lean")
+    t0 = time.perf_counter()
+    resp = httpx.post(url, json={"input": "Warsaw"}, timeout=60)
+    quick_s = time.perf_counter() - t0
+    after = stats("lean")
+    assert resp.status_code == 200 and quick_s < 2.0, (resp.status_code, quick_s)
+    assert after["dropped_inputs"] > before["dropped_inputs"] and after["queue_inputs"] == 0
+    assert after["rows"] - settled["rows"] <= 128 + 1  # at most the pass running at the hang-up
+    assert after["rows"] - before["rows"] < clients * 16
+
+
+def test_a_bulk_request_whose_caller_hangs_up_is_dropped(lean):
+    url = f"{lean['url']}/lean/v1/embeddings"
+    before = stats("lean")
+    with contextlib.suppress(httpx.TimeoutException):
+        httpx.post(url, json={"input": kt_gen_mix(1500, seed=7)}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while stats("lean")["queue_inputs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = stats("lean")
+    assert after["cancelled_calls"] - before["cancelled_calls"] == 1 and after["queue_inputs"] == 0
+    assert after["dropped_inputs"] - before["dropped_inputs"] > 0
+    assert after["rows"] - before["rows"] < 1500
+
+
+def test_overload_is_a_fast_503_with_retry_after(lean):
+    texts = ["graph community summary " * 40] * 64
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=lean["url"], timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post("/tight/v1/embeddings", json={"input": texts}) for _ in range(24))
+            )
+
+    responses = asyncio.run(flood())
+    refused = [r for r in responses if r.status_code == 503]
+    served = [r for r in responses if r.status_code == 200]
+    assert len(served) >= 2 and len(refused) >= 10 and len(served) + len(refused) == 24, [
+        r.status_code for r in responses
+    ]
+    assert all(r.headers.get("retry-after") == "3" for r in refused)  # Serve's own 503 (plain text)
+    assert max(r.elapsed.total_seconds() for r in refused) < 5
+
+
+def test_a_replica_killed_under_load_costs_the_client_nothing_but_time(lean, tiny_bge):
+    ray = lean["ray"]
+    named = ray.util.list_named_actors(all_namespaces=True)
+    replicas = [a for a in named if "pair#EmbeddingRouter#" in a["name"]]
+    assert len(replicas) == 2
+    texts = [f"entity {i} described at some length " * 3 for i in range(64)]
+    expected = tiny_bge.encode(texts)
+    model = HTTPEmbedder("lean", base_url=f"{lean['url']}/pair", deadline_s=120)
+    results, errors = [], []
+
+    def load() -> None:
+        t_end = time.time() + 10
+        while time.time() < t_end:
+            try:
+                results.append(model.encode(texts, batch_size=8))
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(2)
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    loader.join()
+    model.close()
+    assert errors == [] and len(results) >= 3
+    for got in results:
+        assert ((got * expected).sum(1) / np.linalg.norm(got, axis=1)).min() >= 0.9999
+
+
+@pytest.fixture(scope="module")
+def tiny_bge(tiny_bge_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(tiny_bge_dir, device="cpu")
