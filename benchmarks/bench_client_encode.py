@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -21,7 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import kt_gen_mix, start_local_service, stop_local_service  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    config_with_cache,
+    kt_gen_mix,
+    start_local_service,
+    stop_local_service,
+)
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -40,6 +46,9 @@ def main() -> None:
     parser.add_argument("--models-config", default=str(REPO / "configs/models.local.yaml"))
     parser.add_argument("--texts", type=int, default=1248)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-haproxy", action="store_true", help="serve through Serve's proxy even if haproxy is installed"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +74,9 @@ def main() -> None:
     from tests.conftest import free_port
 
     port = free_port()
-    base = start_local_service(args.models_config, port)
+    # The service as `make serve` runs it: through HAProxy when it is installed.
+    lean = not args.no_haproxy and bool(shutil.which("haproxy"))
+    base = start_local_service(config_with_cache(args.models_config, None), port, haproxy=lean)
     try:
         for name, client in (
             ("HTTPEmbedder.encode(texts)", HTTPEmbedder(model, base_url=base)),

@@ -29,18 +29,18 @@ def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
 
 def start_local_service(models_config: str, port: int, haproxy: bool = False) -> str:
     """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL. With
-    ``haproxy``, through Serve's HAProxy ingress (as ``make serve`` does when haproxy is installed)."""
+    ``haproxy``, set up as ``make serve`` does when haproxy is installed (``serving_env``)."""
     import os
 
     import ray
     from ray import serve
 
     from deployments.app import AppArgs, build_app
-    from deployments.serve_local import haproxy_env
+    from deployments.serve_local import serving_env
 
     if haproxy:
-        env = haproxy_env()
-        if not env:
+        env = serving_env()
+        if "RAY_SERVE_ENABLE_HA_PROXY" not in env:
             raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
         os.environ.update(env)  # inherited by the raylet, hence the Serve controller and replicas
 

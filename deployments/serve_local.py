@@ -4,7 +4,8 @@ With HAProxy installed, Ray Serve's HAProxy ingress is turned on (``RAY_SERVE_EN
 implies direct ingress): HAProxy listens on the configured port and forwards each request straight to
 the ingress replica's own HTTP server, so no Python proxy actor and no actor call sit on the request
 path (what that is worth: README, "Benchmark"). Without HAProxy (or with ``EMBEDDINGS_HAPROXY=0``)
-the same command serves through Serve's proxy as usual.
+the same command serves through Serve's proxy as usual. Either way Serve runs the request code on the
+replica's own event loop (``serving_env``).
 
 Serve reads these variables in its controller and replicas, which inherit the environment of the
 process that starts Ray, so they are set before ``serve run`` starts it.
@@ -22,6 +23,13 @@ DEFAULT_SERVE_CONFIG = "configs/local.yaml"
 # How long a direct-ingress replica keeps answering after it is told to stop, so a load balancer sees
 # it leave first. Serve's default (30 s) suits a cluster; one machine with one HAProxy needs seconds.
 LOCAL_DRAINING_S = "2"
+
+
+def serving_env() -> dict[str, str]:
+    """Everything ``make serve`` sets: Serve runs our request code on the replica's own event loop (our
+    code never blocks it: model work runs on the engine's threads, so the extra thread hop of Serve's
+    default buys nothing), plus the HAProxy ingress when HAProxy is installed."""
+    return {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **haproxy_env()}
 
 
 def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
@@ -47,8 +55,12 @@ def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
 
 def main(argv: list[str]) -> None:
     config = argv[0] if argv else DEFAULT_SERVE_CONFIG
-    extra = haproxy_env()
-    how = "HAProxy ingress (direct to the replica)" if extra else "Serve's HTTP proxy (HAProxy not installed)"
+    extra = serving_env()
+    how = (
+        "HAProxy ingress (direct to the replica)"
+        if "RAY_SERVE_ENABLE_HA_PROXY" in extra
+        else "Serve's HTTP proxy (HAProxy not installed or EMBEDDINGS_HAPROXY=0)"
+    )
     print(f"serving {config} through {how}", file=sys.stderr, flush=True)
     serve = str(Path(sys.executable).parent / "serve")
     os.execve(serve, [serve, "run", config, *argv[1:]], {**os.environ, **extra})

@@ -22,7 +22,7 @@ import yaml
 
 from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
-from deployments.serve_local import haproxy_env
+from deployments.serve_local import serving_env
 from tests.conftest import MINILM_DIR, free_port, start_private_ray
 
 pytestmark = pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)")
@@ -57,7 +57,7 @@ def lean(tmp_path_factory, tiny_bge_dir):
     from deployments.app import AppArgs, build_app
 
     env = pytest.MonkeyPatch()
-    for key, value in haproxy_env().items():
+    for key, value in serving_env().items():
         env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
     ray = start_private_ray(tmp_path_factory, num_cpus=4)
     try:

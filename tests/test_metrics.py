@@ -36,6 +36,7 @@ def service(tmp_path_factory):
         "backend": "sentence-transformers",
         "max_seq_length": 128,
         "placement": "cpu",
+        "cache": {"max_mb": 1},
     }
     config = {
         "default_model": MODEL,
@@ -84,8 +85,12 @@ def test_counters_move_by_what_the_traffic_did(service):
     assert httpx.post(f"{base}/v1/embeddings", json={"input": []}, headers=auth).status_code == 400
     assert httpx.post(f"{base}/v1/embeddings", json={"input": ["x"]}).status_code == 401
 
+    # the cache: "text 0".."text 2" are computed once, then answered from it (3 + 5 hits)
     wanted = {
-        ("embeddings_inputs_total", ()): 15,
+        ("embeddings_inputs_total", ()): 7,
+        ("embeddings_cache_lookups_total", (("result", "hit"), ("model", MODEL))): 8,
+        ("embeddings_cache_lookups_total", (("result", "miss"), ("model", MODEL))): 7,
+        ("embeddings_cache_evictions_total", ()): 0,
         ("embeddings_requests_total", (("status", "200"), ("route", "/v1/embeddings"))): 3,
         ("embeddings_requests_total", (("status", "400"),)): 1,
         ("embeddings_requests_total", (("status", "401"),)): 1,
@@ -101,9 +106,10 @@ def test_counters_move_by_what_the_traffic_did(service):
     assert got == wanted, got
     real = total(samples, "embeddings_tokens_total", kind="real", model=MODEL)
     padded = total(samples, "embeddings_tokens_total", kind="padded", model=MODEL)
-    assert 15 * 3 <= real <= padded  # every input is at least [CLS] text i [SEP]
+    assert 7 * 3 <= real <= padded  # every input is at least [CLS] text i [SEP]
     assert total(samples, "embeddings_batch_rows_count", model=MODEL) >= 1
-    assert total(samples, "embeddings_batch_rows_sum", model=MODEL) == 15
+    assert total(samples, "embeddings_batch_rows_sum", model=MODEL) == 7
+    assert 0 < total(samples, "embeddings_cache_bytes", model=MODEL) <= 7 * (384 * 4 + 260)
     assert total(samples, "embeddings_forward_seconds_count", model=MODEL) >= 1
     assert total(samples, "embeddings_queue_wait_seconds_count", model=MODEL) == 3
     assert total(samples, "embeddings_queue_depth", model=MODEL, unit="inputs") == 0

@@ -22,7 +22,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from deployments.errors import ClientError
-from deployments.serve_local import haproxy_env
+from deployments.serve_local import serving_env
 from tests.conftest import free_port, start_private_ray
 
 NVEMBED_FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
@@ -95,7 +95,7 @@ def service(request, tmp_path_factory, tiny_bge_dir):
     if in_process:
         if not shutil.which("haproxy"):
             pytest.skip("haproxy is not installed (make setup installs it)")
-        for key, value in haproxy_env().items():
+        for key, value in serving_env().items():
             env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
     ray = start_private_ray(tmp_path_factory, num_cpus=4)
     try:
