@@ -44,6 +44,8 @@ api = FastAPI(title="GraphRAG embeddings", docs_url=None, redoc_url=None)
 HEALTH_TIMEOUT_S = 10.0
 # How long /v1/models (and so a client's constructor) waits for a model's replica before listing it pending.
 INFO_TIMEOUT_S = 3.0
+# Replicas a call may take down in a row before it is split to find the input that does.
+REPLICA_LOSSES_BEFORE_SPLIT = 2
 
 
 def _error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> Response:
@@ -200,11 +202,16 @@ class EmbeddingRouter:
             return self.local.info()
         return self._info.get(model)
 
-    async def _send(self, key: tuple, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """One call to the model deployment. Embedding is idempotent, so a call lost with its replica
-        (killed, crashed, node gone) is sent again until Serve has a replica for it; the request timeout
-        bounds the whole."""
+    async def _send(self, key: tuple, texts: list[str], first: int = 0) -> tuple:
+        """One call to the model deployment: (vectors, tokens per input, (s queued, s computing)).
+
+        Embedding is idempotent, so a call lost with its replica (killed, crashed, node gone) is sent
+        again. A call that loses ``REPLICA_LOSSES_BEFORE_SPLIT`` replicas in a row is split in halves, each
+        sent on its own, down to the one input that takes replicas down, which is refused (ModelError naming
+        it by its place in the call, offset by ``first``) while the others are answered. The request
+        timeout bounds the whole."""
         model, prompt_name, normalize, truncate = key
+        losses = 0
         for attempt in itertools.count():
             response = self.embedders[model].embed.remote(texts, prompt_name, normalize, truncate)
             try:
@@ -212,10 +219,30 @@ class EmbeddingRouter:
             except asyncio.CancelledError:  # every caller of this call left: the replica drops its rows
                 response.cancel()
                 raise
-            except (RayActorError, ReplicaUnavailableError) as exc:
-                logger.warning("model %s: replica lost (%s); retrying the call", model, type(exc).__name__)
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+            except RayActorError as exc:  # the replica died with the call on it
+                losses += 1
+                logger.warning(
+                    "model %s: replica lost (%s) with a call of %d inputs on it (%d in a row)",
+                    model, type(exc).__name__, len(texts), losses,
+                )  # fmt: skip
+                if losses >= REPLICA_LOSSES_BEFORE_SPLIT:
+                    return await self._send_split(key, texts, first, losses)
+            except ReplicaUnavailableError:  # no replica to take it yet (starting, replacing a lost one)
+                pass
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
+
+    async def _send_split(self, key: tuple, texts: list[str], first: int, losses: int) -> tuple:
+        if len(texts) == 1:
+            raise ModelError(
+                f"input[{first}] was refused: the model's replica died {losses} times in a row while "
+                "embedding it (the input crashes the model server)"
+            )
+        half = len(texts) // 2
+        left = await self._send(key, texts[:half], first)
+        right = await self._send(key, texts[half:], first + half)
+        timing = tuple(a + b for a, b in zip(left[2], right[2], strict=True))
+        return np.concatenate([left[0], right[0]]), np.concatenate([left[1], right[1]]), timing
 
     async def _embed(
         self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool

@@ -95,6 +95,10 @@ def test_counters_move_by_what_the_traffic_did(service):
         ("embeddings_requests_total", (("status", "400"),)): 1,
         ("embeddings_requests_total", (("status", "401"),)): 1,
         ("embeddings_auth_failures_total", (("route", "/v1/embeddings"),)): 1,
+        # histograms are reported on their own schedule: waited for like the counters. Their _sum is not
+        # exact in Ray's export (built from bucket midpoints: passes of 3, 2, 2 rows read 6), _count is.
+        ("embeddings_batch_rows_count", (("model", MODEL),)): 3,
+        ("embeddings_queue_wait_seconds_count", (("model", MODEL),)): 3,
     }
     deadline = time.monotonic() + 60
     while True:
@@ -107,11 +111,8 @@ def test_counters_move_by_what_the_traffic_did(service):
     real = total(samples, "embeddings_tokens_total", kind="real", model=MODEL)
     padded = total(samples, "embeddings_tokens_total", kind="padded", model=MODEL)
     assert 7 * 3 <= real <= padded  # every input is at least [CLS] text i [SEP]
-    assert total(samples, "embeddings_batch_rows_count", model=MODEL) >= 1
-    assert total(samples, "embeddings_batch_rows_sum", model=MODEL) == 7
     assert 0 < total(samples, "embeddings_cache_bytes", model=MODEL) <= 7 * (384 * 4 + 260)
     assert total(samples, "embeddings_forward_seconds_count", model=MODEL) >= 1
-    assert total(samples, "embeddings_queue_wait_seconds_count", model=MODEL) == 3
     assert total(samples, "embeddings_queue_depth", model=MODEL, unit="inputs") == 0
     assert total(samples, "embeddings_dropped_inputs_total", model=MODEL) == 0
 

@@ -14,6 +14,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import free_port
+from tests.fatal_module import build_fatal_bge
 
 FAST_METRICS = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
@@ -34,7 +35,12 @@ def model(name: str, model_dir: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_bge_dir):
+def fatal_bge_dir(tmp_path_factory, tiny_bge_dir) -> str:
+    return build_fatal_bge(tiny_bge_dir, tmp_path_factory.mktemp("fatal-bge"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_bge_dir, fatal_bge_dir):
     import ray
     from ray import serve
 
@@ -67,6 +73,7 @@ def service(tmp_path_factory, tiny_bge_dir):
                         "look_back_period_s": 2,
                     },
                 ),
+                model("fatal", fatal_bge_dir, trust_remote_code=True),  # "volcano" kills its replica
             ],
         }
         path = tmp_path_factory.mktemp("cfg") / "models.yaml"
@@ -201,3 +208,21 @@ def test_overload_gets_a_fast_503_with_retry_after(service, tmp_path, tiny_bge_d
     assert (
         max(r.elapsed.total_seconds() for r in refused) < min(r.elapsed.total_seconds() for r in served) + 5
     )
+
+
+def test_an_input_that_kills_replicas_is_found_and_refused_alone(service, tiny_bge_dir):
+    reference = SentenceTransformer(tiny_bge_dir, device="cpu")
+    texts = ["Marie Curie", "Pierre Curie", "a volcano erupts", "Warsaw", "Paris", "radium"]
+    t0 = time.monotonic()
+    resp = httpx.post(f"{service['url']}/v1/embeddings", json={"input": texts, "model": "fatal"}, timeout=180)
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == 500, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "model_error" and error["message"].startswith("input[2] was refused"), error
+    assert elapsed < 120  # split in halves: a few replica restarts, not one per retry forever
+    safe = [t for t in texts if "volcano" not in t]
+    wait_for(lambda: running_replicas("fatal") == 1, 60, "the replica replaced")
+    resp = httpx.post(f"{service['url']}/v1/embeddings", json={"input": safe, "model": "fatal"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    got = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
+    assert ((got * reference.encode(safe)).sum(1)).min() >= 0.9999
