@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def lean(tmp_path_factory, tiny_bge_dir):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = tmp_path_factory.mktemp("cfg")
         apps = {
-            "lean": app_config(cfg / "lean.yaml", MINILM_DIR, 1),
+            "lean": app_config(cfg / "lean.yaml", MINILM_DIR, 1, body_timeout_s=2),
             "tight": app_config(
                 cfg / "tight.yaml", tiny_bge_dir, 0.5, max_ongoing_requests=2, max_queued_requests=2,
                 retry_after_s=3,
@@ -187,3 +188,39 @@ def tiny_bge(tiny_bge_dir):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(tiny_bge_dir, device="cpu")
+
+
+def test_slow_and_idle_connections_do_not_starve_the_service(lean):
+    """300 connections that never finish their headers wait in HAProxy (it forwards a request only once
+    its headers are complete); 300 that trickle a body reach the router, which answers each a 408 after
+    router.body_timeout_s (2 s here). Meanwhile normal requests are answered at their usual speed."""
+    host, port = lean["url"].removeprefix("http://").split(":")
+    head = b"POST /lean/v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    idle = [socket.create_connection((host, int(port))) for _ in range(300)]
+    slow = [socket.create_connection((host, int(port))) for _ in range(300)]
+    try:
+        for s in idle:
+            s.sendall(head)  # headers never end
+        for s in slow:
+            s.sendall(head + b"Content-Length: 100000\r\n\r\n{")  # then a byte now and then
+        latencies = []
+        with httpx.Client(base_url=lean["url"], timeout=30) as client:
+            for i in range(12):
+                for s in slow:
+                    with contextlib.suppress(OSError):
+                        s.send(b" ")
+                t0 = time.perf_counter()
+                resp = client.post("/lean/v1/embeddings", json={"input": [f"entity {i}"]})
+                latencies.append(time.perf_counter() - t0)
+                assert resp.status_code == 200, resp.text
+                time.sleep(0.25)
+        assert max(latencies) < 2.0, latencies
+        answers = []
+        for s in slow:
+            s.settimeout(10)
+            with contextlib.suppress(OSError):
+                answers.append(s.recv(4096).split(b"\r\n", 1)[0])
+        assert answers.count(b"HTTP/1.1 408 Request Timeout") == len(slow), set(answers)
+    finally:
+        for s in idle + slow:
+            s.close()
