@@ -106,9 +106,8 @@ def start_private_ray(tmp_path_factory, env: dict[str, str] | None = None, **ini
     env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     ray.init(
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        include_dashboard=False,
         runtime_env={"env_vars": env_vars},
-        **init_kwargs,
+        **{"include_dashboard": False, **init_kwargs},
     )
     return ray
 
