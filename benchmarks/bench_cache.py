@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,10 +25,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_serving import client_connector, drive, http_sender  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    add_ingress_option,
     config_with_cache,
     kt_gen_mix,
     start_local_service,
+    stats_deployment,
     stop_local_service,
+    use_haproxy,
 )
 
 
@@ -58,9 +60,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--max-mb", type=float, default=64)
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument(
-        "--no-haproxy", action="store_true", help="serve through Serve's proxy even if haproxy is installed"
-    )
+    add_ingress_option(parser)
     args = parser.parse_args()
 
     from ray import serve
@@ -70,20 +70,19 @@ def main() -> None:
 
     config = load_models_config(args.models_config)
     model = config.name_table()[config.default_model]
-    local = config.in_process_entry
-    stats_deployment = "EmbeddingRouter" if local is not None and local.name == model else model
+    stats_name = stats_deployment(config, model)
     mixed = recurring_stream(args.texts)
     names = [t for t in recurring_stream(3 * args.texts, seed=1) if len(t.split()) <= 4][: args.texts]
     streams = {"mixed": mixed, "names": names}
     configs = {"off": config_with_cache(args.models_config, None)}
     configs["on"] = config_with_cache(args.models_config, args.max_mb)
-    lean = not args.no_haproxy and bool(shutil.which("haproxy"))
+    lean = use_haproxy(args)
     url = start_local_service(configs["off"], args.port, haproxy=lean) + "/v1/embeddings"
 
     async def replay(stream: list[str], clients: int, per: int) -> tuple[float, float, float, dict]:
         import aiohttp
 
-        stats = serve.get_deployment_handle(stats_deployment, "embeddings").stats
+        stats = serve.get_deployment_handle(stats_name, "embeddings").stats
         async with aiohttp.ClientSession(connector=client_connector()) as session:
             send = http_sender(session, url, model)
             await drive(send, kt_gen_mix(64, seed=99), 8, 8)  # warm-up on other texts

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -23,10 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
+    add_ingress_option,
     config_with_cache,
     kt_gen_mix,
     start_local_service,
     stop_local_service,
+    use_haproxy,
 )
 
 
@@ -46,9 +47,7 @@ def main() -> None:
     parser.add_argument("--models-config", default=str(REPO / "configs/models.local.yaml"))
     parser.add_argument("--texts", type=int, default=1248)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--no-haproxy", action="store_true", help="serve through Serve's proxy even if haproxy is installed"
-    )
+    add_ingress_option(parser)
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,7 +74,7 @@ def main() -> None:
 
     port = free_port()
     # The service as `make serve` runs it: through HAProxy when it is installed.
-    lean = not args.no_haproxy and bool(shutil.which("haproxy"))
+    lean = use_haproxy(args)
     base = start_local_service(config_with_cache(args.models_config, None), port, haproxy=lean)
     try:
         for name, client in (

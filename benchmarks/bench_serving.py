@@ -36,10 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
+    add_ingress_option,
     config_with_cache,
     kt_gen_mix,
     start_local_service,
+    stats_deployment,
     stop_local_service,
+    use_haproxy,
 )
 
 Send = Callable[[list[str]], Awaitable[np.ndarray]]
@@ -266,9 +269,7 @@ def main() -> None:
     parser.add_argument("--infinity", default=None, help="path of infinity_emb (default: on PATH)")
     parser.add_argument("--infinity-port", type=int, default=7997)
     parser.add_argument("--skip-infinity", action="store_true")
-    parser.add_argument(
-        "--no-haproxy", action="store_true", help="serve through Serve's proxy even if haproxy is installed"
-    )
+    add_ingress_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -277,9 +278,8 @@ def main() -> None:
     config = load_models_config(args.models_config)
     model = args.model or config.name_table()[config.default_model]
     entry = config.entry(model)
-    local = config.in_process_entry
-    args.stats_deployment = "EmbeddingRouter" if local is not None and local.name == model else model
-    args.haproxy = not args.no_haproxy and bool(shutil.which("haproxy"))
+    args.stats_deployment = stats_deployment(config, model)
+    args.haproxy = use_haproxy(args)
     source = str(resolve_model_source(entry.source))
     threads = max(1, int(config.placements[entry.placement].num_cpus or 1))
     texts = kt_gen_mix(args.texts)

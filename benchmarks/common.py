@@ -27,6 +27,26 @@ def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
+def add_ingress_option(parser) -> None:
+    """``--no-haproxy``: serving benchmarks run the service as ``make serve`` does unless told not to."""
+    parser.add_argument(
+        "--no-haproxy", action="store_true", help="serve through Serve's proxy even if haproxy is installed"
+    )
+
+
+def use_haproxy(args) -> bool:
+    """HAProxy in front when it is installed and ``--no-haproxy`` was not given (as ``make serve``)."""
+    import shutil
+
+    return not args.no_haproxy and bool(shutil.which("haproxy"))
+
+
+def stats_deployment(config, model: str) -> str:
+    """The deployment whose ``stats()`` are ``model``'s scheduler's: the router when it runs the model."""
+    local = config.in_process_entry
+    return "EmbeddingRouter" if local is not None and local.name == model else model
+
+
 def start_local_service(models_config: str, port: int, haproxy: bool = False) -> str:
     """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL. With
     ``haproxy``, set up as ``make serve`` does when haproxy is installed (``serving_env``)."""

@@ -186,8 +186,8 @@ class EmbeddingRouter:
     async def _model_info(self, model: str) -> dict[str, Any] | None:
         """A replica's ``info()`` (cached once known); None while no replica answers within seconds, for
         example while the model's replicas wait for a node of their class."""
-        if self.local is not None and model == self.local.entry.name:
-            return self.local.info()
+        if self._is_local(model):
+            return self._known_info(model)
         if model not in self._info:
             response = self.embedders[model].info.remote()
             try:
@@ -197,9 +197,14 @@ class EmbeddingRouter:
                 return None
         return self._info[model]
 
+    def _is_local(self, model: str) -> bool:
+        """Whether this replica runs ``model`` itself (``router.in_process_model``)."""
+        return self.local is not None and model == self.local.entry.name
+
     def _known_info(self, model: str) -> dict[str, Any] | None:
-        if self.local is not None and model == self.local.entry.name:
-            return self.local.info()
+        """A model's ``info()`` if already known (the in-process model's is known from the start)."""
+        if model not in self._info and self._is_local(model):
+            self._info[model] = self.local.info()
         return self._info.get(model)
 
     async def _send(self, key: tuple, texts: list[str], first: int = 0) -> tuple:
@@ -282,7 +287,7 @@ class EmbeddingRouter:
         """Vectors, tokens per input and the model call's timing. Requests that may be refused
         (truncate: false) travel alone."""
         key = (model, prompt_name, normalize, truncate)
-        if self.local is not None and model == self.local.entry.name:
+        if self._is_local(model):
             call = self.local.embed(texts, prompt_name, normalize, truncate)
         elif truncate:
             call = self.coalescer.submit(key, texts)
