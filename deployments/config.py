@@ -145,8 +145,9 @@ class RouterOptions(_Strict):
     request_timeout_s: float = Field(120.0, gt=0)
     # Serve's per-request access log lines cost CPU on every hop; errors are logged either way.
     access_log: bool = False
+    # HTTP embedding requests each router replica works on at once; up to max_queued_requests more wait
+    # for a slot, and the next gets the service's own 503 (JSON, Retry-After) at once.
     max_ongoing_requests: int = Field(1024, gt=0)
-    # HTTP requests queued at the proxy beyond this get a 503 with Retry-After instead of waiting.
     max_queued_requests: int = Field(2048, gt=0)
     retry_after_s: float = Field(1.0, ge=0)
     # Largest request body; default: room for max_inputs_per_request inputs of the longest max_seq_length
@@ -351,16 +352,27 @@ def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]
     return options
 
 
+# Calls a router replica takes beyond its own admission limits: refusals on their way out, health checks,
+# /v1/models, Python-handle calls. Serve's own (plain-text) 503 comes only past these.
+ROUTER_HEADROOM = 64
+
+
 def router_options(config: ModelsConfig) -> dict[str, Any]:
-    """``Deployment.options`` of the ingress: overload gets a fast 503 + Retry-After at the proxy. With
-    ``router.in_process_model`` its resources, replicas and autoscaling are that model's."""
+    """``Deployment.options`` of the ingress. The router admits HTTP requests itself (``Admission``: its
+    503 is JSON), so Serve's limits sit above its own by ``ROUTER_HEADROOM``; Serve's fast 503 +
+    Retry-After stays as the last line. With ``router.in_process_model`` its resources, replicas and
+    autoscaling are that model's."""
+    router = config.router
+    serve_limit = router.max_ongoing_requests + router.max_queued_requests + ROUTER_HEADROOM
     options: dict[str, Any] = {
-        "num_replicas": config.router.num_replicas,
-        "ray_actor_options": {"num_cpus": config.router.num_cpus},
-        "max_ongoing_requests": config.router.max_ongoing_requests,
-        "max_queued_requests": config.router.max_queued_requests,
-        "backpressure_config": {"status_code": 503, "retry_after_s": config.router.retry_after_s},
-        "logging_config": {"enable_access_log": config.router.access_log},
+        "num_replicas": router.num_replicas,
+        "ray_actor_options": {"num_cpus": router.num_cpus},
+        # Serve's queue is the callers' (the proxy's) line for a replica; requests also pass through it
+        # while Serve picks one, so it is as long as the router's own limits.
+        "max_ongoing_requests": serve_limit,
+        "max_queued_requests": serve_limit,
+        "backpressure_config": {"status_code": 503, "retry_after_s": router.retry_after_s},
+        "logging_config": {"enable_access_log": router.access_log},
     }
     entry = config.in_process_entry
     if entry is not None:

@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from deployments.admission import Admission, Overloaded
 from deployments.auth import ApiKeys, exposure_problem
 from deployments.cache import EmbeddingCache, cache_key, fill, look_up
 from deployments.coalescer import Coalescer
@@ -151,6 +152,7 @@ class EmbeddingRouter:
         if problem:
             raise RuntimeError(problem)
         self.metrics = RouterMetrics()
+        self.admission = Admission(options.max_ongoing_requests, options.max_queued_requests)
         quiet_client_errors(logger)
         self.names = self.config.name_table()
         self.embedders = embedders
@@ -333,16 +335,29 @@ class EmbeddingRouter:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _overloaded(self, message: str) -> Response:
+        response = _error_response(message, 503, code="overloaded")
+        response.headers["Retry-After"] = str(max(1, math.ceil(self.config.router.retry_after_s)))
+        return response
+
     @api.post("/v1/embeddings")
     async def create_embeddings(self, request: Request) -> Response:
         resolved: dict[str, str] = {}
-        response = await self._embeddings(request, resolved)
+        response = self._refused(request)
+        if response is None:
+            try:
+                async with self.admission.slot() as waited_s:
+                    response = await self._embeddings(request, resolved, waited_s)
+            except Overloaded:
+                response = self._overloaded(
+                    f"the service is overloaded ({self.admission.ongoing} requests at work and "
+                    f"{self.admission.queued} waiting on this router replica); retry later"
+                )
         self.metrics.request(resolved.get("model"), "/v1/embeddings", response.status_code)
         return response
 
-    async def _embeddings(self, request: Request, resolved: dict[str, str]) -> Response:
-        if refused := self._refused(request):
-            return refused
+    async def _embeddings(self, request: Request, resolved: dict[str, str], waited_s: float) -> Response:
+        """The answer to an admitted request; ``waited_s``: its wait for admission (counted as queueing)."""
         try:
             body = await self._read_body_in_time(request)
             req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
@@ -362,7 +377,7 @@ class EmbeddingRouter:
                 render_embeddings(vectors, model, tokens, req.encoding_format),
                 media_type="application/json",
                 headers={  # where the time went (Serve adds x-request-id, echoed or generated)
-                    "x-queue-time-ms": f"{queued_s * 1e3:.1f}",
+                    "x-queue-time-ms": f"{(waited_s + queued_s) * 1e3:.1f}",
                     "x-inference-time-ms": f"{computing_s * 1e3:.1f}",
                 },
             )
@@ -371,9 +386,7 @@ class EmbeddingRouter:
         except ClientLeft:  # nobody reads this answer; its status only counts the hang-up in the metrics
             return _error_response("the client closed the connection", CLIENT_CLOSED, code="client_closed")
         except BackPressureError:
-            response = _error_response("the model is overloaded; retry later", 503, code="overloaded")
-            response.headers["Retry-After"] = str(max(1, math.ceil(self.config.router.retry_after_s)))
-            return response
+            return self._overloaded("the model is overloaded; retry later")
         except asyncio.TimeoutError:
             return _error_response("the model did not answer in time", 504, code="timeout")
         except ModelError as err:  # deterministic: the same input fails again; logged, not to be retried

@@ -23,6 +23,11 @@ DEFAULT_SERVE_CONFIG = "configs/local.yaml"
 # How long a direct-ingress replica keeps answering after it is told to stop, so a load balancer sees
 # it leave first. Serve's default (30 s) suits a cluster; one machine with one HAProxy needs seconds.
 LOCAL_DRAINING_S = "2"
+# HAProxy closes a connection that sends nothing for this long while HAProxy waits on it (headers not
+# finished, a body stalled), with a 408. Serve's default is an hour; Ray 2.60 offers no separate header
+# timeout (HAProxy's "timeout http-request"). An answer that takes longer is not cut: HAProxy does not
+# wait on the client then. An operator's own RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S wins.
+LOCAL_CLIENT_TIMEOUT_S = "30"
 
 
 def serving_env() -> dict[str, str]:
@@ -45,6 +50,9 @@ def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy,
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": LOCAL_DRAINING_S,
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": os.environ.get(
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", LOCAL_CLIENT_TIMEOUT_S
+        ),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),

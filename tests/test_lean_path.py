@@ -13,6 +13,7 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -27,6 +28,8 @@ from deployments.serve_local import serving_env
 from tests.conftest import MINILM_DIR, free_port, start_private_ray
 
 pytestmark = pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)")
+# HAProxy's client timeout in these tests: a connection silent this long while HAProxy waits on it is closed.
+CLIENT_TIMEOUT_S = 5
 
 
 def app_config(path: Path, source: str, num_cpus: float, replicas: int = 1, **router) -> str:
@@ -58,6 +61,7 @@ def lean(tmp_path_factory, tiny_bge_dir):
     from deployments.app import AppArgs, build_app
 
     env = pytest.MonkeyPatch()
+    env.setenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", str(CLIENT_TIMEOUT_S))  # make serve's is 30 s
     for key, value in serving_env().items():
         env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
     ray = start_private_ray(tmp_path_factory, num_cpus=4)
@@ -150,7 +154,9 @@ def test_overload_is_a_fast_503_with_retry_after(lean):
     assert len(served) >= 2 and len(refused) >= 10 and len(served) + len(refused) == 24, [
         r.status_code for r in responses
     ]
-    assert all(r.headers.get("retry-after") == "3" for r in refused)  # Serve's own 503 (plain text)
+    for r in refused:  # the router's own refusal (JSON), not Serve's plain-text backpressure 503
+        assert r.headers.get("content-type") == "application/json", r.text
+        assert r.headers.get("retry-after") == "3" and r.json()["error"]["code"] == "overloaded"
     assert max(r.elapsed.total_seconds() for r in refused) < 5
 
 
@@ -224,3 +230,24 @@ def test_slow_and_idle_connections_do_not_starve_the_service(lean):
     finally:
         for s in idle + slow:
             s.close()
+
+
+def test_a_silent_connection_is_closed_but_a_slow_answer_is_not(lean):
+    """HAProxy answers 408 and closes a connection that stops sending before its request is complete, after
+    its client timeout; a request whose answer takes longer than that timeout is still answered."""
+    host, port = lean["url"].removeprefix("http://").split(":")
+    silent = socket.create_connection((host, int(port)))
+    silent.settimeout(3 * CLIENT_TIMEOUT_S)
+    t0 = time.monotonic()
+    silent.sendall(b"POST /lean/v1/embeddings HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+    texts = kt_gen_mix(1500, seed=11)  # takes longer than the client timeout on two cores
+    with httpx.Client(base_url=lean["url"], timeout=120) as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/lean/v1/embeddings", json={"input": texts})
+        answer = silent.recv(4096)
+        closed_after = time.monotonic() - t0
+        silent.close()
+        slow = slow.result()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert CLIENT_TIMEOUT_S - 0.5 < closed_after < CLIENT_TIMEOUT_S + 2
+    assert slow.status_code == 200 and len(slow.json()["data"]) == len(texts)
+    assert slow.elapsed.total_seconds() > CLIENT_TIMEOUT_S

@@ -83,3 +83,15 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     except httpx.TransportError:
         fronted = False
     assert fronted == (served == "haproxy")
+
+
+def test_make_serve_closes_silent_connections_after_30_s_unless_told_otherwise(monkeypatch):
+    """HAProxy's client timeout (behaviour tested in test_lean_path) is 30 s under make serve, not Serve's
+    hour; an operator's own RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S is kept."""
+    from deployments.serve_local import haproxy_env
+
+    monkeypatch.delenv("EMBEDDINGS_HAPROXY", raising=False)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", raising=False)
+    assert haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "30"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", "7")
+    assert haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "7"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import copy
 
-from deployments.config import deployment_options, load_models_config, parse_models_config, router_options
+from deployments.config import (
+    ROUTER_HEADROOM,
+    deployment_options,
+    load_models_config,
+    parse_models_config,
+    router_options,
+)
 from deployments.sizing import check_gpu_packing, replica_gpu_memory_gb
 from tests.conftest import REPO
 
@@ -87,4 +93,5 @@ def test_ray_options_carry_the_placement_and_backpressure():
     assert options["max_queued_requests"] == 64 and options["max_ongoing_requests"] == 64
     router = router_options(config)
     assert router["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
-    assert router["max_queued_requests"] == 2048
+    # The router admits 1024 + 2048 itself (JSON 503 past that); Serve's plain-text 503 only further out.
+    assert router["max_ongoing_requests"] == router["max_queued_requests"] == 1024 + 2048 + ROUTER_HEADROOM

@@ -1,0 +1,69 @@
+"""The router's admission: a bounded number at work, a bounded line waiting in order, the rest refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.admission import Admission, Overloaded
+
+
+async def _hold(admission: Admission, name: str, release: asyncio.Event, log: list[str]) -> float:
+    async with admission.slot() as waited_s:
+        log.append(name)
+        await release.wait()
+        return waited_s
+
+
+def test_at_work_then_waiting_in_order_then_refused_at_once():
+    async def scenario():
+        admission = Admission(ongoing=2, queued=2)
+        release, log = asyncio.Event(), []
+        holders = [asyncio.create_task(_hold(admission, f"r{i}", release, log)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert log == ["r0", "r1"] and admission.at_work == 2 and admission.waiting == 2
+        with pytest.raises(Overloaded):  # the fifth: no slot, the line full
+            async with admission.slot():
+                raise AssertionError("admitted past the limits")
+        assert admission.waiting == 2  # a refusal takes nothing
+        release.set()
+        waits = await asyncio.gather(*holders)
+        assert log == ["r0", "r1", "r2", "r3"]  # first come, first served
+        assert waits[0] < 0.005 and waits[2] >= 0.01
+        assert admission.at_work == 0 and admission.waiting == 0
+        async with admission.slot():  # free again
+            assert admission.at_work == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_gives_up_leaves_the_line_and_frees_its_place():
+    async def scenario():
+        admission = Admission(ongoing=1, queued=1)
+        release, log = asyncio.Event(), []
+        holder = asyncio.create_task(_hold(admission, "held", release, log))
+        waiter = asyncio.create_task(_hold(admission, "gone", release, log))
+        await asyncio.sleep(0.01)
+        waiter.cancel()  # its caller left while it waited
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert admission.waiting == 0
+        later = asyncio.create_task(_hold(admission, "later", release, log))  # takes the freed place
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(holder, later)
+        assert log == ["held", "later"] and admission.at_work == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_error_at_work_gives_the_slot_back():
+    async def scenario():
+        admission = Admission(ongoing=1, queued=0)
+        with pytest.raises(RuntimeError):
+            async with admission.slot():
+                raise RuntimeError("the request failed")
+        async with admission.slot() as waited_s:
+            assert waited_s < 0.005
+
+    asyncio.run(scenario())
