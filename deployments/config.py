@@ -353,25 +353,22 @@ def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]
 
 
 # Calls a router replica takes beyond its own admission limits: refusals on their way out, health checks,
-# /v1/models, Python-handle calls. Serve's own (plain-text) 503 comes only past these.
+# /v1/models, Python-handle calls.
 ROUTER_HEADROOM = 64
 
 
 def router_options(config: ModelsConfig) -> dict[str, Any]:
     """``Deployment.options`` of the ingress. The router admits HTTP requests itself (``Admission``: its
-    503 is JSON), so Serve's limits sit above its own by ``ROUTER_HEADROOM``; Serve's fast 503 +
-    Retry-After stays as the last line. With ``router.in_process_model`` its resources, replicas and
-    autoscaling are that model's."""
+    503 is JSON), so Serve lets more in (by ``ROUTER_HEADROOM``) and never refuses: Serve's refusal is
+    plain text, and its queue (the callers' line for a replica, which every request passes while Serve
+    picks one) only holds requests on their way to a quick answer. With ``router.in_process_model`` its
+    resources, replicas and autoscaling are that model's."""
     router = config.router
-    serve_limit = router.max_ongoing_requests + router.max_queued_requests + ROUTER_HEADROOM
     options: dict[str, Any] = {
         "num_replicas": router.num_replicas,
         "ray_actor_options": {"num_cpus": router.num_cpus},
-        # Serve's queue is the callers' (the proxy's) line for a replica; requests also pass through it
-        # while Serve picks one, so it is as long as the router's own limits.
-        "max_ongoing_requests": serve_limit,
-        "max_queued_requests": serve_limit,
-        "backpressure_config": {"status_code": 503, "retry_after_s": router.retry_after_s},
+        "max_ongoing_requests": router.max_ongoing_requests + router.max_queued_requests + ROUTER_HEADROOM,
+        "max_queued_requests": -1,
         "logging_config": {"enable_access_log": router.access_log},
     }
     entry = config.in_process_entry

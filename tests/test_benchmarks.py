@@ -1,10 +1,14 @@
-"""Scripts run end to end: the NV-Embed benchmark's CPU smoke shape, and the kt_gen dedup example."""
+"""Scripts run end to end: the NV-Embed benchmark's CPU smoke shape, the abuse sweep, and the examples."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -56,3 +60,22 @@ def test_tree_comm_example_gives_identical_communities():
     assert "identical: True" in out
     communities = next(line for line in out.splitlines() if line.startswith("service communities"))
     assert len(set(communities.split(":", 1)[1].strip(" []").split(", "))) == 4  # four real communities
+
+
+@pytest.mark.parametrize("front", ["haproxy", "serve-proxy"])
+def test_the_abuse_sweep_gets_every_answer_it_should(front):
+    """Every bad or abusive request of benchmarks/abuse_sweep.py (its own private service, keys on) gets
+    the status and error code it should, and a normal request afterwards is answered."""
+    if front == "haproxy" and not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (make setup installs it)")
+    args = ["--client-timeout-s", "3", "--body-timeout-s", "2"]
+    if front != "haproxy":
+        args.append("--no-haproxy")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "benchmarks/abuse_sweep.py", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    done, total = map(int, re.search(r"(\d+) of (\d+) as expected", out.stdout).groups())
+    assert done == total >= 64
