@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from deployments.admission import Admission, Overloaded
 from deployments.auth import ApiKeys, exposure_problem
@@ -313,6 +314,8 @@ class EmbeddingRouter:
         timeout = self.config.router.body_timeout_s
         try:
             return await asyncio.wait_for(self._read_body(request), timeout)
+        except ClientDisconnect:  # hung up mid-body: the client's doing, not a server fault
+            raise ClientLeft from None
         except asyncio.TimeoutError:
             raise ClientError(
                 f"the request body was not received within {timeout:g} s (router.body_timeout_s)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import httpx
@@ -115,6 +116,31 @@ def test_counters_move_by_what_the_traffic_did(service):
     assert total(samples, "embeddings_forward_seconds_count", model=MODEL) >= 1
     assert total(samples, "embeddings_queue_depth", model=MODEL, unit="inputs") == 0
     assert total(samples, "embeddings_dropped_inputs_total", model=MODEL) == 0
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_as_leaving_not_as_a_server_fault(service):
+    base, metrics_url = service
+    host, port = base.removeprefix("http://").split(":")
+    closed = {"status": "499", "route": "/v1/embeddings"}
+    before = scrape(metrics_url)
+    for _ in range(3):  # 100 bytes promised, 11 sent, then gone
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k1\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"input": ['
+            )
+            time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while True:
+        samples = scrape(metrics_url)
+        left = total(samples, "embeddings_requests_total", **closed) - total(
+            before, "embeddings_requests_total", **closed
+        )
+        if left >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert left == 3
+    assert total(samples, "embeddings_requests_total", status="500") == 0
 
 
 def test_the_grafana_dashboard_queries_only_metrics_the_service_exports():
