@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -314,7 +314,8 @@ class EmbeddingRouter:
         timeout = self.config.router.body_timeout_s
         try:
             return await asyncio.wait_for(self._read_body(request), timeout)
-        except ClientDisconnect:  # hung up mid-body: the client's doing, not a server fault
+        except (ClientDisconnect, TaskCancelledError):  # hung up mid-body: the client's doing, not a fault
+            # (behind Serve's proxy the body comes through the proxy's call, cancelled when its client left)
             raise ClientLeft from None
         except asyncio.TimeoutError:
             raise ClientError(
@@ -356,6 +357,9 @@ class EmbeddingRouter:
                     f"the service is overloaded ({self.admission.ongoing} requests at work and "
                     f"{self.admission.queued} waiting on this router replica); retry later"
                 )
+            except asyncio.CancelledError:  # Serve's proxy cancels a request whose client left
+                self.metrics.request(resolved.get("model"), "/v1/embeddings", CLIENT_CLOSED)
+                raise
         self.metrics.request(resolved.get("model"), "/v1/embeddings", response.status_code)
         return response
 

@@ -119,6 +119,8 @@ def test_counters_move_by_what_the_traffic_did(service):
 
 
 def test_a_client_that_hangs_up_mid_body_is_counted_as_leaving_not_as_a_server_fault(service):
+    """Whether the router sees the hang-up in the body stream or Serve's proxy cancels the request first
+    (a race), it counts as 499 and never as a 500."""
     base, metrics_url = service
     host, port = base.removeprefix("http://").split(":")
     closed = {"status": "499", "route": "/v1/embeddings"}
