@@ -17,7 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BACKENDS = ("sentence-transformers", "nvembed")
+from deployments.backends.registry import BACKENDS, DEFAULT_COMPILE_CACHE_DIR
+
 PACKAGE_SOURCE_PREFIX = "pkg:"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SUBKEY_LINE = re.compile(r"^[a-z_][\w.]*: ")
@@ -88,7 +89,18 @@ class ModelEntry(_Strict):
     aliases: list[str] = Field(default_factory=list)
     source: str = Field(min_length=1)
     backend: str
+    # What computes the passes (the backend's runtimes, deployments/backends/registry.py): torch, or
+    # openvino for sentence-transformers models on CPU placements.
+    runtime: str = "torch"
+    # On GPU the weights' dtype; on CPU bfloat16 runs the matmuls in bf16 where the CPU has it (else
+    # float32, logged) and float16 runs float32 (deployments/backends/precision.py).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # A CPU fast path (bf16, openvino) serves only if its worst cosine to torch float32 on the fidelity
+    # probes is at least this; otherwise the replica serves torch float32 (deployments/backends/fidelity.py).
+    fidelity_min_cosine: float = Field(0.9999, ge=0, le=1)
+    # Where runtime openvino keeps the converted model between starts (relative: to the config's folder);
+    # null: convert at every start.
+    compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR
     max_seq_length: int = Field(gt=0)
     prompts: dict[str, str] = Field(default_factory=dict)
     default_prompt: str | None = None
@@ -112,6 +124,9 @@ class ModelEntry(_Strict):
         problems = []
         if self.backend not in BACKENDS:
             problems.append(f"backend: unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        elif self.runtime not in BACKENDS[self.backend].runtimes:
+            known = ", ".join(BACKENDS[self.backend].runtimes)
+            problems.append(f"runtime: {self.backend!r} has no runtime {self.runtime!r}; known: {known}")
         if self.default_prompt is not None and self.default_prompt not in self.prompts:
             problems.append(
                 f"default_prompt: {self.default_prompt!r} is not a key of prompts "
@@ -182,6 +197,15 @@ class ModelsConfig(_Strict):
                 problems.append(
                     f"{where}.placement: {entry.placement!r} is not defined under placements "
                     f"({', '.join(sorted(self.placements)) or 'none'})"
+                )
+            elif (
+                entry.runtime in BACKENDS[entry.backend].cpu_only_runtimes
+                and self.placements[entry.placement].num_gpus > 0
+            ):
+                problems.append(
+                    f"{where}.runtime: {entry.runtime!r} runs on CPU placements only, and placement "
+                    f"{entry.placement!r} has num_gpus {self.placements[entry.placement].num_gpus:g}; "
+                    "use runtime: torch on GPUs"
                 )
             for j, alias in enumerate([entry.name, *entry.aliases]):
                 key = "name" if j == 0 else f"aliases[{j - 1}]"

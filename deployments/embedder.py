@@ -44,7 +44,7 @@ class ModelServer:
         if not use_gpu:
             torch.set_num_threads(threads)
         self.backend = load_backend(
-            self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None
+            self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None, threads=threads
         )
         self.engine = EmbeddingEngine(
             self.backend,
@@ -77,13 +77,19 @@ class ModelServer:
         return bool(vectors.shape == (1, self.backend.dimension))
 
     def info(self) -> dict[str, Any]:
-        """What this replica serves and where it runs (node, GPUs Ray assigned to it)."""
+        """What this replica serves, what computes it (runtime, precision, fidelity) and where it runs
+        (node, GPUs Ray assigned to it)."""
         context = ray.get_runtime_context()
+        serving = self.backend.serving
         return {
             "name": self.entry.name,
             "dimension": self.backend.dimension,
             "max_seq_length": self.backend.max_seq_length,
             "device": str(self.backend.device),
+            "runtime": serving.runtime,
+            "precision": serving.precision,
+            "fidelity_worst_cosine": serving.worst_cosine,
+            "serving_note": serving.note,
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "node_id": context.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],

@@ -56,6 +56,8 @@ def _error_response(message: str, status: int, param: str | None = None, code: s
     )
 
 
+# What a replica's info() says computes its passes, repeated in /v1/models.
+SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note")
 ROUTES = "POST /v1/embeddings, GET|HEAD /v1/models, GET|HEAD /health"
 
 
@@ -473,6 +475,8 @@ class EmbeddingRouter:
                 "default_prompt": e.default_prompt,
                 "dimension": info["dimension"] if info else None,
                 "state": "ready" if info else f"pending: {self._deployment_status(e.name)}",
+                # What computes the vectors (one replica's report; all replicas of a model load alike).
+                **{k: info.get(k) if info else None for k in SERVING_KEYS},
                 "max_seq_length": e.max_seq_length,
                 "max_inputs_per_request": self.config.router.max_inputs_per_request,
                 "max_body_bytes": self.config.max_body_bytes,

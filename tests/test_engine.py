@@ -29,9 +29,24 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def backend():
-    return SentenceTransformersBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
+# Every runtime and precision a CPU replica may serve: each must give sentence-transformers' vectors.
+CPU_PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16")]
+
+
+@pytest.fixture(scope="module", params=CPU_PATHS, ids=["-".join(p) for p in CPU_PATHS])
+def backend(request, tmp_path_factory):
+    runtime, dtype = request.param
+    backend = SentenceTransformersBackend(
+        MINILM_DIR,
+        device=torch.device("cpu"),
+        max_seq_length=256,
+        runtime=runtime,
+        dtype=dtype,
+        threads=2,
+        compile_cache_dir=tmp_path_factory.mktemp("openvino"),
+    )
+    assert backend.serving.runtime == runtime  # the gate let the fast path through
+    return backend
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -15,6 +15,17 @@ import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class ServingPath:
+    """What actually computes a model's passes, as ``info()`` and ``/v1/models`` report it."""
+
+    runtime: str  # "torch" | "openvino"
+    precision: str  # what the matmuls run in: "float32" | "bfloat16" | "float16"
+    # Worst cosine to torch float32 over the fidelity probes; None where no fast path was checked.
+    worst_cosine: float | None = None
+    note: str = ""  # why this differs from the configured runtime or dtype, else ''
+
+
 @dataclass
 class EncodedText:
     """One tokenised input: 1-D tensors of its real length (no padding)."""
@@ -32,6 +43,7 @@ class EmbeddingBackend(ABC):
     # True when ``forward`` concatenates its inputs instead of padding them: a micro-batch then costs its
     # real tokens, and the planner groups by token sum rather than rows x longest.
     packed: bool = False
+    serving: ServingPath = ServingPath("torch", "float32")
 
     @abstractmethod
     def tokenize(
@@ -46,7 +58,8 @@ class EmbeddingBackend(ABC):
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The configured dtype, except on CPU, where half precision is slow or unsupported: float32."""
+    """The weights' dtype: the configured one on GPU; float32 on CPU, where a bf16 pass is run by autocast
+    or the runtime instead (``deployments/backends/precision.py``)."""
     if device.type == "cpu":
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]

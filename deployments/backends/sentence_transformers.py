@@ -2,17 +2,30 @@
 
 Per micro-batch the pipeline is the model's own: its input module tokenises ``prompt + text`` with
 truncation at ``max_seq_length``, the model's modules run (transformer, pooling, optional Normalize), and
-``sentence_embedding`` is returned. Only the grouping into batches is ours.
+``sentence_embedding`` is returned. Only the grouping into batches is ours, and, on CPU, what runs the
+transformer: torch float32 (the reference), torch under bf16 autocast, or OpenVINO
+(``deployments/backends/openvino_runtime.py``). A fast path serves only once the fidelity gate
+(``deployments/backends/fidelity.py``) finds it within ``fidelity_min_cosine`` of torch float32.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, torch_dtype
+from deployments.backends.base import EmbeddingBackend, EncodedText, ServingPath, pad_right, torch_dtype
+from deployments.backends.fidelity import probe_texts, probe_worst_cosine
+from deployments.backends.precision import resolve_precision
 from deployments.errors import input_too_long
+
+log = logging.getLogger(__name__)
+
+Pass = Callable[[dict[str, torch.Tensor]], np.ndarray]
 
 
 class SentenceTransformersBackend(EmbeddingBackend):
@@ -24,6 +37,10 @@ class SentenceTransformersBackend(EmbeddingBackend):
         dtype: str = "float32",
         max_seq_length: int | None = None,
         trust_remote_code: bool = False,
+        runtime: str = "torch",
+        threads: int = 1,
+        compile_cache_dir: Path | None = None,
+        fidelity_min_cosine: float = 0.9999,
     ):
         self.device = device
         self.model = SentenceTransformer(source, device=str(device), trust_remote_code=trust_remote_code)
@@ -39,7 +56,82 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tokenizer = self.model.tokenizer
         tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
         self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
+        self.serving_how = "torch"  # how the pass was obtained (OpenVINO: converted or read from the cache)
+        self._pass, self.serving = self._choose_pass(
+            source, dtype, runtime, threads, compile_cache_dir, fidelity_min_cosine
+        )
 
+    # ---- which path computes the passes -------------------------------------------------------------
+    def _choose_pass(
+        self,
+        source: str,
+        dtype: str,
+        runtime: str,
+        threads: int,
+        cache_dir: Path | None,
+        min_cosine: float,
+    ) -> tuple[Pass, ServingPath]:
+        on_gpu = self.device.type == "cuda"
+        precision = resolve_precision(dtype, on_gpu)
+        if precision.note:
+            log.info("%s: %s", source, precision.note)
+        reference = self._torch_pass(autocast=False)
+        if on_gpu or (runtime == "torch" and precision.compute == "float32"):
+            return reference, ServingPath("torch", precision.compute, None, precision.note)
+        if runtime == "openvino":
+            candidate = self._openvino_pass(precision.compute, threads, cache_dir)
+        else:
+            candidate = self._torch_pass(autocast=True)
+        worst = self._probe(candidate, reference)
+        if worst < min_cosine:
+            note = (
+                f"{runtime} {precision.compute} gave worst cosine {worst:.6f} to torch float32 on the "
+                f"fidelity probes, below fidelity_min_cosine {min_cosine}: serving torch float32"
+            )
+            log.warning("%s: %s", source, note)
+            return reference, ServingPath("torch", "float32", worst, note)
+        log.info("%s: serving %s %s (worst probe cosine %.7f)", source, runtime, precision.compute, worst)
+        return candidate, ServingPath(runtime, precision.compute, worst, precision.note)
+
+    def _probe(self, candidate: Pass, reference: Pass) -> float:
+        items = self.tokenize(probe_texts(self.max_seq_length), "")
+
+        def run(path: Pass) -> Callable[[Sequence[int]], np.ndarray]:
+            return lambda rows: path(self._batch([items[i] for i in rows]))
+
+        return probe_worst_cosine(run(candidate), run(reference), len(items))
+
+    def _torch_pass(self, autocast: bool) -> Pass:
+        @torch.inference_mode()
+        def run(batch: dict[str, torch.Tensor]) -> np.ndarray:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = self.model(batch)["sentence_embedding"]
+            return out.float().cpu().numpy()
+
+        return run
+
+    def _openvino_pass(self, precision: str, threads: int, cache_dir: Path | None) -> Pass:
+        from deployments.backends.openvino_runtime import OpenVINOTransformer
+
+        first, rest = self.model[0], list(self.model)[1:]
+        example = self._batch(self.tokenize(probe_texts(8)[:3], ""))
+        transformer = OpenVINOTransformer(
+            first, example, precision=precision, threads=threads, cache_dir=cache_dir
+        )
+        self.serving_how = f"OpenVINO model {transformer.how}"
+        log.info(self.serving_how)
+
+        @torch.inference_mode()
+        def run(batch: dict[str, torch.Tensor]) -> np.ndarray:
+            features: dict = dict(batch)
+            features["token_embeddings"] = transformer(batch)
+            for module in rest:
+                features = module(features)
+            return features["sentence_embedding"].float().numpy()
+
+        return run
+
+    # ---- the backend API ----------------------------------------------------------------------------
     def tokenize(
         self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
     ) -> list[EncodedText]:
@@ -53,8 +145,8 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
         return [EncodedText({k: v[i, :n] for k, v in tensors.items()}, int(n)) for i, n in enumerate(lengths)]
 
-    @torch.inference_mode()
+    def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in pad_right(items, self._pad_values).items()}
+
     def forward(self, items: list[EncodedText]) -> np.ndarray:
-        batch = {k: v.to(self.device) for k, v in pad_right(items, self._pad_values).items()}
-        out = self.model(batch)["sentence_embedding"]
-        return out.float().cpu().numpy()
+        return self._pass(self._batch(items))

@@ -1,0 +1,137 @@
+"""Every model family the service runs, by its config name: how to load it, which runtimes it runs on,
+and the checks its config needs. The config schema takes its choices from here, so a new family or
+runtime is one entry in ``BACKENDS`` plus its module.
+
+This module imports no model code at import time (the config parser imports it); loaders import their
+family's module when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from deployments.backends.base import EmbeddingBackend
+    from deployments.config import ModelEntry, ModelsConfig
+
+# Where a compiled runtime's converted model is kept between starts unless an entry says otherwise.
+DEFAULT_COMPILE_CACHE_DIR = "~/.cache/graphrag-embeddings/openvino"
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """Where a replica loads a model: the resolved source, the device, its CPU threads, the config's
+    directory (relative paths in an entry are relative to it)."""
+
+    source: str
+    device: torch.device
+    threads: int
+    base_dir: Path | None
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One model family. ``runtimes``: what may compute its passes (the first is the default);
+    ``cpu_only_runtimes``: those that run only on CPU placements; ``check_files``: problems found with the
+    model's files (its tokenizer) before anything is deployed, one line per problem, led by the key."""
+
+    load: Callable[[ModelEntry, LoadContext], EmbeddingBackend]
+    runtimes: tuple[str, ...] = ("torch",)
+    cpu_only_runtimes: tuple[str, ...] = ()
+    check_files: Callable[[ModelEntry, str], list[str]] | None = None
+
+
+def _compile_cache_dir(entry: ModelEntry, base_dir: Path | None) -> Path | None:
+    if entry.compile_cache_dir is None:
+        return None
+    path = Path(entry.compile_cache_dir).expanduser()
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
+
+
+def _load_sentence_transformers(entry: ModelEntry, ctx: LoadContext) -> EmbeddingBackend:
+    from deployments.backends.sentence_transformers import SentenceTransformersBackend
+
+    return SentenceTransformersBackend(
+        ctx.source,
+        device=ctx.device,
+        dtype=entry.dtype,
+        max_seq_length=entry.max_seq_length,
+        trust_remote_code=entry.trust_remote_code,
+        runtime=entry.runtime,
+        threads=ctx.threads,
+        compile_cache_dir=_compile_cache_dir(entry, ctx.base_dir),
+        fidelity_min_cosine=entry.fidelity_min_cosine,
+    )
+
+
+def _load_nvembed(entry: ModelEntry, ctx: LoadContext) -> EmbeddingBackend:
+    from deployments.backends.nvembed import NVEmbedBackend
+
+    return NVEmbedBackend.load(
+        ctx.source,
+        device=ctx.device,
+        dtype=entry.dtype,
+        max_seq_length=entry.max_seq_length,
+        prompts=entry.prompts,
+    )
+
+
+def _check_nvembed_files(entry: ModelEntry, source: str) -> list[str]:
+    """Every NV-Embed prompt must leave at least one token to pool within ``max_seq_length`` (the
+    published code returns NaN otherwise)."""
+    from deployments.backends.nvembed import (
+        TOKENIZER_FILES,
+        InstructionLengths,
+        load_nvembed_tokenizer,
+        local_checkpoint,
+    )
+
+    try:
+        lengths = InstructionLengths(load_nvembed_tokenizer(local_checkpoint(source, TOKENIZER_FILES)))
+    except Exception as exc:  # noqa: BLE001 - reported as a config problem
+        return [f"source: cannot load its tokenizer: {exc}"]
+    return lengths.check_room(entry.prompts, entry.max_seq_length)
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "sentence-transformers": BackendSpec(
+        _load_sentence_transformers, runtimes=("torch", "openvino"), cpu_only_runtimes=("openvino",)
+    ),
+    "nvembed": BackendSpec(_load_nvembed, check_files=_check_nvembed_files),
+}
+
+
+def load_backend(
+    entry: ModelEntry, *, use_gpu: bool, base_dir: Path | None = None, threads: int = 1
+) -> EmbeddingBackend:
+    """The entry's model, loaded on this replica's device by its family's loader."""
+    from deployments.backends.base import pick_device
+    from deployments.config import resolve_model_source
+
+    ctx = LoadContext(resolve_model_source(entry.source, base_dir), pick_device(use_gpu), threads, base_dir)
+    return BACKENDS[entry.backend].load(entry, ctx)
+
+
+def check_backends(config: ModelsConfig, base_dir: Path | None = None) -> None:
+    """The families' checks that need a model's files, run before deploying; raises ConfigError."""
+    from deployments.config import ConfigError, resolve_model_source
+
+    problems = []
+    for i, entry in enumerate(config.models):
+        check = BACKENDS[entry.backend].check_files
+        if check is None:
+            continue
+        where = f"models[{i}] ({entry.name})"
+        try:
+            source = resolve_model_source(entry.source, base_dir)
+        except FileNotFoundError as exc:
+            problems.append(f"{where}.source: {exc}")
+            continue
+        problems += [f"{where}.{p}" for p in check(entry, source)]
+    if problems:
+        raise ConfigError(problems)
