@@ -7,7 +7,8 @@ Order, so that no measurement shares the CPUs with an idle server:
    installed): via the Python handle and via HTTP;
 4. Ray shut down, the in-process baseline again.
 
-Workloads, on a kt_gen-like mix (60% entity names of 2-4 words, 40% descriptions of 8-120 words):
+Workloads, on each text mix (``--mixes``; ``kt_gen``: 60% entity names of 2-4 words, 40% descriptions of
+8-120 words; ``short``: capitalised names of 2-4 words and descriptions of 20-30 words):
 (a) many concurrent clients sending one text each; (b) fewer clients sending 32 texts each; (c) one
 client sending single entity names one after another (latency added over in-process single-text encode).
 Every HTTP response is decoded into a float32 array, as a client would. The table gives texts/s,
@@ -36,9 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
+    MIXES,
     add_ingress_option,
     config_with_cache,
-    kt_gen_mix,
     start_local_service,
     stats_deployment,
     stop_local_service,
@@ -150,7 +151,7 @@ async def run_workloads(send: Send, texts, singles, args, stats=None) -> dict[st
     return results
 
 
-def infinity_results(args, model_dir: str, texts, singles) -> dict[str, Result] | None:
+def infinity_results(args, model_dir: str, mixes) -> dict[str, dict[str, Result]] | None:
     binary = args.infinity or shutil.which("infinity_emb")
     if args.skip_infinity or not binary:
         print("Infinity: not measured (pass --infinity PATH to its infinity_emb)", file=sys.stderr)
@@ -175,9 +176,8 @@ def infinity_results(args, model_dir: str, texts, singles) -> dict[str, Result] 
                         await asyncio.sleep(0.5)
                 else:
                     raise RuntimeError("Infinity did not start within 150 s")
-                return await run_workloads(
-                    http_sender(session, f"{base}/embeddings", model), texts, singles, args
-                )
+                send = http_sender(session, f"{base}/embeddings", model)
+                return {mix: await run_workloads(send, t, s, args) for mix, (t, s) in mixes.items()}
 
         return asyncio.run(measure())
     finally:
@@ -185,7 +185,7 @@ def infinity_results(args, model_dir: str, texts, singles) -> dict[str, Result] 
         server.wait(30)
 
 
-def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
+def ours(args, model: str, mixes) -> dict[str, dict[str, dict[str, Result]]]:
     import aiohttp
     from ray import serve
 
@@ -197,7 +197,7 @@ def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
           f"{args.stats_deployment}", file=sys.stderr)  # fmt: skip
     try:
 
-        async def measure() -> dict[str, dict[str, Result]]:
+        async def measure() -> dict[str, dict[str, dict[str, Result]]]:
             # Handles are made inside the event loop (Serve's throughput-optimised mode requires it).
             handle = serve.get_app_handle("embeddings")
             stats_handle = serve.get_deployment_handle(args.stats_deployment, "embeddings")
@@ -209,11 +209,13 @@ def ours(args, model: str, texts, singles) -> dict[str, dict[str, Result]]:
                 return await handle.embed.remote(chunk, model=model)
 
             async with aiohttp.ClientSession(connector=client_connector()) as session:
+                via_http = http_sender(session, url, model)
                 return {
-                    "handle": await run_workloads(via_handle, texts, singles, args, stats),
-                    "HTTP": await run_workloads(
-                        http_sender(session, url, model), texts, singles, args, stats
-                    ),
+                    mix: {
+                        "handle": await run_workloads(via_handle, texts, singles, args, stats),
+                        "HTTP": await run_workloads(via_http, texts, singles, args, stats),
+                    }
+                    for mix, (texts, singles) in mixes.items()
                 }
 
         return asyncio.run(measure())
@@ -242,8 +244,8 @@ def table(args, base: tuple[float, float], single: tuple[float, float], peer, re
             r = res[key]
             if key == "c":  # latency added over in-process single-text encode
                 lines.append(
-                    f"| {labels[key]} via {name} | {r.rate:.1f} | +{r.pct(50) - single[0]:.1f} "
-                    f"| +{r.pct(99) - single[1]:.1f} | - | - | {r.padding} |"
+                    f"| {labels[key]} via {name} | {r.rate:.1f} | {r.pct(50) - single[0]:+.1f} "
+                    f"| {r.pct(99) - single[1]:+.1f} | - | - | {r.padding} |"
                 )
                 continue
             vs_peer = f"{r.rate / peer[key].rate:.2f}x" if peer else "-"
@@ -261,6 +263,7 @@ def main() -> None:
     parser.add_argument("--models-config", default=str(REPO / "configs/models.local.yaml"))
     parser.add_argument("--model", default=None, help="model name (default: the config's default_model)")
     parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--mixes", default="kt_gen,short", help=f"comma-separated, of {', '.join(MIXES)}")
     parser.add_argument("--singles", type=int, default=200, help="entity names sent one by one in (c)")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--single-clients", type=int, default=32)
@@ -282,18 +285,26 @@ def main() -> None:
     args.haproxy = use_haproxy(args)
     source = str(resolve_model_source(entry.source))
     threads = max(1, int(config.placements[entry.placement].num_cpus or 1))
-    texts = kt_gen_mix(args.texts)
-    singles = [t for t in kt_gen_mix(args.singles * 4, seed=1) if len(t.split()) <= 4][: args.singles]
+    mixes = {}
+    for mix in args.mixes.split(","):
+        make = MIXES[mix]
+        singles = [t for t in make(args.singles * 4, seed=1) if len(t.split()) <= 4][: args.singles]
+        mixes[mix] = (make(args.texts), singles)
 
-    first, single_latencies = in_process(source, entry.max_seq_length, threads, texts, singles)
-    peer = infinity_results(args, source, texts, singles)
-    results = ours(args, model, texts, singles)
-    again, _ = in_process(source, entry.max_seq_length, threads, texts, singles)
+    baseline = {m: in_process(source, entry.max_seq_length, threads, t, s) for m, (t, s) in mixes.items()}
+    peer = infinity_results(args, source, mixes)
+    results = ours(args, model, mixes)
+    again = {m: in_process(source, entry.max_seq_length, threads, t, s) for m, (t, s) in mixes.items()}
 
-    single = tuple(float(np.percentile(single_latencies, q)) * 1e3 for q in (50, 99))
-    print(f"\nmodel {model} ({entry.source}), {len(texts)} kt_gen-like texts, {len(singles)} single entity "
-          f"names, {os.cpu_count()} CPUs, {threads} torch threads everywhere\n")  # fmt: skip
-    print(table(args, (first, again), single, peer, results))
+    print(
+        f"\nmodel {model} ({entry.source}, runtime {entry.runtime}, dtype {entry.dtype}), {args.texts} texts "
+        f"a mix, {args.singles} single entity names, {os.cpu_count()} CPUs, {threads} threads everywhere"
+    )
+    for mix in mixes:
+        first, single_latencies = baseline[mix]
+        single = tuple(float(np.percentile(single_latencies, q)) * 1e3 for q in (50, 99))
+        print(f"\nmix {mix}:\n")
+        print(table(args, (first, again[mix][0]), single, peer[mix] if peer else None, results[mix]))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,24 @@ def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
+def short_mix(n: int, seed: int = 0) -> list[str]:
+    """The shorter kt_gen-like mix: capitalised entity names (2-4 words, 60%) and descriptions of 20-30
+    words (40%); per-request costs weigh more here than in ``kt_gen_mix``."""
+    words = kt_gen_mix(400, seed=seed + 1000)
+    vocab = sorted({w for t in words for w in t.split()})
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        if rng.random() < 0.6:
+            texts.append(" ".join(rng.choice(vocab).capitalize() for _ in range(rng.randint(2, 4))))
+        else:
+            texts.append(" ".join(rng.choice(vocab) for _ in range(rng.randint(20, 30))) + ".")
+    return texts
+
+
+MIXES = {"kt_gen": kt_gen_mix, "short": short_mix}
+
+
 def add_ingress_option(parser) -> None:
     """``--no-haproxy``: serving benchmarks run the service as ``make serve`` does unless told not to."""
     parser.add_argument(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.common import kt_gen_mix
-from deployments.backends.fidelity import probe_texts, worst_cosine
+from deployments.backends.fidelity import probe_texts, probe_worst_cosine, worst_cosine
 from deployments.backends.precision import CPU_BF16_ENV, Precision, bf16_flags, cpu_bf16, resolve_precision
 from deployments.backends.sentence_transformers import SentenceTransformersBackend
 from deployments.config import ConfigError, parse_models_config
@@ -51,6 +51,30 @@ def test_precision_resolution():
     fallback = resolve_precision("bfloat16", on_gpu=False, bf16=no)
     assert fallback.compute == "float32" and "reports none of amx_bf16" in fallback.note
     assert resolve_precision("float16", on_gpu=False, bf16=yes).compute == "float32"
+
+
+def test_the_gate_sees_drift_in_padded_passes_and_non_finite_output():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(7, 16))
+
+    def reference(rows):
+        return table[list(rows)]
+
+    def drifts_when_padded(rows):  # right alone, wrong whenever rows share a pass
+        out = table[list(rows)].copy()
+        if len(rows) > 1:
+            out[:, 0] += 1.0
+        return out
+
+    def nan_on_long(rows):
+        out = table[list(rows)].copy()
+        out[[i for i, r in enumerate(rows) if r == 6]] = np.nan
+        return out
+
+    assert probe_worst_cosine(reference, reference, 7) == pytest.approx(1.0)
+    assert probe_worst_cosine(drifts_when_padded, reference, 7) < 0.99
+    assert probe_worst_cosine(nan_on_long, reference, 7) == -1.0
+    assert len(probe_texts(16)) == 7 and len(probe_texts(16)[-1].split()) == 32  # past 16 tokens
 
 
 def test_forcing_no_bf16(monkeypatch):

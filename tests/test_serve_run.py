@@ -14,12 +14,16 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.common import kt_gen_mix
+from deployments.backends.fidelity import probe_texts, worst_cosine
+from deployments.backends.precision import CPU_BF16_ENV, cpu_bf16
 from tests.conftest import REPO
 
 URL = "http://127.0.0.1:8000"
 
 
-@pytest.fixture(scope="module", params=["haproxy", "serve-proxy"])
+# "no-bf16": the local default on a CPU treated as having no bf16 (EMBEDDINGS_CPU_BF16=0): OpenVINO float32.
+@pytest.fixture(scope="module", params=["haproxy", "serve-proxy", "no-bf16"])
 def served(request, tmp_path_factory):
     if request.param == "haproxy" and not shutil.which("haproxy"):
         pytest.skip("haproxy is not installed (make setup installs it)")
@@ -31,6 +35,8 @@ def served(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-run")
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
     env["EMBEDDINGS_HAPROXY"] = "1" if request.param == "haproxy" else "0"
+    if request.param == "no-bf16":
+        env[CPU_BF16_ENV] = "0"
     env.pop("RAY_ADDRESS", None)
     log = (tmp / "serve.log").open("w")
     proc = subprocess.Popen(
@@ -76,6 +82,11 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     assert cos.min() >= 0.9999
     models = httpx.get(f"{URL}/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["all-MiniLM-L6-v2"]
+    # The local default's fast path, and what it really runs at on this CPU.
+    bf16 = cpu_bf16()[0] and served != "no-bf16"
+    assert (models[0]["runtime"], models[0]["precision"]) == ("openvino", "bfloat16" if bf16 else "float32")
+    assert models[0]["fidelity_worst_cosine"] >= 0.9999
+    assert (CPU_BF16_ENV in models[0]["serving_note"]) == (served == "no-bf16")
     assert httpx.get(f"{URL}/health", timeout=30).json()["status"] == "ok"
     try:  # HAProxy's stats page: there exactly when HAProxy fronts the service
         haproxy = httpx.get("http://127.0.0.1:8404/stats", timeout=5)
@@ -83,6 +94,14 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     except httpx.TransportError:
         fronted = False
     assert fronted == (served == "haproxy")
+
+
+def test_every_served_vector_is_within_the_fidelity_bound(served, minilm):
+    texts = kt_gen_mix(300, seed=7) + probe_texts(256)
+    resp = httpx.post(f"{URL}/v1/embeddings", json={"input": texts}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    got = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
+    assert worst_cosine(got, minilm.encode(texts, batch_size=64)) >= 0.9999
 
 
 def test_make_serve_closes_silent_connections_after_30_s_unless_told_otherwise(monkeypatch):
