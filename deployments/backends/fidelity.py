@@ -4,8 +4,9 @@ At load, a replica embeds a fixed probe set with the configured fast path (bf16,
 float32, the reference that ``SentenceTransformer.encode`` computes. The probes cover what breaks a
 compiled or low-precision pass: a one-word text, an empty one, unicode, a text past ``max_seq_length``
 (truncation), each alone, and the short ones padded together in one pass (masking); the long one runs
-alone only, so that the gate costs two passes of ``max_seq_length`` tokens, not a batch of them. If the worst cosine between the two
-falls below the configured bound, the replica logs the figure and serves torch float32.
+alone only, so that the gate costs two passes of ``max_seq_length`` tokens, not a batch of them. If the
+worst cosine between the two falls below the configured bound, the replica logs the figure and serves
+torch float32.
 """
 
 from __future__ import annotations

@@ -1,0 +1,93 @@
+"""``make serve`` start-up: seconds from the command to the first embedding answered, with OpenVINO's
+compile cache empty (the conversion included, as on a fresh machine) and then filled.
+
+Runs the same command as ``make serve`` (``python -m deployments.serve_local``) on a copy of
+``configs/local.yaml`` whose models config points ``compile_cache_dir`` at a new temporary folder, on a
+private Ray (``RAY_TMPDIR``), and stops it with SIGTERM after each start.
+
+    python benchmarks/bench_startup.py [--port 8000] [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def configs(port: int, cache: Path) -> Path:
+    """A serve config like configs/local.yaml on ``port``, its models config caching in ``cache``."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    models = yaml.safe_load((REPO / "configs/models.local.yaml").read_text())
+    for entry in models["models"]:
+        entry["compile_cache_dir"] = str(cache)
+    (folder / "models.yaml").write_text(yaml.safe_dump(models))
+    serve = yaml.safe_load((REPO / "configs/local.yaml").read_text())
+    serve["http_options"]["port"] = port
+    serve["applications"][0]["args"]["models_config"] = str(folder / "models.yaml")
+    (folder / "serve.yaml").write_text(yaml.safe_dump(serve))
+    return folder / "serve.yaml"
+
+
+def first_answer_s(serve_config: Path, port: int, timeout_s: float = 300) -> tuple[float, dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-startup-")}
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(env["RAY_TMPDIR"]) / "serve.log", "w")  # noqa: SIM115 - closed below
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while time.perf_counter() - started < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.returncode}; log in {log.name}")
+            try:
+                resp = httpx.post(f"{url}/v1/embeddings", json={"input": ["Marie Curie"]}, timeout=5)
+                if resp.status_code == 200:
+                    elapsed = time.perf_counter() - started
+                    return elapsed, httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"no answer in {timeout_s} s; log in {log.name}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--runs", type=int, default=2, help="starts after the first, each with the cache filled"
+    )
+    args = parser.parse_args()
+    cache = Path(tempfile.mkdtemp(prefix="bench-startup-cache-"))
+    serve_config = configs(args.port, cache)
+    print("| start | compile cache | first answer s | serves |")
+    print("| --- | --- | ---: | --- |")
+    for run in range(1 + args.runs):
+        seconds, model = first_answer_s(serve_config, args.port)
+        state = "empty (converts)" if run == 0 else "filled"
+        print(
+            f"| {run + 1} | {state} | {seconds:.1f} | {model['runtime']} {model['precision']} |", flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()
