@@ -187,6 +187,22 @@ def test_a_replica_killed_under_load_costs_the_client_nothing_but_time(lean, tin
     assert errors == [] and len(results) >= 3
     for got in results:
         assert ((got * expected).sum(1) / np.linalg.norm(got, axis=1)).min() >= 0.9999
+    wait_until_settled()  # the replacement replica up, and HAProxy reloaded for it, before the next test
+
+
+def wait_until_settled(timeout_s: float = 120) -> None:
+    """Every app's replicas all running, then time for HAProxy's reload (a replica that comes up makes
+    Serve reload HAProxy, and a reload during a timing test moves its timers)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        deployments = [d for app in serve.status().applications.values() for d in app.deployments.values()]
+        if all(d.status == "HEALTHY" and set(d.replica_states) == {"RUNNING"} for d in deployments):
+            break
+        assert time.monotonic() < deadline, [(d.status, d.replica_states) for d in deployments]
+        time.sleep(0.5)
+    time.sleep(3)
 
 
 @pytest.fixture(scope="module")
