@@ -90,6 +90,7 @@ class ModelServer:
             "precision": serving.precision,
             "fidelity_worst_cosine": serving.worst_cosine,
             "serving_note": serving.note,
+            "load_seconds": {k: round(v, 3) for k, v in self.backend.load_seconds.items()},
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "node_id": context.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
