@@ -57,7 +57,7 @@ def _error_response(message: str, status: int, param: str | None = None, code: s
 
 
 # What a replica's info() says computes its passes, repeated in /v1/models.
-SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note")
+SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note", "allocator")
 ROUTES = "POST /v1/embeddings, GET|HEAD /v1/models, GET|HEAD /health"
 
 
