@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup haproxy serve test bench
+.PHONY: setup haproxy jemalloc serve test bench
 
 # torch first, pinned: that takes the CPU build; a bare torch requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +20,16 @@ haproxy:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q haproxy >/dev/null 2>&1; }; }; } || \
 	  echo "haproxy not installed: the service will use Serve's HTTP proxy"
 
-setup: $(VENV)/.installed haproxy
+# jemalloc (Debian package libjemalloc2), preloaded into Ray's processes by make serve and the tests:
+# a replica's memory stays flat under long traffic (deployments/allocator.py). Best effort, like HAProxy.
+jemalloc:
+	@ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q libjemalloc2 >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libjemalloc2 >/dev/null 2>&1; }; }; } || \
+	  echo "jemalloc not installed: replicas will run on glibc malloc (their memory grows under long traffic)"
+
+setup: $(VENV)/.installed haproxy jemalloc
 
 # `serve run configs/local.yaml`, through Serve's HAProxy ingress when haproxy is installed.
 serve: setup

@@ -237,9 +237,10 @@ def cases(client_timeout_s: float, body_timeout_s: float, haproxy: bool) -> list
         c("NUL characters", post({"input": ["a\x00b", "\x00"]}), 200, "-"),
         c("1 MB of whitespace", post({"input": " " * 2**20}), 200, "-"),
         c("a 3 MB text", post({"input": "entity " * 450_000}), 200, "-"),
+        c("dimensions 8 (model not matryoshka)", post({"input": "a", "dimensions": 8}), 400, "400"),
         c(
-            "dimensions 8 + base64",
-            post({"input": "a", "dimensions": 8, "encoding_format": "base64"}),
+            "dimensions 384 + base64",
+            post({"input": "a", "dimensions": 384, "encoding_format": "base64"}),
             200,
             "-",
         ),

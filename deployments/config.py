@@ -118,6 +118,9 @@ class ModelEntry(_Strict):
     trust_remote_code: bool = False
     # Repeated texts answered from memory at the ingress; off when absent.
     cache: Cache | None = None
+    # Whether the model was trained for truncated vectors (Matryoshka): true (any size), a list of the
+    # sizes it was trained for, or false, where a request's `dimensions` below the model's width is a 400.
+    matryoshka: bool | list[int] = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
@@ -137,6 +140,8 @@ class ModelEntry(_Strict):
                 f"batching.max_batch_tokens: {self.batching.max_batch_tokens} is smaller than "
                 f"max_seq_length {self.max_seq_length}: one full-length input could never run"
             )
+        if isinstance(self.matryoshka, list) and (not self.matryoshka or min(self.matryoshka) < 1):
+            problems.append(f"matryoshka: {self.matryoshka} must be true, false or a list of sizes >= 1")
         if self.source.startswith(PACKAGE_SOURCE_PREFIX) and "/" not in self.source:
             problems.append(f"source: {self.source!r} must look like 'pkg:<package>/<folder inside it>'")
         if problems:

@@ -20,6 +20,7 @@ import ray
 import torch
 from ray import serve
 
+from deployments.allocator import active_allocator
 from deployments.backends import load_backend
 from deployments.config import ModelEntry
 from deployments.engine import EmbedCall, EmbeddingEngine
@@ -27,6 +28,7 @@ from deployments.errors import quiet_client_errors
 from deployments.metrics import ModelMetrics
 
 HEALTH_TEXT = "health check"
+log = logging.getLogger("ray.serve")
 
 
 def _cpu_threads() -> int:
@@ -39,6 +41,15 @@ class ModelServer:
     def __init__(self, entry: dict[str, Any], config_dir: str | None = None):
         self.entry = ModelEntry.model_validate(entry)
         quiet_client_errors(logging.getLogger("ray.serve"))
+        self.allocator = active_allocator()
+        if self.allocator == "glibc malloc":
+            log.warning(
+                "%s: running on glibc malloc, whose arenas grow under long traffic; install jemalloc "
+                "(make setup, or apt-get install libjemalloc2)",
+                self.entry.name,
+            )
+        else:
+            log.info("%s: allocator %s", self.entry.name, self.allocator)
         use_gpu = bool(ray.get_gpu_ids())
         threads = _cpu_threads()
         if not use_gpu:
@@ -90,6 +101,8 @@ class ModelServer:
             "precision": serving.precision,
             "fidelity_worst_cosine": serving.worst_cosine,
             "serving_note": serving.note,
+            "load_seconds": {k: round(v, 3) for k, v in self.backend.load_seconds.items()},
+            "allocator": self.allocator,
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "node_id": context.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],

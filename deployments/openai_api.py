@@ -110,18 +110,40 @@ def parse_embeddings_request(body: bytes, max_inputs: int) -> EmbeddingsRequest:
     )
 
 
-def check_dimensions(dimensions: int, native: int) -> None:
+def check_dimensions(dimensions: int, native: int, model: str, matryoshka: bool | list[int]) -> None:
+    """A request's ``dimensions`` is the model's width, or a size the model was trained to be cut to
+    (its models-config key ``matryoshka``): the first components of any other model's vector are a
+    silently degraded embedding, so they are refused, as OpenAI, vLLM and SGLang do."""
     if dimensions > native:
         raise ClientError(
             f"'dimensions' {dimensions} is more than this model gives ({native})", 400, "dimensions"
         )
+    if dimensions == native or matryoshka is True:
+        return
+    if matryoshka and dimensions in matryoshka:
+        return
+    if matryoshka:
+        sizes = ", ".join(str(d) for d in sorted({*matryoshka, native}))
+        raise ClientError(
+            f"'dimensions' {dimensions}: model {model!r} was trained for truncated vectors of {sizes} only "
+            "(its models-config key 'matryoshka')",
+            400,
+            "dimensions",
+        )
+    raise ClientError(
+        f"'dimensions' {dimensions}: model {model!r} was not trained for truncated vectors (Matryoshka), so "
+        f"its first {dimensions} components are not an embedding; omit 'dimensions' (it gives {native}), "
+        "or set the models-config key 'matryoshka' for a model trained for them",
+        400,
+        "dimensions",
+    )
 
 
 def shorten(vectors: np.ndarray, dimensions: int | None, native: int, normalize: bool) -> np.ndarray:
-    """Keep the first ``dimensions`` components (Matryoshka style), renormalised when asked."""
+    """Keep the first ``dimensions`` components (checked by ``check_dimensions``), renormalised when
+    asked."""
     if dimensions is None or dimensions == native:
         return vectors
-    check_dimensions(dimensions, native)
     out = vectors[:, :dimensions]
     if normalize:
         out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

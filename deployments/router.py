@@ -57,7 +57,7 @@ def _error_response(message: str, status: int, param: str | None = None, code: s
 
 
 # What a replica's info() says computes its passes, repeated in /v1/models.
-SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note")
+SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note", "allocator")
 ROUTES = "POST /v1/embeddings, GET|HEAD /v1/models, GET|HEAD /health"
 
 
@@ -372,15 +372,16 @@ class EmbeddingRouter:
             req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
             model = resolved["model"] = self._resolve(req.model)
             info = self._known_info(model)  # known once a replica answered; never waited for here
+            entry = self.config.entry(model)
             if req.dimensions is not None and info is not None:  # refused before any model work
-                check_dimensions(req.dimensions, info["dimension"])
+                check_dimensions(req.dimensions, info["dimension"], model, entry.matryoshka)
             vectors, tokens, (queued_s, computing_s) = await _unless_client_leaves(
                 request, self._embed(req.texts, model, req.prompt_name, req.normalize, req.truncate)
             )
             if req.dimensions is not None:
                 native = vectors.shape[1]
-                check_dimensions(req.dimensions, native)
-                normalize = self.config.entry(model).normalize if req.normalize is None else req.normalize
+                check_dimensions(req.dimensions, native, model, entry.matryoshka)
+                normalize = entry.normalize if req.normalize is None else req.normalize
                 vectors = shorten(vectors, req.dimensions, native, normalize)
             return Response(
                 render_embeddings(vectors, model, tokens, req.encoding_format),

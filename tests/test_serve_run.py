@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import kt_gen_mix
+from deployments.allocator import find_jemalloc
 from deployments.backends.fidelity import probe_texts, worst_cosine
 from deployments.backends.precision import CPU_BF16_ENV, cpu_bf16
 from tests.conftest import REPO
@@ -87,6 +88,8 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     assert (models[0]["runtime"], models[0]["precision"]) == ("openvino", "bfloat16" if bf16 else "float32")
     assert models[0]["fidelity_worst_cosine"] >= 0.9999
     assert (CPU_BF16_ENV in models[0]["serving_note"]) == (served == "no-bf16")
+    jemalloc = find_jemalloc()
+    assert models[0]["allocator"] == (f"jemalloc ({jemalloc})" if jemalloc else "glibc malloc")
     assert httpx.get(f"{URL}/health", timeout=30).json()["status"] == "ok"
     try:  # HAProxy's stats page: there exactly when HAProxy fronts the service
         haproxy = httpx.get("http://127.0.0.1:8404/stats", timeout=5)

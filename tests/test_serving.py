@@ -56,6 +56,7 @@ def write_config(path: Path, tiny_bge_dir: str, in_process: bool) -> Path:
                 "default_prompt": "query",
                 "placement": "cpu",
                 "cache": {"max_mb": 1},
+                "matryoshka": [8, 16],
             },
         ],
         "router": {"max_inputs_per_request": 64, "max_body_mb": 0.25, "body_timeout_s": 2},
@@ -236,6 +237,8 @@ def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
         ({"input": [101, 2023, 102]}, 400, "token arrays are not supported"),
         ({"input": "x", "prompt_name": "document"}, 400, "prompt_name 'document' is not defined"),
         ({"input": "x", "dimensions": 385}, 400, "more than this model gives (384)"),
+        ({"input": "x", "dimensions": 16}, 400, "model 'all-MiniLM-L6-v2' was not trained for truncated"),
+        ({"input": "x", "model": "bge-tiny", "dimensions": 12}, 400, "of 8, 16, 32 only (its models-config"),
         ({"input": ["x"] * 65}, 413, "at most 64"),
         ({"input": "word " * 300, "truncate": False}, 400, "max_seq_length"),
     ],
@@ -342,8 +345,10 @@ def test_truncation_by_default_dimensions_and_base64(service, minilm):
     assert body["usage"]["prompt_tokens"] == 128
     with max_seq_length(minilm, 128):
         assert min_cosine(vectors, minilm.encode(long_text)) >= 0.9999
-    cut, _ = embed(service, input=["Marie Curie"], dimensions=16)
+    cut, _ = embed(service, input=["Marie Curie"], model="bge-tiny", dimensions=16)  # matryoshka: [8, 16]
     assert cut.shape == (1, 16) and abs(np.linalg.norm(cut) - 1) < 1e-5
+    whole, _ = embed(service, input=["Marie Curie"], dimensions=384)  # a model's own width: always
+    assert min_cosine(whole, minilm.encode("Marie Curie")) >= 0.9999
     resp = service.post("/v1/embeddings", json={"input": ["Marie Curie"], "encoding_format": "base64"})
     decoded = np.frombuffer(base64.b64decode(resp.json()["data"][0]["embedding"]), "<f4")
     assert min_cosine(decoded, minilm.encode("Marie Curie")) >= 0.9999

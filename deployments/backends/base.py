@@ -44,6 +44,7 @@ class EmbeddingBackend(ABC):
     # real tokens, and the planner groups by token sum rather than rows x longest.
     packed: bool = False
     serving: ServingPath = ServingPath("torch", "float32")
+    load_seconds: dict[str, float] = {}  # seconds per load step, where the backend measures them
 
     @abstractmethod
     def tokenize(

@@ -11,6 +11,7 @@ transformer: torch float32 (the reference), torch under bf16 autocast, or OpenVI
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         compile_cache_dir: Path | None = None,
         fidelity_min_cosine: float = 0.9999,
     ):
+        started = time.perf_counter()
         self.device = device
         self.model = SentenceTransformer(source, device=str(device), trust_remote_code=trust_remote_code)
         self.model.to(torch_dtype(dtype, device))
@@ -57,9 +59,13 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
         self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
         self.serving_how = "torch"  # how the pass was obtained (OpenVINO: converted or read from the cache)
+        # Seconds each load step took (start-up is part of the service: benchmarks/bench_startup.py).
+        self.load_seconds: dict[str, float] = {"weights": time.perf_counter() - started}
         self._pass, self.serving = self._choose_pass(
             source, dtype, runtime, threads, compile_cache_dir, fidelity_min_cosine
         )
+        steps = ", ".join(f"{k} {v:.2f} s" for k, v in self.load_seconds.items())
+        log.info("%s loaded in %.2f s (%s)", source, time.perf_counter() - started, steps)
 
     # ---- which path computes the passes -------------------------------------------------------------
     def _choose_pass(
@@ -78,11 +84,15 @@ class SentenceTransformersBackend(EmbeddingBackend):
         reference = self._torch_pass(autocast=False)
         if on_gpu or (runtime == "torch" and precision.compute == "float32"):
             return reference, ServingPath("torch", precision.compute, None, precision.note)
+        started = time.perf_counter()
         if runtime == "openvino":
             candidate = self._openvino_pass(precision.compute, threads, cache_dir)
+            self.load_seconds["openvino"] = time.perf_counter() - started
         else:
             candidate = self._torch_pass(autocast=True)
+        started = time.perf_counter()
         worst = self._probe(candidate, reference)
+        self.load_seconds["fidelity gate"] = time.perf_counter() - started
         if worst < min_cosine:
             note = (
                 f"{runtime} {precision.compute} gave worst cosine {worst:.6f} to torch float32 on the "

@@ -1,0 +1,47 @@
+"""The replica's allocator (deployments/allocator.py): jemalloc preloaded wherever it is installed, an
+operator's own preloads kept, and what a process really runs with read from its own memory maps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deployments.allocator import ALLOCATOR_ENV, active_allocator, allocator_env, find_jemalloc
+from deployments.serve_local import serving_env
+
+JEMALLOC = find_jemalloc()
+
+
+def test_allocator_env_preloads_jemalloc_first_and_keeps_other_preloads():
+    lib = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    assert allocator_env({}, jemalloc=lib) == {"LD_PRELOAD": lib}
+    assert allocator_env({"LD_PRELOAD": "/opt/libfoo.so"}, jemalloc=lib) == {
+        "LD_PRELOAD": f"{lib} /opt/libfoo.so"
+    }
+    assert allocator_env({"LD_PRELOAD": lib}, jemalloc=lib) == {}  # already there
+    assert allocator_env({ALLOCATOR_ENV: "system"}, jemalloc=lib) == {}
+    assert find_jemalloc(("/nonexistent/libjemalloc.so.2",)) is None
+
+
+def test_active_allocator_reads_the_memory_maps():
+    maps = "7f00-7f01 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    assert active_allocator(maps) == "jemalloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"
+    assert active_allocator("7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n") == (
+        "glibc malloc"
+    )
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="jemalloc is not installed (make setup installs it)")
+def test_a_process_started_with_make_serves_env_runs_on_jemalloc(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)  # the suite's own preload (tests/conftest.py)
+    monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
+    env = dict(os.environ)
+    code = "from deployments.allocator import active_allocator; print(active_allocator())"
+    run = lambda extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert run(serving_env()) == f"jemalloc ({JEMALLOC})"
+    assert run({}) == "glibc malloc"

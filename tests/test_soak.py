@@ -1,0 +1,35 @@
+"""A short soak of the service as make serve runs it (benchmarks/soak.py, its own private service):
+8,000 never-repeating texts from 16 clients, and the replica's memory after the warm-up stays flat."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from deployments.allocator import find_jemalloc
+from tests.conftest import REPO, free_port
+
+# RSS growth of the replica from 2,000 to 8,000 texts. Measured on the 2-core machine (README, "Memory"):
+# with jemalloc GROWTH_JEMALLOC; with glibc malloc (EMBEDDINGS_ALLOCATOR=system) GROWTH_GLIBC.
+BOUND_MB = 60
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="jemalloc is not installed (make setup installs it)")
+def test_replica_memory_stays_flat_under_fresh_traffic():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "benchmarks/soak.py", "--texts", "8000", "--warmup-texts", "2000", "--minutes", "10",
+         "--sample-s", "1", "--port", str(free_port())],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "errors 0," in out.stdout and "allocator jemalloc" in out.stdout, out.stdout
+    rows = re.findall(r"^\| (\S+ \(pid \d+\)) \| (\d+) \| (\d+) \| ([+-]\d+) \| (\d+) \|$", out.stdout, re.M)
+    assert rows, out.stdout
+    for name, warm, _end, growth, _peak in rows:
+        assert int(warm) > 100, (name, warm)  # a replica holding a model, sampled
+        assert int(growth) <= BOUND_MB, out.stdout
