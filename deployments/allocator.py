@@ -27,6 +27,12 @@ JEMALLOC_PATHS = (
 )
 
 
+# OpenVINO's oneTBB dlopens its hwloc binding with RTLD_DEEPBIND, so hwloc frees with glibc's free what
+# libc allocated with the preloaded malloc: "free(): invalid pointer" at the first ov.Core() (seen here;
+# oneTBB#1636, openvino#29025). This variable makes oneTBB load it without RTLD_DEEPBIND.
+TBB_WITH_PRELOAD = {"TBB_ENABLE_SANITIZERS": "1"}
+
+
 def find_jemalloc(paths: tuple[str, ...] = JEMALLOC_PATHS) -> str | None:
     return next((p for p in paths if Path(p).is_file()), None)
 
@@ -42,9 +48,9 @@ def allocator_env(environ: dict[str, str] | None = None, jemalloc: str | None = 
     if jemalloc is None:
         return {}
     preloaded = environ.get("LD_PRELOAD", "").split()
-    if any("jemalloc" in p for p in preloaded):
-        return {}
-    return {"LD_PRELOAD": " ".join([jemalloc, *preloaded])}
+    if any("jemalloc" in p for p in preloaded):  # an operator's own preload: only make OpenVINO safe
+        return dict(TBB_WITH_PRELOAD)
+    return {"LD_PRELOAD": " ".join([jemalloc, *preloaded]), **TBB_WITH_PRELOAD}
 
 
 def active_allocator(maps: str | None = None) -> str:
