@@ -13,9 +13,9 @@ import pytest
 from deployments.allocator import find_jemalloc
 from tests.conftest import REPO, free_port
 
-# RSS growth of the replica from 2,000 to 8,000 texts. Measured on the 2-core machine (README, "Memory"):
-# with jemalloc GROWTH_JEMALLOC; with glibc malloc (EMBEDDINGS_ALLOCATOR=system) GROWTH_GLIBC.
-BOUND_MB = 60
+# RSS growth of the replica from 2,000 to ~8,000 texts, measured on the 2-core machine (README, "Memory"):
+# +67 MB now; +153 MB (jemalloc) and +136 MB (glibc malloc) with OpenVINO's default kernel cache.
+BOUND_MB = 100
 
 
 @pytest.mark.skipif(find_jemalloc() is None, reason="jemalloc is not installed (make setup installs it)")
