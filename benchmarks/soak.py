@@ -77,6 +77,7 @@ class SoakResult:
     samples: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)  # (s, texts, rss)
     warm_at: tuple[float, int] | None = None  # (s, texts) when the warm-up ended
     seconds: float = 0.0
+    allocator: str = "unknown"  # what the replica itself reports (/v1/models)
 
     def growth(self) -> dict[str, tuple[float, float, float]]:
         """Per replica: (RSS at the end of the warm-up, RSS at the end, max RSS after the warm-up)."""
@@ -137,7 +138,9 @@ async def soak(url: str, clients: int, deadline_s: float, max_texts: int, warmup
         connector=connector, timeout=aiohttp.ClientTimeout(total=120)
     ) as session:
         await asyncio.gather(sampler(), *(client(i, session) for i in range(clients)))
-    result.seconds = time.perf_counter() - started
+        result.seconds = time.perf_counter() - started
+        async with session.get(f"{url}/v1/models") as resp:
+            result.allocator = (await resp.json())["data"][0]["allocator"]
     return result
 
 
@@ -145,6 +148,8 @@ def run_soak(models_config: str, port: int, haproxy: bool, allocator: str, **kwa
     """A private service, soaked, then stopped."""
     if allocator == "system":
         os.environ["EMBEDDINGS_ALLOCATOR"] = "system"
+        if "jemalloc" in os.environ.get("LD_PRELOAD", ""):  # inherited from a shell or the test suite
+            os.environ.pop("LD_PRELOAD")
     url = start_local_service(models_config, port, haproxy)
     try:
         return asyncio.run(soak(url, **kwargs))
@@ -152,14 +157,14 @@ def run_soak(models_config: str, port: int, haproxy: bool, allocator: str, **kwa
         stop_local_service()
 
 
-def report(result: SoakResult, allocator: str) -> str:
+def report(result: SoakResult) -> str:
     lat = np.array(result.latencies) * 1e3 if result.latencies else np.zeros(1)
     warm_s, warm_texts = result.warm_at or (0.0, 0)
     lines = [
         f"{result.texts} texts in {result.requests} requests over {result.seconds / 60:.1f} min "
         f"({result.texts / max(result.seconds, 1e-9):.1f} texts/s), errors {len(result.errors)}, "
         f"p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; warm-up to "
-        f"{warm_s / 60:.1f} min ({warm_texts} texts); allocator {allocator}",
+        f"{warm_s / 60:.1f} min ({warm_texts} texts); allocator {result.allocator}",
         "",
         "| replica | RSS after warm-up MB | RSS at end MB | growth MB | max MB |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -201,10 +206,7 @@ def main() -> None:
         clients=args.clients, deadline_s=args.minutes * 60, max_texts=args.texts,
         warmup_s=args.warmup_minutes * 60, warmup_texts=args.warmup_texts, sample_s=args.sample_s,
     )  # fmt: skip
-    from deployments.allocator import allocator_env
-
-    allocator = "glibc malloc" if args.allocator == "system" or not allocator_env({}) else "jemalloc"
-    print(report(result, allocator))
+    print(report(result))
     sys.exit(1 if result.errors else 0)
 
 

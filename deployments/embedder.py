@@ -40,7 +40,7 @@ def _cpu_threads() -> int:
 class ModelServer:
     def __init__(self, entry: dict[str, Any], config_dir: str | None = None):
         self.entry = ModelEntry.model_validate(entry)
-        quiet_client_errors(logging.getLogger("ray.serve"))
+        quiet_client_errors(log)
         self.allocator = active_allocator()
         if self.allocator == "glibc malloc":
             log.warning(

@@ -72,10 +72,12 @@ def main(argv: list[str]) -> None:
         if "RAY_SERVE_ENABLE_HA_PROXY" in extra
         else "Serve's HTTP proxy (HAProxy not installed or EMBEDDINGS_HAPROXY=0)"
     )
-    allocator = extra.get("LD_PRELOAD", "").split()[0] if "LD_PRELOAD" in extra else "glibc malloc"
+    env = {**os.environ, **extra}
+    preloaded = [p for p in env.get("LD_PRELOAD", "").split() if "jemalloc" in p]
+    allocator = preloaded[0] if preloaded else "glibc malloc"  # an operator's own preload counts too
     print(f"serving {config} through {how}, allocator {allocator}", file=sys.stderr, flush=True)
     serve = str(Path(sys.executable).parent / "serve")
-    os.execve(serve, [serve, "run", config, *argv[1:]], {**os.environ, **extra})
+    os.execve(serve, [serve, "run", config, *argv[1:]], env)
 
 
 if __name__ == "__main__":
