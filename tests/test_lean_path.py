@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aiohttp
 import httpx
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
 from deployments.serve_local import serving_env
 from tests.conftest import MINILM_DIR, free_port, start_private_ray
+from tests.hang_ups import storm_then_hang_up
 
 pytestmark = pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)")
 # HAProxy's client timeout in these tests: a connection silent this long while HAProxy waits on it is closed.
@@ -72,7 +72,11 @@ def lean(tmp_path_factory, tiny_bge_dir):
         apps = {
             "lean": app_config(cfg / "lean.yaml", MINILM_DIR, 1, body_timeout_s=2),
             "tight": app_config(
-                cfg / "tight.yaml", tiny_bge_dir, 0.5, max_ongoing_requests=2, max_queued_requests=2,
+                cfg / "tight.yaml",
+                tiny_bge_dir,
+                0.5,
+                max_ongoing_requests=2,
+                max_queued_requests=2,
                 retry_after_s=3,
             ),  # fmt: skip
             "pair": app_config(cfg / "pair.yaml", tiny_bge_dir, 0.5, replicas=2),
@@ -98,21 +102,13 @@ def test_callers_that_hang_up_leave_no_work_behind(lean):
     texts = [kt_gen_mix(16, seed=200 + i) for i in range(clients)]
     before = stats("lean")
 
-    async def storm():
-        # aiohttp: it closes a timed-out request's connection at once (httpx's AsyncClient does not always,
-        # and HAProxy only passes on a hang-up it sees; README, "Known issues")
-        connector = aiohttp.TCPConnector(limit=clients + 8)
-        async with aiohttp.ClientSession(connector=connector) as session:
+    bodies = [{"input": t} for t in texts]
 
-            async def one(i: int) -> None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    timeout = aiohttp.ClientTimeout(total=1.0)
-                    async with session.post(url, json={"input": texts[i]}, timeout=timeout) as resp:
-                        await resp.read()
+    def admitted() -> bool:  # half the storm's inputs are queued at the replica
+        return stats("lean")["inputs"] - before["inputs"] >= clients * 16 // 2
 
-            await asyncio.gather(*(one(i) for i in range(clients)))
-
-    asyncio.run(storm())
+    # HAProxy only passes on a hang-up it sees: aiohttp closes a cancelled request's connection at once
+    assert storm_then_hang_up(url, bodies, admitted) > 0
     time.sleep(0.5)  # HAProxy and the replica see the hang-ups
     settled = stats("lean")
     t0 = time.perf_counter()
@@ -128,8 +124,11 @@ def test_callers_that_hang_up_leave_no_work_behind(lean):
 def test_a_bulk_request_whose_caller_hangs_up_is_dropped(lean):
     url = f"{lean['url']}/lean/v1/embeddings"
     before = stats("lean")
-    with contextlib.suppress(httpx.TimeoutException):
-        httpx.post(url, json={"input": kt_gen_mix(1500, seed=7)}, timeout=1.0)
+
+    def admitted() -> bool:  # the whole request is queued at the replica
+        return stats("lean")["inputs"] - before["inputs"] >= 1500
+
+    assert storm_then_hang_up(url, [{"input": kt_gen_mix(1500, seed=7)}], admitted) == 1
     deadline = time.monotonic() + 10
     while stats("lean")["queue_inputs"] and time.monotonic() < deadline:
         time.sleep(0.1)
