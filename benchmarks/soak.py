@@ -8,8 +8,9 @@ misses and the cache fills as it would), then ``--clients`` closed-loop clients 
 after the warm-up (``--warmup-minutes``, or ``--warmup-texts``), at the end and its growth in between,
 plus errors and latency percentiles.
 
-    python benchmarks/soak.py --minutes 10                       # the README's table
-    python benchmarks/soak.py --minutes 10 --allocator system    # the same on glibc malloc
+    python benchmarks/soak.py --minutes 10 --no-cache                    # docs/operations.md's table
+    python benchmarks/soak.py --minutes 10 --no-cache --allocator system # the same on glibc malloc
+    python benchmarks/soak.py --minutes 10                   # cache on: it grows towards its max_mb
     python benchmarks/soak.py --texts 8000 --warmup-texts 2000   # what the suite runs
 """
 
@@ -144,6 +145,26 @@ async def soak(url: str, clients: int, deadline_s: float, max_texts: int, warmup
     return result
 
 
+def without_cache(models_config: str) -> str:
+    """A copy of ``models_config`` with every model's cache off, in a new temporary folder (paths that
+    were relative to the original's folder made absolute)."""
+    import tempfile
+
+    import yaml
+
+    original = Path(models_config).resolve()
+    data = yaml.safe_load(original.read_text())
+    for entry in data["models"]:
+        entry.pop("cache", None)
+        for key in ("source", "compile_cache_dir"):
+            value = entry.get(key)
+            if isinstance(value, str) and (original.parent / value).exists():
+                entry[key] = str(original.parent / value)
+    path = Path(tempfile.mkdtemp(prefix="soak-")) / original.name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 def run_soak(models_config: str, port: int, haproxy: bool, allocator: str, **kwargs) -> SoakResult:
     """A private service, soaked, then stopped."""
     if allocator == "system":
@@ -198,11 +219,14 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--port", type=int, default=8125)
     parser.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc")
+    parser.add_argument("--no-cache", action="store_true", help="every model's embedding cache off")
     add_ingress_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    models_config = without_cache(args.models_config) if args.no_cache else args.models_config
+    print(f"models config {models_config}" + (" (every cache off)" if args.no_cache else ""))
     result = run_soak(
-        args.models_config, args.port, use_haproxy(args), args.allocator,
+        models_config, args.port, use_haproxy(args), args.allocator,
         clients=args.clients, deadline_s=args.minutes * 60, max_texts=args.texts,
         warmup_s=args.warmup_minutes * 60, warmup_texts=args.warmup_texts, sample_s=args.sample_s,
     )  # fmt: skip

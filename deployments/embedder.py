@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray import serve
 
 from deployments.allocator import active_allocator
@@ -50,6 +49,8 @@ class ModelServer:
             )
         else:
             log.info("%s: allocator %s", self.entry.name, self.allocator)
+        import torch  # here: the app build task and Serve's controller import this module, not torch
+
         use_gpu = bool(ray.get_gpu_ids())
         threads = _cpu_threads()
         if not use_gpu:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a model loads, not by the modules that wire the app to Serve
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class EmbeddingBackend(ABC):
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype: the configured one on GPU; float32 on CPU, where a bf16 pass is run by autocast
     or the runtime instead (``deployments/backends/precision.py``)."""
+    import torch
+
     if device.type == "cpu":
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
@@ -73,6 +78,8 @@ FAKE_GPUS_ENV = "EMBEDDINGS_FAKE_GPUS"
 def pick_device(want_gpu: bool) -> torch.device:
     """CUDA for a replica Ray gave GPUs, CPU otherwise. A replica placed on GPUs whose CUDA is unusable fails
     at start: silently loading on CPU would put NV-Embed-v2 (31 GB in float32) in host memory and crawl."""
+    import torch
+
     if not want_gpu:
         return torch.device("cpu")
     if torch.cuda.is_available():
@@ -89,6 +96,8 @@ def pick_device(want_gpu: bool) -> torch.device:
 
 def pad_right(items: list[EncodedText], pad_values: dict[str, int]) -> dict[str, torch.Tensor]:
     """Stack each feature of a micro-batch into [rows, longest], padding on the right."""
+    import torch
+
     out = {}
     for key in items[0].features:
         out[key] = torch.nn.utils.rnn.pad_sequence(
