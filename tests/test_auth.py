@@ -11,6 +11,8 @@ from clients import HTTPEmbedder, get_embedder
 from deployments.auth import ApiKeys, exposure_problem
 from tests.conftest import free_port, start_private_ray
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 KEYS_ENV = "TEST_EMBEDDING_API_KEYS"
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 
 def test_nvembed_benchmark_smoke_on_cpu():
     out = subprocess.run(

@@ -19,6 +19,8 @@ from clients import EmbeddingServiceError, HTTPEmbedder, ServeEmbedder, get_embe
 from deployments.errors import ClientError
 from tests.conftest import MINILM_DIR, REPO, assert_same, free_port
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 MODEL = "all-MiniLM-L6-v2"
 PROMPTS = {"query": "query: ", "passage": ""}
 TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity research in Paris laboratories"]

@@ -26,6 +26,8 @@ import yaml
 
 from tests.conftest import REPO, free_port
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 FAST = {
     "RAY_FAKE_CLUSTER": "1",
     "AUTOSCALER_UPDATE_INTERVAL_S": "1",

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
 SERVER = """
 import os, sys, time, tempfile

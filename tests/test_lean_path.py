@@ -27,7 +27,10 @@ from deployments.serve_local import serving_env
 from tests.conftest import MINILM_DIR, free_port, start_private_ray
 from tests.hang_ups import storm_then_hang_up
 
-pytestmark = pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)")
+pytestmark = [
+    pytest.mark.ray,  # starts a Ray cluster or a service: not in make test-fast
+    pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)"),
+]
 # HAProxy's client timeout in these tests: a connection silent this long while HAProxy waits on it is closed.
 CLIENT_TIMEOUT_S = 5
 

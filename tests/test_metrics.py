@@ -12,6 +12,8 @@ import yaml
 
 from tests.conftest import free_port, start_private_ray
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 MODEL = "all-MiniLM-L6-v2"
 
 

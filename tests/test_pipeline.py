@@ -30,6 +30,8 @@ from examples.tree_comm_communities import COMMUNITIES, TRIPLES, communities, tr
 from tests import pipeline_shapes as shapes
 from tests.conftest import MINILM_DIR, REPO, assert_same, free_port
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 REAL_ST = sentence_transformers.SentenceTransformer
 MODEL = "all-MiniLM-L6-v2"
 HF_CACHE_SNAPSHOT = (

@@ -18,6 +18,8 @@ from sentence_transformers import SentenceTransformer
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 BGE_QUERY = "Represent this sentence for searching relevant passages: "
 TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland"]
 

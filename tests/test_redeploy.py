@@ -13,9 +13,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import yaml
 
 from tests.conftest import free_port, start_private_ray
+
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["Marie Curie", "Warsaw is the capital of Poland", "radioactivity", "Pierre Curie, physicist"]

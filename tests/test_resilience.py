@@ -16,6 +16,8 @@ from sentence_transformers import SentenceTransformer
 from tests.conftest import free_port
 from tests.fatal_module import build_fatal_bge
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 FAST_METRICS = {
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",

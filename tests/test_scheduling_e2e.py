@@ -21,6 +21,8 @@ from benchmarks.common import kt_gen_mix
 from tests.conftest import free_port
 from tests.hang_ups import storm_then_hang_up
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 MODEL = "all-MiniLM-L6-v2"
 
 

@@ -20,6 +20,8 @@ from deployments.backends.fidelity import probe_texts, worst_cosine
 from deployments.backends.precision import CPU_BF16_ENV, cpu_bf16
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 URL = "http://127.0.0.1:8000"
 
 

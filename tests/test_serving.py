@@ -25,6 +25,8 @@ from deployments.errors import ClientError
 from deployments.serve_local import serving_env
 from tests.conftest import free_port, start_private_ray
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
 NVEMBED_FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
 NV_CASES = {c["name"]: c for c in json.loads((NVEMBED_FIXTURE / "expected.json").read_text())["cases"]}
 BGE_QUERY = "Represent this sentence for searching relevant passages: "

@@ -13,7 +13,9 @@ import pytest
 from deployments.allocator import find_jemalloc
 from tests.conftest import REPO, free_port
 
-# RSS growth of the replica from 2,000 to ~8,000 texts, measured on the 2-core machine (README, "Memory"):
+pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+
+# RSS growth of the replica from 2,000 to ~8,000 texts on the 2-core machine (docs/operations.md, "Memory"):
 # +67 MB now; +153 MB (jemalloc) and +136 MB (glibc malloc) with OpenVINO's default kernel cache.
 BOUND_MB = 100
 

@@ -1,0 +1,65 @@
+"""The configuration reference (docs/config.md) documents every key of the models-config schema, and only
+keys that exist: the schema in deployments/config.py is the truth, the table is what users read."""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+
+from pydantic import BaseModel
+
+from deployments.config import ModelsConfig
+from tests.conftest import REPO
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds, through Optional / unions."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def schema_keys(model: type[BaseModel] = ModelsConfig, prefix: str = "") -> tuple[set[str], set[str]]:
+    """(every key that holds a value, every key that holds a section), as the reference spells them:
+    ``models[].batching.max_batch_size``, ``placements.<class>.num_gpus``; ``models[].batching``."""
+    keys: set[str] = set()
+    sections: set[str] = set()
+    for name, field in model.model_fields.items():
+        key, annotation = prefix + name, field.annotation
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is list and args and _models_in(args[0]):
+            inner, below = _models_in(args[0])[0], f"{key}[]."
+        elif origin is dict and len(args) == 2 and _models_in(args[1]):
+            inner, below = _models_in(args[1])[0], f"{key}.<class>."
+        elif _models_in(annotation):
+            inner, below = _models_in(annotation)[0], f"{key}."
+        else:
+            keys.add(key)
+            continue
+        sections.add(key)
+        inner_keys, inner_sections = schema_keys(inner, below)
+        keys |= inner_keys
+        sections |= inner_sections
+    return keys, sections
+
+
+def documented_keys() -> set[str]:
+    """The keys named in the first column of docs/config.md's tables (a cell may name several, `a` / `b`)."""
+    text = (REPO / "docs" / "config.md").read_text()
+    keys = set()
+    for line in text.splitlines():
+        match = re.match(r"^\| ((?:`[^`]+`(?: / )?)+) \|", line)
+        if match:
+            keys |= set(re.findall(r"`([^`]+)`", match.group(1)))
+    return keys
+
+
+def test_the_reference_lists_every_key_of_the_schema_and_no_other():
+    (keys, sections), documented = schema_keys(), documented_keys()
+    assert len(keys) > 40 and "models[].batching.max_batch_size" in keys  # the walk reached nested sections
+    missing, unknown = keys - documented, documented - keys - sections
+    assert not missing, f"keys of the schema missing from docs/config.md: {sorted(missing)}"
+    assert not unknown, f"docs/config.md documents keys the schema lacks: {sorted(unknown)}"
