@@ -20,23 +20,36 @@ class Overloaded(Exception):
 
 
 class Admission:
-    """At most ``ongoing`` requests at work and ``queued`` more waiting for a slot (first come, first
-    served); the next one is refused with ``Overloaded`` without waiting."""
+    """At most ``ongoing + queued`` requests in the router at once (each holds a ``place`` from arrival to
+    answer), ``ongoing`` of them at work (a ``slot``, taken first come, first served once the body is in);
+    the others are still sending their body or wait for a slot. The next one is refused with
+    ``Overloaded`` without waiting. A slow sender holds a place, never a slot: it delays nobody's work."""
 
     def __init__(self, ongoing: int, queued: int):
         self.ongoing = ongoing
         self.queued = queued
         self._slots = asyncio.Semaphore(ongoing)
-        self.waiting = 0
-        self.at_work = 0
+        self.inside = 0  # requests holding a place
+        self.waiting = 0  # of them, waiting for a slot
+        self.at_work = 0  # of them, holding a slot
+
+    @asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """Holds a place for the body of the ``async with``, or refuses at once when all are taken."""
+        if self.inside >= self.ongoing + self.queued:
+            raise Overloaded
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
-        """Holds a slot for the body of the ``async with``; yields the seconds spent waiting for it."""
+        """Holds a slot of work (inside a ``place``, which bounds the line); yields the seconds spent
+        waiting for it."""
         start = time.monotonic()
         if self._slots.locked():  # no free slot, or others already waiting for one
-            if self.waiting >= self.queued:
-                raise Overloaded
             self.waiting += 1
             try:
                 await self._slots.acquire()

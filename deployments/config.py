@@ -165,16 +165,17 @@ class RouterOptions(_Strict):
     request_timeout_s: float = Field(120.0, gt=0)
     # Serve's per-request access log lines cost CPU on every hop; errors are logged either way.
     access_log: bool = False
-    # HTTP embedding requests each router replica works on at once; up to max_queued_requests more wait
-    # for a slot, and the next gets the service's own 503 (JSON, Retry-After) at once.
+    # HTTP embedding requests each router replica works on at once; up to max_queued_requests more are
+    # still sending their body or wait for a slot, and the next gets the service's own 503 (JSON,
+    # Retry-After) at once (deployments/admission.py).
     max_ongoing_requests: int = Field(1024, gt=0)
     max_queued_requests: int = Field(2048, gt=0)
     retry_after_s: float = Field(1.0, ge=0)
     # Largest request body; default: room for max_inputs_per_request inputs of the longest max_seq_length
     # (8 bytes a token), at least 1 MB.
     max_body_mb: float | None = Field(None, gt=0)
-    # A request body not fully received within this many seconds is a 408: a slow or stalled client must
-    # not hold one of the router's slots.
+    # A request body not fully received within this many seconds is a 408: a slow or stalled client gives
+    # its place up (it never holds a slot of work: the body is read before one is taken).
     body_timeout_s: float = Field(10.0, gt=0)
     # The environment variable (in the router's process) holding the accepted API keys, comma-separated.
     api_keys_env: str | None = None

@@ -352,12 +352,13 @@ class EmbeddingRouter:
         response = self._refused(request)
         if response is None:
             try:
-                async with self.admission.slot() as waited_s:
-                    response = await self._embeddings(request, resolved, waited_s)
+                async with self.admission.place():
+                    response = await self._embeddings(request, resolved)
             except Overloaded:
                 response = self._overloaded(
-                    f"the service is overloaded ({self.admission.ongoing} requests at work and "
-                    f"{self.admission.queued} waiting on this router replica); retry later"
+                    f"the service is overloaded ({self.admission.inside} requests on this router replica: "
+                    f"{self.admission.at_work} at work, the others sending their body or waiting); "
+                    "retry later"
                 )
             except asyncio.CancelledError:  # Serve's proxy cancels a request whose client left
                 self.metrics.request(resolved.get("model"), "/v1/embeddings", CLIENT_CLOSED)
@@ -365,32 +366,13 @@ class EmbeddingRouter:
         self.metrics.request(resolved.get("model"), "/v1/embeddings", response.status_code)
         return response
 
-    async def _embeddings(self, request: Request, resolved: dict[str, str], waited_s: float) -> Response:
-        """The answer to an admitted request; ``waited_s``: its wait for admission (counted as queueing)."""
+    async def _embeddings(self, request: Request, resolved: dict[str, str]) -> Response:
+        """The answer to a request that holds a place: its body is read first, then it takes a slot of
+        work, so a slow sender never holds one (its wait for the slot counts as queueing)."""
         try:
             body = await self._read_body_in_time(request)
-            req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
-            model = resolved["model"] = self._resolve(req.model)
-            info = self._known_info(model)  # known once a replica answered; never waited for here
-            entry = self.config.entry(model)
-            if req.dimensions is not None and info is not None:  # refused before any model work
-                check_dimensions(req.dimensions, info["dimension"], model, entry.matryoshka)
-            vectors, tokens, (queued_s, computing_s) = await _unless_client_leaves(
-                request, self._embed(req.texts, model, req.prompt_name, req.normalize, req.truncate)
-            )
-            if req.dimensions is not None:
-                native = vectors.shape[1]
-                check_dimensions(req.dimensions, native, model, entry.matryoshka)
-                normalize = entry.normalize if req.normalize is None else req.normalize
-                vectors = shorten(vectors, req.dimensions, native, normalize)
-            return Response(
-                render_embeddings(vectors, model, tokens, req.encoding_format),
-                media_type="application/json",
-                headers={  # where the time went (Serve adds x-request-id, echoed or generated)
-                    "x-queue-time-ms": f"{(waited_s + queued_s) * 1e3:.1f}",
-                    "x-inference-time-ms": f"{computing_s * 1e3:.1f}",
-                },
-            )
+            async with self.admission.slot() as waited_s:
+                return await self._answer(request, body, resolved, waited_s)
         except ClientError as err:
             return _error_response(err.message, err.status, err.param, err.code)
         except ClientLeft:  # nobody reads this answer; its status only counts the hang-up in the metrics
@@ -405,6 +387,33 @@ class EmbeddingRouter:
         except Exception as exc:  # noqa: BLE001 - a server fault: say so, log it, never hang
             logger.exception("embedding request failed")
             return _error_response(f"internal error while embedding: {type(exc).__name__}", 500)
+
+    async def _answer(
+        self, request: Request, body: bytes, resolved: dict[str, str], waited_s: float
+    ) -> Response:
+        """The embeddings of a request at work; its errors are rendered by ``_embeddings``."""
+        req = parse_embeddings_request(body, self.config.router.max_inputs_per_request)
+        model = resolved["model"] = self._resolve(req.model)
+        info = self._known_info(model)  # known once a replica answered; never waited for here
+        entry = self.config.entry(model)
+        if req.dimensions is not None and info is not None:  # refused before any model work
+            check_dimensions(req.dimensions, info["dimension"], model, entry.matryoshka)
+        vectors, tokens, (queued_s, computing_s) = await _unless_client_leaves(
+            request, self._embed(req.texts, model, req.prompt_name, req.normalize, req.truncate)
+        )
+        if req.dimensions is not None:
+            native = vectors.shape[1]
+            check_dimensions(req.dimensions, native, model, entry.matryoshka)
+            normalize = entry.normalize if req.normalize is None else req.normalize
+            vectors = shorten(vectors, req.dimensions, native, normalize)
+        return Response(
+            render_embeddings(vectors, model, tokens, req.encoding_format),
+            media_type="application/json",
+            headers={  # where the time went (Serve adds x-request-id, echoed or generated)
+                "x-queue-time-ms": f"{(waited_s + queued_s) * 1e3:.1f}",
+                "x-inference-time-ms": f"{computing_s * 1e3:.1f}",
+            },
+        )
 
     @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(self, request: Request) -> Response:

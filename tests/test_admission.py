@@ -10,7 +10,7 @@ from deployments.admission import Admission, Overloaded
 
 
 async def _hold(admission: Admission, name: str, release: asyncio.Event, log: list[str]) -> float:
-    async with admission.slot() as waited_s:
+    async with admission.place(), admission.slot() as waited_s:
         log.append(name)
         await release.wait()
         return waited_s
@@ -24,15 +24,15 @@ def test_at_work_then_waiting_in_order_then_refused_at_once():
         await asyncio.sleep(0.01)
         assert log == ["r0", "r1"] and admission.at_work == 2 and admission.waiting == 2
         with pytest.raises(Overloaded):  # the fifth: no slot, the line full
-            async with admission.slot():
+            async with admission.place():
                 raise AssertionError("admitted past the limits")
-        assert admission.waiting == 2  # a refusal takes nothing
+        assert admission.waiting == 2 and admission.inside == 4  # a refusal takes nothing
         release.set()
         waits = await asyncio.gather(*holders)
         assert log == ["r0", "r1", "r2", "r3"]  # first come, first served
         assert waits[0] < 0.005 and waits[2] >= 0.01
-        assert admission.at_work == 0 and admission.waiting == 0
-        async with admission.slot():  # free again
+        assert admission.at_work == 0 and admission.waiting == 0 and admission.inside == 0
+        async with admission.place(), admission.slot():  # free again
             assert admission.at_work == 1
 
     asyncio.run(scenario())
@@ -61,9 +61,33 @@ def test_an_error_at_work_gives_the_slot_back():
     async def scenario():
         admission = Admission(ongoing=1, queued=0)
         with pytest.raises(RuntimeError):
-            async with admission.slot():
+            async with admission.place(), admission.slot():
                 raise RuntimeError("the request failed")
-        async with admission.slot() as waited_s:
-            assert waited_s < 0.005
+        async with admission.place(), admission.slot() as waited_s:
+            assert waited_s < 0.005 and admission.inside == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_request_still_sending_its_body_holds_a_place_but_no_slot():
+    async def scenario():
+        admission = Admission(ongoing=1, queued=2)
+        body_in = asyncio.Event()
+
+        async def slow_sender() -> None:
+            async with admission.place():
+                await body_in.wait()  # its body is still arriving
+
+        senders = [asyncio.create_task(slow_sender()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert admission.inside == 2 and admission.at_work == 0
+        async with admission.place(), admission.slot() as waited_s:  # the one slot is free for work
+            assert waited_s < 0.005 and admission.inside == 3
+            with pytest.raises(Overloaded):  # every place taken: refused before its body is read
+                async with admission.place():
+                    raise AssertionError("admitted past the limits")
+        body_in.set()
+        await asyncio.gather(*senders)
+        assert admission.inside == 0
 
     asyncio.run(scenario())

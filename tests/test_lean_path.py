@@ -8,7 +8,6 @@ killed under load costs the client's retries nothing but time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
 import threading
@@ -24,8 +23,8 @@ import yaml
 from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
 from deployments.serve_local import serving_env
+from tests.bad_clients import open_tricklers, status_lines, storm_then_hang_up, trickle_while
 from tests.conftest import MINILM_DIR, free_port, start_private_ray
-from tests.hang_ups import storm_then_hang_up
 
 pytestmark = [
     pytest.mark.ray,  # starts a Ray cluster or a service: not in make test-fast
@@ -219,31 +218,20 @@ def test_slow_and_idle_connections_do_not_starve_the_service(lean):
     its headers are complete); 300 that trickle a body reach the router, which answers each a 408 after
     router.body_timeout_s (2 s here). Meanwhile normal requests are answered at their usual speed."""
     host, port = lean["url"].removeprefix("http://").split(":")
-    head = b"POST /lean/v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     idle = [socket.create_connection((host, int(port))) for _ in range(300)]
-    slow = [socket.create_connection((host, int(port))) for _ in range(300)]
+    for s in idle:
+        s.sendall(b"POST /lean/v1/embeddings HTTP/1.1\r\nHost: x\r\n")  # headers never end
+    slow = open_tricklers(lean["url"], "/lean/v1/embeddings", 300)
     try:
-        for s in idle:
-            s.sendall(head)  # headers never end
-        for s in slow:
-            s.sendall(head + b"Content-Length: 100000\r\n\r\n{")  # then a byte now and then
-        latencies = []
         with httpx.Client(base_url=lean["url"], timeout=30) as client:
-            for i in range(12):
-                for s in slow:
-                    with contextlib.suppress(OSError):
-                        s.send(b" ")
-                t0 = time.perf_counter()
+
+            def normal(i: int) -> None:
                 resp = client.post("/lean/v1/embeddings", json={"input": [f"entity {i}"]})
-                latencies.append(time.perf_counter() - t0)
                 assert resp.status_code == 200, resp.text
-                time.sleep(0.25)
+
+            latencies = trickle_while(slow, normal, rounds=12, pause_s=0.25)
         assert max(latencies) < 2.0, latencies
-        answers = []
-        for s in slow:
-            s.settimeout(10)
-            with contextlib.suppress(OSError):
-                answers.append(s.recv(4096).split(b"\r\n", 1)[0])
+        answers = status_lines(slow, timeout_s=10)
         assert answers.count(b"HTTP/1.1 408 Request Timeout") == len(slow), set(answers)
     finally:
         for s in idle + slow:

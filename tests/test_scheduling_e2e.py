@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from benchmarks.common import kt_gen_mix
+from tests.bad_clients import storm_then_hang_up
 from tests.conftest import free_port
-from tests.hang_ups import storm_then_hang_up
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 

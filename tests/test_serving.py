@@ -23,6 +23,7 @@ from sentence_transformers import SentenceTransformer
 
 from deployments.errors import ClientError
 from deployments.serve_local import serving_env
+from tests.bad_clients import open_tricklers, status_lines, trickle_while
 from tests.conftest import free_port, start_private_ray
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
@@ -31,6 +32,9 @@ NVEMBED_FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
 NV_CASES = {c["name"]: c for c in json.loads((NVEMBED_FIXTURE / "expected.json").read_text())["cases"]}
 BGE_QUERY = "Represent this sentence for searching relevant passages: "
 TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity research in Paris laboratories"]
+
+
+SLOTS = 32  # router.max_ongoing_requests of the test config
 
 
 def write_config(path: Path, tiny_bge_dir: str, in_process: bool) -> Path:
@@ -61,7 +65,14 @@ def write_config(path: Path, tiny_bge_dir: str, in_process: bool) -> Path:
                 "matryoshka": [8, 16],
             },
         ],
-        "router": {"max_inputs_per_request": 64, "max_body_mb": 0.25, "body_timeout_s": 2},
+        # 32 slots of work: the slow-sender test opens more trickling connections than that
+        "router": {
+            "max_inputs_per_request": 64,
+            "max_body_mb": 0.25,
+            "body_timeout_s": 2,
+            "max_ongoing_requests": SLOTS,
+            "max_queued_requests": 96,
+        },
     }
     if in_process:
         config["router"]["in_process_model"] = "all-MiniLM-L6-v2"
@@ -307,6 +318,26 @@ def test_a_body_that_trickles_in_is_a_408_after_the_body_timeout(service):
     resp = service.post("/v1/embeddings", content=trickle(), headers={"content-type": "application/json"})
     assert resp.status_code == 408 and resp.json()["error"]["code"] == "body_timeout"
     assert "within 2 s" in resp.json()["error"]["message"] and time.monotonic() - t0 < 10
+
+
+def test_slow_senders_hold_no_slot_of_work_and_each_gets_its_408(service):
+    """More connections trickling a body than the router has slots of work: requests beside them are
+    answered at once (were the tricklers holding the slots, they would wait for the 2 s body timeout), and
+    every trickler gets its 408 after router.body_timeout_s, behind Serve's proxy and behind HAProxy."""
+    slow = open_tricklers(str(service.base_url), "/v1/embeddings", SLOTS + 16)
+
+    def normal(i: int) -> None:
+        resp = service.post("/v1/embeddings", json={"input": [f"entity {i}"], "model": "all-MiniLM-L6-v2"})
+        assert resp.status_code == 200, resp.text
+
+    try:
+        latencies = trickle_while(slow, normal, rounds=10, pause_s=0.1)  # well inside the 2 s body timeout
+        assert max(latencies) < 1.0, latencies
+        answers = status_lines(slow, timeout_s=15)
+        assert answers == [b"HTTP/1.1 408 Request Timeout"] * len(slow), set(answers)
+    finally:
+        for s in slow:
+            s.close()
 
 
 def test_responses_say_where_the_time_went_and_carry_the_request_id(service):
