@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.cache import EmbeddingCache, cache_key, fill, look_up
 from deployments.coalescer import Coalescer
-from deployments.config import ModelEntry
+from deployments.embed_options import EmbedOptions
 from deployments.embedder import ModelServer
 from deployments.errors import ClientError, ModelError
 from deployments.metrics import CacheMetrics
@@ -40,9 +40,7 @@ class ModelClient(Protocol):
     # The Serve deployment that runs the model; None: the router's own (the in-process model).
     deployment: str | None
 
-    async def embed(
-        self, texts: list[str], prompt_name: str | None, normalize: bool | None, truncate: bool
-    ) -> Embedded: ...
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded: ...
 
     async def info(self) -> dict[str, Any] | None:
         """The model's ``info()``; None while no replica answers within seconds (replicas pending)."""
@@ -63,10 +61,8 @@ class LocalModel:
         self.server = ModelServer(entry, config_dir)
         self._info: dict[str, Any] | None = None
 
-    async def embed(
-        self, texts: list[str], prompt_name: str | None, normalize: bool | None, truncate: bool
-    ) -> Embedded:
-        return await self.server.embed(texts, prompt_name, normalize, truncate)
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+        return await self.server.embed(texts, options)
 
     async def info(self) -> dict[str, Any] | None:
         return self.known_info()
@@ -98,11 +94,10 @@ class RemoteModel:
         self._info: dict[str, Any] | None = None
         self.coalescer = Coalescer(self._send, max_in_flight=2 * max_replicas)
 
-    async def embed(
-        self, texts: list[str], prompt_name: str | None, normalize: bool | None, truncate: bool
-    ) -> Embedded:
-        key = (prompt_name, normalize, truncate)
-        return await (self.coalescer.submit(key, texts) if truncate else self._send(key, texts))
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+        return await (
+            self.coalescer.submit(options, texts) if options.truncate else self._send(options, texts)
+        )
 
     async def info(self) -> dict[str, Any] | None:
         if self._info is None:
@@ -119,7 +114,7 @@ class RemoteModel:
     async def ping(self) -> bool:
         return await self.handle.ping.remote()
 
-    async def _send(self, key: tuple, texts: list[str], first: int = 0) -> Embedded:
+    async def _send(self, options: EmbedOptions, texts: list[str], first: int = 0) -> Embedded:
         """One call to the model deployment.
 
         Embedding is idempotent, so a call lost with its replica (killed, crashed, node gone) is sent
@@ -129,7 +124,7 @@ class RemoteModel:
         request timeout bounds the whole."""
         losses = 0
         for attempt in itertools.count():
-            response = self.handle.embed.remote(texts, *key)
+            response = self.handle.embed.remote(texts, options)
             try:
                 return await response
             except asyncio.CancelledError:  # every caller of this call left: the replica drops its rows
@@ -142,21 +137,21 @@ class RemoteModel:
                     self.deployment, type(exc).__name__, len(texts), losses,
                 )  # fmt: skip
                 if losses >= REPLICA_LOSSES_BEFORE_SPLIT:
-                    return await self._send_split(key, texts, first, losses)
+                    return await self._send_split(options, texts, first, losses)
             except ReplicaUnavailableError:  # no replica to take it yet (starting, replacing a lost one)
                 pass
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
 
-    async def _send_split(self, key: tuple, texts: list[str], first: int, losses: int) -> Embedded:
+    async def _send_split(self, options: EmbedOptions, texts: list[str], first: int, losses: int) -> Embedded:
         if len(texts) == 1:
             raise ModelError(
                 f"input[{first}] was refused: the model's replica died {losses} times in a row while "
                 "embedding it (the input crashes the model server)"
             )
         half = len(texts) // 2
-        left = await self._send(key, texts[:half], first)
-        right = await self._send(key, texts[half:], first + half)
+        left = await self._send(options, texts[:half], first)
+        right = await self._send(options, texts[half:], first + half)
         timing = (left[2][0] + right[2][0], left[2][1] + right[2][1])
         return np.concatenate([left[0], right[0]]), np.concatenate([left[1], right[1]]), timing
 
@@ -165,32 +160,27 @@ class CachedModel:
     """A model behind this router replica's embedding cache for it: the inputs the cache holds are
     answered from it and only the others are sent to the model (see ``deployments/cache.py``)."""
 
-    def __init__(self, inner: ModelClient, entry: ModelEntry, cache: EmbeddingCache):
+    def __init__(self, inner: ModelClient, name: str, cache: EmbeddingCache):
         self.inner = inner
         self.deployment = inner.deployment
-        self.entry = entry
+        self.name = name
         self.cache = cache
-        self.metrics = CacheMetrics(entry.name)
+        self.metrics = CacheMetrics(name)
 
-    async def embed(
-        self, texts: list[str], prompt_name: str | None, normalize: bool | None, truncate: bool
-    ) -> Embedded:
-        cache, entry = self.cache, self.entry
-        prompt = entry.prompt_text(prompt_name)
-        norm = entry.normalize if normalize is None else normalize
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+        cache, o = self.cache, options
         before = (cache.stats.hits, cache.stats.misses, cache.stats.evictions)
-        lookup = look_up(cache, [cache_key(entry.name, prompt, norm, truncate, t) for t in texts], texts)
+        keys = [cache_key(self.name, o.prompt, o.normalize, o.truncate, t) for t in texts]
+        lookup = look_up(cache, keys, texts)
         computed, tokens, timing = None, None, (0.0, 0.0)
         if not lookup.complete:
             try:
-                computed, tokens, timing = await self.inner.embed(
-                    lookup.missing, prompt_name, normalize, truncate
-                )
+                computed, tokens, timing = await self.inner.embed(lookup.missing, options)
             except (ClientError, ModelError):
                 if len(lookup.missing) == len(texts):
                     raise
                 # The error names an input by its place in the call: ask with the whole request instead.
-                return await self.inner.embed(texts, prompt_name, normalize, truncate)
+                return await self.inner.embed(texts, options)
         vectors, counts = fill(cache, lookup, computed, tokens)
         s = cache.stats
         self.metrics.record(s.hits - before[0], s.misses - before[1], s.evictions - before[2], s.bytes)

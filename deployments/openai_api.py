@@ -113,17 +113,6 @@ def parse_embeddings_request(body: bytes, max_inputs: int) -> EmbeddingsRequest:
     )
 
 
-def check_prompt_name(prompt_name: str | None, entry: ModelEntry) -> None:
-    """A 400 for a ``prompt_name`` the model's ``prompts`` do not define, listing those they do."""
-    if prompt_name is not None and prompt_name not in entry.prompts:
-        raise ClientError(
-            f"prompt_name {prompt_name!r} is not defined for model {entry.name!r}; "
-            f"defined: {', '.join(sorted(entry.prompts)) or 'none'}",
-            400,
-            "prompt_name",
-        )
-
-
 def check_dimensions(dimensions: int, native: int, model: str, matryoshka: bool | list[int]) -> None:
     """A request's ``dimensions`` is the model's width, or a size the model was trained to be cut to
     (its models-config key ``matryoshka``): the first components of any other model's vector are a

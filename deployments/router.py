@@ -23,6 +23,7 @@ from deployments.admission import Admission, Overloaded
 from deployments.auth import ApiKeys, exposure_problem
 from deployments.cache import EmbeddingCache
 from deployments.config import ModelsConfig
+from deployments.embed_options import EmbedOptions, resolve_options
 from deployments.errors import ClientError, ModelError, model_not_found, original_error, quiet_client_errors
 from deployments.http_request import (
     CLIENT_CLOSED,
@@ -43,7 +44,6 @@ from deployments.model_clients import (
 )
 from deployments.openai_api import (
     check_dimensions,
-    check_prompt_name,
     model_card,
     parse_embeddings_request,
     render_embeddings,
@@ -117,7 +117,7 @@ class EmbeddingRouter:
                 else RemoteModel(e.name, embedders[e.name], e.max_replicas)
             )
             if e.cache is not None:
-                model = CachedModel(model, e, EmbeddingCache(int(e.cache.max_mb * 2**20)))
+                model = CachedModel(model, e.name, EmbeddingCache(int(e.cache.max_mb * 2**20)))
             self.models_by_name[e.name] = model
 
     # ---- shared by HTTP and handle callers -------------------------------------------------------
@@ -128,12 +128,11 @@ class EmbeddingRouter:
         return self.names[name]
 
     async def _embed(
-        self, texts: list[str], model: str, prompt_name: str | None, normalize: bool | None, truncate: bool
+        self, texts: list[str], model: str, options: EmbedOptions
     ) -> tuple[np.ndarray, int, tuple[float, float]]:
         """Vectors, total tokens, and the model call's (seconds queued, seconds computing), within the
         request timeout."""
-        check_prompt_name(prompt_name, self.config.entry(model))
-        call = self.models_by_name[model].embed(texts, prompt_name, normalize, truncate)
+        call = self.models_by_name[model].embed(texts, options)
         vectors, tokens, timing = await asyncio.wait_for(call, self.config.router.request_timeout_s)
         return vectors, int(tokens.sum()), timing
 
@@ -202,14 +201,14 @@ class EmbeddingRouter:
         entry = self.config.entry(model)
         if req.dimensions is not None and info is not None:  # refused before any model work
             check_dimensions(req.dimensions, info["dimension"], model, entry.matryoshka)
+        options = resolve_options(entry, req.prompt_name, req.normalize, req.truncate)
         vectors, tokens, (queued_s, computing_s) = await unless_client_leaves(
-            request, self._embed(req.texts, model, req.prompt_name, req.normalize, req.truncate)
+            request, self._embed(req.texts, model, options)
         )
         if req.dimensions is not None:
             native = vectors.shape[1]
             check_dimensions(req.dimensions, native, model, entry.matryoshka)
-            normalize = entry.normalize if req.normalize is None else req.normalize
-            vectors = shorten(vectors, req.dimensions, native, normalize)
+            vectors = shorten(vectors, req.dimensions, native, options.normalize)
         return Response(
             render_embeddings(vectors, model, tokens, req.encoding_format),
             media_type="application/json",
@@ -250,7 +249,9 @@ class EmbeddingRouter:
     ) -> np.ndarray:
         """float32 [n, dim] for a list (a str counts as a list of one); raises ClientError on bad input."""
         batch = validate_texts(texts, self.config.router.max_inputs_per_request)
-        vectors, _, _ = await self._embed(batch, self._resolve(model), prompt_name, normalize, True)
+        name = self._resolve(model)
+        options = resolve_options(self.config.entry(name), prompt_name, normalize)
+        vectors, _, _ = await self._embed(batch, name, options)
         return vectors
 
     async def models(self) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import torch
 
 from deployments.backends.sentence_transformers import SentenceTransformersBackend
 from deployments.config import Batching
+from deployments.embed_options import EmbedOptions
 from deployments.engine import (
     CHARS_PER_TOKEN_CEILING,
     CHARS_PER_TOKEN_FIRST,
@@ -68,7 +69,7 @@ def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget)
 
 def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
-    got = engine.run([EmbedCall(TEXTS, prompt="query: ")])[0].vectors
+    got = engine.run([EmbedCall(TEXTS, EmbedOptions(prompt="query: "))])[0].vectors
     assert cosine_rows(got, minilm.encode(TEXTS, prompt="query: ")).min() >= 0.9999
     assert cosine_rows(got, minilm.encode(TEXTS)).min() < 0.999  # the prompt did change something
 
@@ -76,7 +77,9 @@ def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
 def test_truncation_and_its_refusal(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
     long_text = "word " * 400
-    ok, refused = engine.run([EmbedCall([long_text]), EmbedCall(["fine", long_text], truncate=False)])
+    ok, refused = engine.run(
+        [EmbedCall([long_text]), EmbedCall(["fine", long_text], EmbedOptions(truncate=False))]
+    )
     assert ok.token_counts.tolist() == [256]
     assert cosine_rows(ok.vectors, minilm.encode([long_text]))[0] >= 0.9999
     assert isinstance(refused, ClientError) and refused.status == 400 and "input[1]" in refused.message
@@ -106,7 +109,12 @@ def test_one_failing_input_fails_only_its_call(minilm):
 
 def test_normalize_flag(backend):
     engine = EmbeddingEngine(backend, Batching())
-    plain, normed = engine.run([EmbedCall(["x y z"], normalize=False), EmbedCall(["x y z"], normalize=True)])
+    plain, normed = engine.run(
+        [
+            EmbedCall(["x y z"], EmbedOptions(normalize=False)),
+            EmbedCall(["x y z"], EmbedOptions(normalize=True)),
+        ]
+    )
     assert abs(np.linalg.norm(normed.vectors[0]) - 1) < 1e-5
     assert np.isfinite(plain.vectors).all()
 
