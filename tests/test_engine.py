@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.backends.sentence_transformers import SentenceTransformersBackend
+from benchmarks.common import kt_gen_mix
+from deployments.backends.sentence_transformers import SentenceTransformersBackend, _features
 from deployments.config import Batching
 from deployments.embed_options import EmbedOptions
 from deployments.engine import (
@@ -93,6 +94,27 @@ class FlakyBackend(SentenceTransformersBackend):
         if any(poison in it.features["input_ids"].tolist() for it in items):
             raise RuntimeError("injected fault")
         return super().forward(items)
+
+
+def test_the_direct_tokenizer_gives_exactly_the_token_ids_of_preprocess(tiny_bge_dir):
+    """The model's fast tokenizer called directly (the path chosen at load when it matches) against
+    sentence-transformers' preprocess, on 400 kt_gen-like texts, with and without a prompt, truncating
+    and not: every input the same ids, mask, type ids and length; an over-long one refused the same."""
+    for source in (MINILM_DIR, tiny_bge_dir):
+        backend = SentenceTransformersBackend(source, device=torch.device("cpu"), max_seq_length=64)
+        assert backend.tokenizer_path == "direct", source
+        texts = kt_gen_mix(400, seed=3)
+        for prompt in ("", "query: "):
+            fast = backend.tokenize(texts, prompt)
+            slow = backend._tokenize_preprocess(texts, prompt, True)
+            assert [_features(a) for a in fast] == [_features(b) for b in slow]
+            short = [t for t, item in zip(texts, fast, strict=True) if item.length < 64]
+            fast = backend.tokenize(short, prompt, truncate=False)
+            assert [_features(a) for a in fast] == [
+                _features(b) for b in backend._tokenize_preprocess(short, prompt, False)
+            ]
+        with pytest.raises(ClientError, match=r"input\[1\] has more than 64 tokens"):
+            backend.tokenize(["fine", "word " * 200], "", truncate=False)
 
 
 def test_one_failing_input_fails_only_its_call(minilm):
