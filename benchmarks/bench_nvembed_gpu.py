@@ -28,6 +28,7 @@ from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, random_nvembed
 from deployments.batching import plan_micro_batches
 from deployments.config import Batching
+from deployments.embed_options import EmbedOptions
 from deployments.engine import EmbedCall, EmbeddingEngine
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "nvembed-tiny"
@@ -157,9 +158,9 @@ def main() -> None:
     ceiling = matmul_ceiling(device, dtype, 256 if tiny else 8192)
     params = sum(p.numel() for p in model.parameters()) / 1e9
 
-    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], normalize=True)])  # warm-up
+    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], EmbedOptions(normalize=True))])  # warm-up
     backend.packed = True
-    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], normalize=True)])
+    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], EmbedOptions(normalize=True))])
     rows = []
     for name, texts in workloads.items():
         lengths = [it.length for it in backend.tokenize(texts, "")]
@@ -173,7 +174,7 @@ def main() -> None:
                 batches = reference_loop(backend, texts, args.reference_rows)
             else:
                 backend.packed = path == "packed"
-                engine.run([EmbedCall(texts, normalize=True)])
+                engine.run([EmbedCall(texts, EmbedOptions(normalize=True))])
             sync(device)
             wall = time.perf_counter() - t0
             if path != "reference":  # the engine's own plan, recomputed outside the timed region

@@ -22,6 +22,7 @@ from ray import serve
 from deployments.allocator import active_allocator
 from deployments.backends import load_backend
 from deployments.config import ModelEntry
+from deployments.embed_options import EmbedOptions, resolve_options
 from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.errors import quiet_client_errors
 from deployments.metrics import ModelMetrics
@@ -66,20 +67,12 @@ class ModelServer:
         )
 
     async def embed(
-        self,
-        texts: list[str],
-        prompt_name: str | None = None,
-        normalize: bool | None = None,
-        truncate: bool = True,
+        self, texts: list[str], options: EmbedOptions | None = None
     ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
         """Vectors (float32 [n, dim]), the tokens each input took, and (seconds queued, seconds computing);
-        a bad call raises ClientError."""
-        call = EmbedCall(
-            texts=list(texts),
-            prompt=self.entry.prompt_text(prompt_name),
-            normalize=self.entry.normalize if normalize is None else normalize,
-            truncate=truncate,
-        )
+        ``options`` as the router resolved them (None: the model's defaults). A bad call raises
+        ClientError."""
+        call = EmbedCall(list(texts), options if options is not None else resolve_options(self.entry))
         result = await self.engine.embed(call)
         return result.vectors, result.token_counts, (result.queue_seconds, result.compute_seconds)
 

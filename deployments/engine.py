@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
+from deployments.embed_options import EmbedOptions
 from deployments.errors import ClientError
 from deployments.scheduler import EmbedResult, Scheduler, SchedulerObserver
 
@@ -36,9 +37,7 @@ TOKENIZE_CHUNK = 256
 @dataclass(frozen=True)
 class EmbedCall:
     texts: list[str]
-    prompt: str = ""
-    normalize: bool = True
-    truncate: bool = True
+    options: EmbedOptions = EmbedOptions()
 
 
 def cut_text(text: str, max_chars: int) -> str:
@@ -105,14 +104,20 @@ class EmbeddingEngine:
         for start in range(0, len(call.texts), TOKENIZE_CHUNK):
             chunk = call.texts[start : start + TOKENIZE_CHUNK]
             items += await loop.run_in_executor(
-                self._tokenizer, tokenize_capped, self.backend, chunk, call.prompt, call.truncate, start
+                self._tokenizer,
+                tokenize_capped,
+                self.backend,
+                chunk,
+                call.options.prompt,
+                call.options.truncate,
+                start,
             )
         future: asyncio.Future[EmbedResult] = loop.create_future()
 
         def on_done(result: EmbedResult | Exception) -> None:  # on the model thread
             loop.call_soon_threadsafe(_settle, future, result)
 
-        ticket = self.scheduler.admit(items, call.normalize, on_done)
+        ticket = self.scheduler.admit(items, call.options.normalize, on_done)
         try:
             return await future
         except asyncio.CancelledError:
@@ -145,7 +150,7 @@ class EmbeddingEngine:
         results: list[EmbedResult | Exception | None] = [None] * len(calls)
         for c, call in enumerate(calls):
             try:
-                items = tokenize_capped(self.backend, call.texts, call.prompt, call.truncate)
+                items = tokenize_capped(self.backend, call.texts, call.options.prompt, call.options.truncate)
             except Exception as exc:  # noqa: BLE001 - the caller gets it, the others carry on
                 results[c] = exc
                 continue
@@ -153,7 +158,7 @@ class EmbeddingEngine:
             def on_done(result: EmbedResult | Exception, c: int = c) -> None:
                 results[c] = result
 
-            self.scheduler.admit(items, call.normalize, on_done)
+            self.scheduler.admit(items, call.options.normalize, on_done)
         while self.scheduler.step():
             pass
         return results  # type: ignore[return-value]

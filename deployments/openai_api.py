@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from deployments.errors import ClientError
+
+if TYPE_CHECKING:
+    from deployments.config import ModelEntry, ModelsConfig
 
 KNOWN_FIELDS = frozenset(
     {"input", "model", "encoding_format", "dimensions", "user", "prompt_name", "normalize", "truncate"}
@@ -171,3 +174,32 @@ def render_error(message: str, status: int, param: str | None = None, code: str 
     if status == 404:
         kind = "not_found_error"
     return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code or status}})
+
+
+# What a replica's info() says computes its passes, repeated in /v1/models.
+SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note", "allocator")
+
+
+def model_card(
+    entry: ModelEntry, info: dict[str, Any] | None, config: ModelsConfig, pending_because: str
+) -> dict[str, Any]:
+    """One model in ``/v1/models``: names, prompts (name -> text), dimension (None while its replicas are
+    pending), what computes it, and the limits clients size and parallelise their requests from."""
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "graphrag-embeddings",
+        "aliases": list(entry.aliases),
+        "prompts": dict(entry.prompts),
+        "default_prompt": entry.default_prompt,
+        "dimension": info["dimension"] if info else None,
+        "state": "ready" if info else f"pending: {pending_because}",
+        # What computes the vectors (one replica's report; all replicas of a model load alike).
+        **{k: info.get(k) if info else None for k in SERVING_KEYS},
+        "max_seq_length": entry.max_seq_length,
+        "max_inputs_per_request": config.router.max_inputs_per_request,
+        "max_body_bytes": config.max_body_bytes,
+        "max_replicas": entry.max_replicas,
+        "default": entry.name == config.name_table()[config.default_model],
+    }

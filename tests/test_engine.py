@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.backends.sentence_transformers import SentenceTransformersBackend
+from benchmarks.common import kt_gen_mix
+from deployments.backends.sentence_transformers import SentenceTransformersBackend, _features
 from deployments.config import Batching
+from deployments.embed_options import EmbedOptions
 from deployments.engine import (
     CHARS_PER_TOKEN_CEILING,
     CHARS_PER_TOKEN_FIRST,
@@ -68,7 +70,7 @@ def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget)
 
 def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
-    got = engine.run([EmbedCall(TEXTS, prompt="query: ")])[0].vectors
+    got = engine.run([EmbedCall(TEXTS, EmbedOptions(prompt="query: "))])[0].vectors
     assert cosine_rows(got, minilm.encode(TEXTS, prompt="query: ")).min() >= 0.9999
     assert cosine_rows(got, minilm.encode(TEXTS)).min() < 0.999  # the prompt did change something
 
@@ -76,7 +78,9 @@ def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
 def test_truncation_and_its_refusal(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
     long_text = "word " * 400
-    ok, refused = engine.run([EmbedCall([long_text]), EmbedCall(["fine", long_text], truncate=False)])
+    ok, refused = engine.run(
+        [EmbedCall([long_text]), EmbedCall(["fine", long_text], EmbedOptions(truncate=False))]
+    )
     assert ok.token_counts.tolist() == [256]
     assert cosine_rows(ok.vectors, minilm.encode([long_text]))[0] >= 0.9999
     assert isinstance(refused, ClientError) and refused.status == 400 and "input[1]" in refused.message
@@ -90,6 +94,27 @@ class FlakyBackend(SentenceTransformersBackend):
         if any(poison in it.features["input_ids"].tolist() for it in items):
             raise RuntimeError("injected fault")
         return super().forward(items)
+
+
+def test_the_direct_tokenizer_gives_exactly_the_token_ids_of_preprocess(tiny_bge_dir):
+    """The model's fast tokenizer called directly (the path chosen at load when it matches) against
+    sentence-transformers' preprocess, on 400 kt_gen-like texts, with and without a prompt, truncating
+    and not: every input the same ids, mask, type ids and length; an over-long one refused the same."""
+    for source in (MINILM_DIR, tiny_bge_dir):
+        backend = SentenceTransformersBackend(source, device=torch.device("cpu"), max_seq_length=64)
+        assert backend.tokenizer_path == "direct", source
+        texts = kt_gen_mix(400, seed=3)
+        for prompt in ("", "query: "):
+            fast = backend.tokenize(texts, prompt)
+            slow = backend._tokenize_preprocess(texts, prompt, True)
+            assert [_features(a) for a in fast] == [_features(b) for b in slow]
+            short = [t for t, item in zip(texts, fast, strict=True) if item.length < 64]
+            fast = backend.tokenize(short, prompt, truncate=False)
+            assert [_features(a) for a in fast] == [
+                _features(b) for b in backend._tokenize_preprocess(short, prompt, False)
+            ]
+        with pytest.raises(ClientError, match=r"input\[1\] has more than 64 tokens"):
+            backend.tokenize(["fine", "word " * 200], "", truncate=False)
 
 
 def test_one_failing_input_fails_only_its_call(minilm):
@@ -106,7 +131,12 @@ def test_one_failing_input_fails_only_its_call(minilm):
 
 def test_normalize_flag(backend):
     engine = EmbeddingEngine(backend, Batching())
-    plain, normed = engine.run([EmbedCall(["x y z"], normalize=False), EmbedCall(["x y z"], normalize=True)])
+    plain, normed = engine.run(
+        [
+            EmbedCall(["x y z"], EmbedOptions(normalize=False)),
+            EmbedCall(["x y z"], EmbedOptions(normalize=True)),
+        ]
+    )
     assert abs(np.linalg.norm(normed.vectors[0]) - 1) < 1e-5
     assert np.isfinite(plain.vectors).all()
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from deployments.backends import check_backends
 from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.config import Batching, ConfigError, parse_models_config
+from deployments.embed_options import EmbedOptions
 from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.errors import ClientError
 
@@ -83,7 +84,9 @@ def test_embeddings_match_the_reference(backends, packed_backends, name, groupin
         longest = max(it.length for it in backend.tokenize(texts, instruction))
         budget = longest if backend.packed else 2 * longest  # packed: a budget of token sums
         engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
-        results = engine.run([EmbedCall([t], prompt=instruction, normalize=False) for t in texts])
+        results = engine.run(
+            [EmbedCall([t], EmbedOptions(prompt=instruction, normalize=False)) for t in texts]
+        )
         got = np.concatenate([r.vectors for r in results])
         assert engine.stats()["forward_passes"] > 1
     assert got.dtype == np.float32 and np.isfinite(got).all()

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,9 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tokenizer = self.model.tokenizer
         tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
         self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
+        self._direct = None
+        self._direct = self._direct_tokenizers()
+        self.tokenizer_path = "direct" if self._direct is not None else "preprocess"
         self.serving_how = "torch"  # how the pass was obtained (OpenVINO: converted or read from the cache)
         # Seconds each load step took (start-up is part of the service: benchmarks/bench_startup.py).
         self.load_seconds: dict[str, float] = {"weights": time.perf_counter() - started}
@@ -141,22 +145,85 @@ class SentenceTransformersBackend(EmbeddingBackend):
 
         return run
 
-    # ---- the backend API ----------------------------------------------------------------------------
-    def tokenize(
-        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+    # ---- tokenisation ---------------------------------------------------------------------------------
+    def _direct_tokenizers(self) -> tuple[Any, Any] | None:
+        """The model's own fast tokenizer, called directly (truncating at ``max_seq_length``, and at one
+        more token to tell an over-long input when truncation is off), in place of sentence-transformers'
+        ``preprocess``, which wraps the same call in per-request work that costs several times the
+        tokenisation of a short text. Used only where it gives exactly what ``preprocess`` gives on the
+        probes, with and without a prompt; otherwise None, and ``preprocess`` stays."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        names = list(getattr(tokenizer, "model_input_names", ()))
+        if backend is None or "input_ids" not in names or "attention_mask" not in names:
+            return None
+        from tokenizers import Tokenizer
+
+        def copy(max_length: int) -> Tokenizer:
+            direct = Tokenizer.from_str(backend.to_str())
+            direct.no_padding()
+            direct.enable_truncation(max_length)
+            return direct
+
+        direct = (copy(self.max_seq_length), copy(self.max_seq_length + 1))
+        self._direct, self._feature_names = direct, names
+        texts = [*probe_texts(self.max_seq_length), " Leading and trailing spaces ", "MiXeD CaSe ÀÉÎ"]
+        try:
+            for prompt in ("", "Represent this sentence for searching relevant passages: "):
+                for truncate in (True, False):
+                    fast = self._tokenize_direct(texts, prompt, truncate, check=False)
+                    slow = self._tokenize_preprocess(texts, prompt, truncate, check=False)
+                    if any(_features(a) != _features(b) for a, b in zip(fast, slow, strict=True)):
+                        raise ValueError("token ids differ from preprocess")
+        except Exception as exc:  # noqa: BLE001 - any difference: keep the model's own path
+            log.info("tokenising through sentence-transformers' preprocess (%s)", exc)
+            return None
+        finally:
+            self._direct = None
+        return direct
+
+    def _tokenize_direct(
+        self, texts: list[str], prompt: str, truncate: bool, first_index: int = 0, check: bool = True
+    ) -> list[EncodedText]:
+        encodings = self._direct[0 if truncate else 1].encode_batch([prompt + t for t in texts])
+        items = []
+        for i, e in enumerate(encodings):
+            n = len(e.ids)
+            if check and not truncate and n > self.max_seq_length:
+                raise input_too_long(first_index + i, n, self.max_seq_length)
+            columns = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+            features = {k: np.array(columns[k], dtype=np.int64) for k in self._feature_names}
+            items.append(EncodedText({k: torch.from_numpy(v) for k, v in features.items()}, n))
+        return items
+
+    def _tokenize_preprocess(
+        self, texts: list[str], prompt: str, truncate: bool, first_index: int = 0, check: bool = True
     ) -> list[EncodedText]:
         kwargs = {} if truncate else {"processing_kwargs": {"text": {"max_length": self.max_seq_length + 1}}}
         features = self.model.preprocess(texts, prompt=prompt or None, **kwargs)
         lengths = features["attention_mask"].sum(dim=1).tolist()
-        if not truncate:
+        if check and not truncate:
             for i, n in enumerate(lengths):
                 if n > self.max_seq_length:
                     raise input_too_long(first_index + i, n, self.max_seq_length)
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
         return [EncodedText({k: v[i, :n] for k, v in tensors.items()}, int(n)) for i, n in enumerate(lengths)]
 
+    # ---- the backend API ----------------------------------------------------------------------------
+    def tokenize(
+        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+    ) -> list[EncodedText]:
+        if self._direct is not None:
+            return self._tokenize_direct(texts, prompt, truncate, first_index)
+        return self._tokenize_preprocess(texts, prompt, truncate, first_index)
+
     def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in pad_right(items, self._pad_values).items()}
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         return self._pass(self._batch(items))
+
+
+def _features(item: EncodedText) -> tuple:
+    """An input's token features as plain lists, for comparing two tokenisations exactly."""
+    return item.length, {k: v.tolist() for k, v in item.features.items()}

@@ -1,0 +1,104 @@
+"""The HTTP side of a request the router answers: its body, read within a size and a time limit, the
+client that may leave while its answer is computed, and errors rendered in the OpenAI shape."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from ray.exceptions import TaskCancelledError
+from starlette.requests import ClientDisconnect
+
+from deployments.errors import ClientError
+from deployments.openai_api import render_error
+
+T = TypeVar("T")
+# nginx's "client closed request": the status a hang-up is counted under (no client ever receives it).
+CLIENT_CLOSED = 499
+
+
+class ClientLeft(Exception):
+    """The HTTP client closed its connection before its answer was ready."""
+
+
+def error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> Response:
+    return Response(
+        render_error(message, status, param, code), status_code=status, media_type="application/json"
+    )
+
+
+def overloaded(retry_after_s: float, message: str) -> Response:
+    """A 503 ``overloaded`` with ``Retry-After`` (whole seconds, at least 1)."""
+    response = error_response(message, 503, code="overloaded")
+    response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return response
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body; a 413 as soon as it is known to pass ``limit`` bytes (from Content-Length before reading
+    anything, else while a chunked body streams in), a 408 when it is not all in within ``timeout_s``,
+    ClientLeft when the client hangs up mid-body."""
+    try:
+        return await asyncio.wait_for(_read_within(request, limit), timeout_s)
+    except (ClientDisconnect, TaskCancelledError):  # hung up mid-body: the client's doing, not a fault
+        # (behind Serve's proxy the body comes through the proxy's call, cancelled when its client left)
+        raise ClientLeft from None
+    except asyncio.TimeoutError:
+        raise ClientError(
+            f"the request body was not received within {timeout_s:g} s (router.body_timeout_s)",
+            408,
+            code="body_timeout",
+        ) from None
+
+
+async def _read_within(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _body_too_large(size, limit, at_least=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(size: int, limit: int, at_least: bool = False) -> ClientError:
+    return ClientError(
+        f"request body of {'more than ' if at_least else ''}{size} bytes exceeds the limit of {limit} bytes "
+        "(router.max_body_mb); send fewer or shorter inputs per request",
+        413,
+        code="body_too_large",
+    )
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientLeft as soon as the client disconnects, with ``work`` cancelled (so the
+    model drops the request's queued inputs). Behind Serve's proxy the proxy cancels a request whose
+    client left; behind HAProxy (direct ingress) nothing else does: the replica's own HTTP server only
+    reports the disconnect, as the next ASGI message once the body has been read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # the work ends with the request: its answer, its client leaving, or its own cancellation
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientLeft
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has disconnected; never, if the server cannot tell."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - no way to watch this connection: leave the work alone
+        await asyncio.Event().wait()

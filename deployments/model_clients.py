@@ -1,0 +1,226 @@
+"""How the router reaches a model: in process (``router.in_process_model``) or by handle (a model
+deployment). One protocol, two implementations, so the router never asks which one it holds, and a
+third that puts a model's embedding cache in front of either.
+
+The remote one owns what only a hop needs: the coalescer that merges concurrent requests into few calls,
+the retries of a call whose replica was lost, the bisection that isolates an input that takes replicas
+down, and the cache of the model's ``info()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Protocol
+
+import numpy as np
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.cache import EmbeddingCache, cache_key, fill, look_up
+from deployments.coalescer import Coalescer
+from deployments.embed_options import EmbedOptions
+from deployments.embedder import ModelServer
+from deployments.errors import ClientError, ModelError
+from deployments.metrics import CacheMetrics
+
+logger = logging.getLogger("ray.serve")
+# vectors float32 [n, dim], tokens per input [n], (seconds queued, seconds computing)
+Embedded = tuple[np.ndarray, np.ndarray, tuple[float, float]]
+# How long /v1/models (and so a client's constructor) waits for a model's replica before listing it pending.
+INFO_TIMEOUT_S = 3.0
+# Replicas a call may take down in a row before it is split to find the input that does.
+REPLICA_LOSSES_BEFORE_SPLIT = 2
+
+
+class ModelClient(Protocol):
+    # The Serve deployment that runs the model; None: the router's own (the in-process model).
+    deployment: str | None
+
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded: ...
+
+    async def info(self) -> dict[str, Any] | None:
+        """The model's ``info()``; None while no replica answers within seconds (replicas pending)."""
+
+    def known_info(self) -> dict[str, Any] | None:
+        """``info()`` if already known, without waiting for anything."""
+
+    async def ping(self) -> bool:
+        """True once a real text has gone through the model's whole batching path."""
+
+
+class LocalModel:
+    """The model the router replica runs itself: a call is a method call, no hop, no retry."""
+
+    deployment = None
+
+    def __init__(self, entry: dict[str, Any], config_dir: str | None):
+        self.server = ModelServer(entry, config_dir)
+        self._info: dict[str, Any] | None = None
+
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+        return await self.server.embed(texts, options)
+
+    async def info(self) -> dict[str, Any] | None:
+        return self.known_info()
+
+    def known_info(self) -> dict[str, Any] | None:
+        if self._info is None:
+            self._info = self.server.info()
+        return self._info
+
+    async def ping(self) -> bool:
+        return await self.server.ping()
+
+    def stats(self) -> dict[str, float | int]:
+        """The scheduler's counters (see ``Scheduler.stats``)."""
+        return self.server.stats()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class RemoteModel:
+    """A model deployment reached by handle. Concurrent requests with the same options travel merged
+    (the coalescer allows two calls in flight per replica the model may have); a request that may be
+    refused (``truncate: false``) travels alone, so its refusal is its own."""
+
+    def __init__(self, name: str, handle: DeploymentHandle, max_replicas: int):
+        self.deployment = name
+        self.handle = handle
+        self._info: dict[str, Any] | None = None
+        self.coalescer = Coalescer(self._send, max_in_flight=2 * max_replicas)
+
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+        return await (
+            self.coalescer.submit(options, texts) if options.truncate else self._send(options, texts)
+        )
+
+    async def info(self) -> dict[str, Any] | None:
+        if self._info is None:
+            response = self.handle.info.remote()
+            try:
+                self._info = await asyncio.wait_for(_awaited(response), INFO_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                response.cancel()
+        return self._info
+
+    def known_info(self) -> dict[str, Any] | None:
+        return self._info
+
+    async def ping(self) -> bool:
+        return await self.handle.ping.remote()
+
+    async def _send(self, options: EmbedOptions, texts: list[str], first: int = 0) -> Embedded:
+        """One call to the model deployment.
+
+        Embedding is idempotent, so a call lost with its replica (killed, crashed, node gone) is sent
+        again. A call that loses ``REPLICA_LOSSES_BEFORE_SPLIT`` replicas in a row is split in halves, each
+        sent on its own, down to the one input that takes replicas down, which is refused (ModelError naming
+        it by its place in the call, offset by ``first``) while the others are answered. The router's
+        request timeout bounds the whole."""
+        losses = 0
+        for attempt in itertools.count():
+            response = self.handle.embed.remote(texts, options)
+            try:
+                return await response
+            except asyncio.CancelledError:  # every caller of this call left: the replica drops its rows
+                response.cancel()
+                raise
+            except RayActorError as exc:  # the replica died with the call on it
+                losses += 1
+                logger.warning(
+                    "model %s: replica lost (%s) with a call of %d inputs on it (%d in a row)",
+                    self.deployment, type(exc).__name__, len(texts), losses,
+                )  # fmt: skip
+                if losses >= REPLICA_LOSSES_BEFORE_SPLIT:
+                    return await self._send_split(options, texts, first, losses)
+            except ReplicaUnavailableError:  # no replica to take it yet (starting, replacing a lost one)
+                pass
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def _send_split(self, options: EmbedOptions, texts: list[str], first: int, losses: int) -> Embedded:
+        if len(texts) == 1:
+            raise ModelError(
+                f"input[{first}] was refused: the model's replica died {losses} times in a row while "
+                "embedding it (the input crashes the model server)"
+            )
+        half = len(texts) // 2
+        left = await self._send(options, texts[:half], first)
+        right = await self._send(options, texts[half:], first + half)
+        timing = (left[2][0] + right[2][0], left[2][1] + right[2][1])
+        return np.concatenate([left[0], right[0]]), np.concatenate([left[1], right[1]]), timing
+
+
+class CachedModel:
+    """A model behind this router replica's embedding cache for it: the inputs the cache holds are
+    answered from it and only the others are sent to the model (see ``deployments/cache.py``)."""
+
+    def __init__(self, inner: ModelClient, name: str, cache: EmbeddingCache):
+        self.inner = inner
+        self.deployment = inner.deployment
+        self.name = name
+        self.cache = cache
+        self.metrics = CacheMetrics(name)
+
+    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+        cache, o = self.cache, options
+        before = (cache.stats.hits, cache.stats.misses, cache.stats.evictions)
+        keys = [cache_key(self.name, o.prompt, o.normalize, o.truncate, t) for t in texts]
+        lookup = look_up(cache, keys, texts)
+        computed, tokens, timing = None, None, (0.0, 0.0)
+        if not lookup.complete:
+            try:
+                computed, tokens, timing = await self.inner.embed(lookup.missing, options)
+            except (ClientError, ModelError):
+                if len(lookup.missing) == len(texts):
+                    raise
+                # The error names an input by its place in the call: ask with the whole request instead.
+                return await self.inner.embed(texts, options)
+        vectors, counts = fill(cache, lookup, computed, tokens)
+        s = cache.stats
+        self.metrics.record(s.hits - before[0], s.misses - before[1], s.evictions - before[2], s.bytes)
+        return vectors, counts, timing
+
+    async def info(self) -> dict[str, Any] | None:
+        return await self.inner.info()
+
+    def known_info(self) -> dict[str, Any] | None:
+        return self.inner.known_info()
+
+    async def ping(self) -> bool:
+        return await self.inner.ping()
+
+
+async def health_of(model: ModelClient, timeout_s: float) -> str:
+    """ "ok" once the model embeds a real text through its batching path within ``timeout_s``; otherwise
+    what went wrong and Serve's own word on the model's deployment."""
+    try:
+        if await asyncio.wait_for(model.ping(), timeout_s):
+            return "ok"
+        problem = "wrong output shape"
+    except asyncio.TimeoutError:
+        problem = f"no answer within {timeout_s:.0f} s"
+    except Exception as exc:  # noqa: BLE001 - health reports any failure, it never raises
+        problem = f"{type(exc).__name__}: {exc}"[:300]
+    return f"{problem}; {deployment_status(model.deployment)}"
+
+
+def deployment_status(deployment: str | None) -> str:
+    """Serve's own word on a deployment of this app (None: this replica's own), for example replicas
+    waiting for resources."""
+    try:
+        context = serve.get_replica_context()
+        app = serve.status().applications[context.app_name]
+        status = app.deployments[deployment or context.deployment]
+        return f"deployment {status.status.value}: {status.message or 'no message'}"[:600]
+    except Exception as exc:  # noqa: BLE001 - health must answer even if status cannot be read
+        return f"deployment status unavailable ({type(exc).__name__})"
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
