@@ -59,7 +59,6 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tokenizer = self.model.tokenizer
         tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
         self._pad_values = {"input_ids": tokenizer.pad_token_id or 0}
-        self._direct = None
         self._direct = self._direct_tokenizers()
         self.tokenizer_path = "direct" if self._direct is not None else "preprocess"
         self.serving_how = "torch"  # how the pass was obtained (OpenVINO: converted or read from the cache)
@@ -166,34 +165,40 @@ class SentenceTransformersBackend(EmbeddingBackend):
             return direct
 
         direct = (copy(self.max_seq_length), copy(self.max_seq_length + 1))
-        self._direct, self._feature_names = direct, names
+        self._feature_names = names
         texts = [*probe_texts(self.max_seq_length), " Leading and trailing spaces ", "MiXeD CaSe ÀÉÎ"]
         try:
             for prompt in ("", "Represent this sentence for searching relevant passages: "):
                 for truncate in (True, False):
-                    fast = self._tokenize_direct(texts, prompt, truncate, check=False)
+                    fast = self._tokenize_direct(direct, texts, prompt, truncate, check=False)
                     slow = self._tokenize_preprocess(texts, prompt, truncate, check=False)
                     if any(_features(a) != _features(b) for a, b in zip(fast, slow, strict=True)):
                         raise ValueError("token ids differ from preprocess")
         except Exception as exc:  # noqa: BLE001 - any difference: keep the model's own path
             log.info("tokenising through sentence-transformers' preprocess (%s)", exc)
             return None
-        finally:
-            self._direct = None
         return direct
 
     def _tokenize_direct(
-        self, texts: list[str], prompt: str, truncate: bool, first_index: int = 0, check: bool = True
+        self,
+        direct: tuple[Any, Any],
+        texts: list[str],
+        prompt: str,
+        truncate: bool,
+        first_index: int = 0,
+        check: bool = True,
     ) -> list[EncodedText]:
-        encodings = self._direct[0 if truncate else 1].encode_batch([prompt + t for t in texts])
+        encodings = direct[0 if truncate else 1].encode_batch([prompt + t for t in texts])
         items = []
         for i, e in enumerate(encodings):
             n = len(e.ids)
             if check and not truncate and n > self.max_seq_length:
                 raise input_too_long(first_index + i, n, self.max_seq_length)
             columns = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
-            features = {k: np.array(columns[k], dtype=np.int64) for k in self._feature_names}
-            items.append(EncodedText({k: torch.from_numpy(v) for k, v in features.items()}, n))
+            features = {
+                k: torch.from_numpy(np.array(columns[k], dtype=np.int64)) for k in self._feature_names
+            }
+            items.append(EncodedText(features, n))
         return items
 
     def _tokenize_preprocess(
@@ -214,7 +219,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
     ) -> list[EncodedText]:
         if self._direct is not None:
-            return self._tokenize_direct(texts, prompt, truncate, first_index)
+            return self._tokenize_direct(self._direct, texts, prompt, truncate, first_index)
         return self._tokenize_preprocess(texts, prompt, truncate, first_index)
 
     def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
