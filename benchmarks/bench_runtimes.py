@@ -82,7 +82,7 @@ def run_model(label, source, max_seq_length, mix, texts, singles, threads, rows,
     from sentence_transformers import SentenceTransformer
 
     from deployments.backends.fidelity import worst_cosine
-    from deployments.backends.sentence_transformers import SentenceTransformersBackend
+    from deployments.backends.registry import load_sentence_transformers
 
     torch.set_num_threads(threads)
     batches = sorted_batches(texts, rows)
@@ -95,9 +95,9 @@ def run_model(label, source, max_seq_length, mix, texts, singles, threads, rows,
              f"| {base_p50:.1f} | - | - |"]  # fmt: skip
     for runtime, dtype in PATHS:
         t0 = time.perf_counter()
-        backend = SentenceTransformersBackend(
-            source, device=torch.device("cpu"), dtype=dtype, max_seq_length=max_seq_length,
-            runtime=runtime, threads=threads, compile_cache_dir=cache,
+        backend = load_sentence_transformers(
+            source, runtime=runtime, dtype=dtype, max_seq_length=max_seq_length, threads=threads,
+            cache_dir=cache,
         )  # fmt: skip
         load_s = time.perf_counter() - t0
         serving = backend.serving

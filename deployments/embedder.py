@@ -32,7 +32,7 @@ log = logging.getLogger("ray.serve")
 
 
 def _cpu_threads() -> int:
-    """The CPUs Ray gave this replica (at least 1): torch would otherwise follow OMP_NUM_THREADS."""
+    """The CPUs Ray gave this replica (at least 1): torch and OpenVINO would otherwise take every core."""
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     return max(1, int(assigned))
 
@@ -50,19 +50,16 @@ class ModelServer:
             )
         else:
             log.info("%s: allocator %s", self.entry.name, self.allocator)
-        import torch  # here: the app build task and Serve's controller import this module, not torch
-
-        use_gpu = bool(ray.get_gpu_ids())
-        threads = _cpu_threads()
-        if not use_gpu:
-            torch.set_num_threads(threads)
         self.backend = load_backend(
-            self.entry, use_gpu=use_gpu, base_dir=Path(config_dir) if config_dir else None, threads=threads
+            self.entry,
+            use_gpu=bool(ray.get_gpu_ids()),
+            base_dir=Path(config_dir) if config_dir else None,
+            threads=_cpu_threads(),
         )
         self.engine = EmbeddingEngine(
             self.backend,
             self.entry.batching,
-            thread_init=lambda: torch.set_num_threads(threads),
+            thread_init=self.backend.init_thread,
             observer=ModelMetrics(self.entry.name),
         )
 

@@ -9,15 +9,22 @@ replica's own event loop (``serving_env``).
 
 Serve reads these variables in its controller and replicas, which inherit the environment of the
 process that starts Ray, so they are set before ``serve run`` starts it.
+
+Beside ``serve run`` it starts ``python -m deployments.compile_cache`` for each models config, so on a
+fresh machine the OpenVINO conversion runs while Ray and Serve start (about 15 s here) and the replica
+finds the cached graph; where the cache is filled already, that process only checks the keys.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from deployments.allocator import allocator_env
 
@@ -64,6 +71,29 @@ def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
     }
 
 
+def models_configs(serve_config: str | Path) -> list[str]:
+    """The ``models_config`` argument of every application in a Serve config."""
+    try:
+        raw = yaml.safe_load(Path(serve_config).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # serve run reports it
+    apps = (raw.get("applications") or []) if isinstance(raw, dict) else []
+    found = [(app.get("args") or {}).get("models_config") for app in apps if isinstance(app, dict)]
+    return [path for path in found if isinstance(path, str)]
+
+
+def fill_compile_caches(serve_config: str | Path, env: dict[str, str]) -> None:
+    """Start filling the compile cache of each models config in the background (one torch thread: Ray's
+    start needs the other core); its lines go to this command's stderr, and it exits when ``serve run``
+    (this process, after the exec) does."""
+    for models in models_configs(serve_config):
+        subprocess.Popen(  # noqa: S603 - our own module, on a path from the operator's config
+            [sys.executable, "-m", "deployments.compile_cache", models, "--parent", str(os.getpid())],
+            env={**env, "OMP_NUM_THREADS": "1"},
+            stdin=subprocess.DEVNULL,
+        )
+
+
 def main(argv: list[str]) -> None:
     config = argv[0] if argv else DEFAULT_SERVE_CONFIG
     extra = serving_env()
@@ -76,6 +106,7 @@ def main(argv: list[str]) -> None:
     preloaded = [p for p in env.get("LD_PRELOAD", "").split() if "jemalloc" in p]
     allocator = preloaded[0] if preloaded else "glibc malloc"  # an operator's own preload counts too
     print(f"serving {config} through {how}, allocator {allocator}", file=sys.stderr, flush=True)
+    fill_compile_caches(config, env)
     serve = str(Path(sys.executable).parent / "serve")
     os.execve(serve, [serve, "run", config, *argv[1:]], env)
 

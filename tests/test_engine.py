@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.common import kt_gen_mix
+from deployments.backends.registry import load_sentence_transformers
 from deployments.backends.sentence_transformers import SentenceTransformersBackend, _features
 from deployments.config import Batching
 from deployments.embed_options import EmbedOptions
@@ -38,14 +39,13 @@ CPU_PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"
 @pytest.fixture(scope="module", params=CPU_PATHS, ids=["-".join(p) for p in CPU_PATHS])
 def backend(request, tmp_path_factory):
     runtime, dtype = request.param
-    backend = SentenceTransformersBackend(
+    backend = load_sentence_transformers(
         MINILM_DIR,
-        device=torch.device("cpu"),
         max_seq_length=256,
         runtime=runtime,
         dtype=dtype,
         threads=2,
-        compile_cache_dir=tmp_path_factory.mktemp("openvino"),
+        cache_dir=tmp_path_factory.mktemp("openvino"),
     )
     assert backend.serving.runtime == runtime  # the gate let the fast path through
     return backend

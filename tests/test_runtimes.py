@@ -5,27 +5,36 @@ Real MiniLM and a bge-shaped tiny BERT, no Ray."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.common import kt_gen_mix
+from deployments.backends.base import EmbeddingBackend
 from deployments.backends.fidelity import probe_texts, probe_worst_cosine, worst_cosine
 from deployments.backends.precision import CPU_BF16_ENV, Precision, bf16_flags, cpu_bf16, resolve_precision
+from deployments.backends.registry import load_backend, load_sentence_transformers
 from deployments.backends.sentence_transformers import SentenceTransformersBackend
 from deployments.config import ConfigError, parse_models_config
-from tests.conftest import MINILM_DIR
+from tests.conftest import MINILM_DIR, REPO
 
 HAS_BF16 = cpu_bf16()[0]
 CPU = torch.device("cpu")
 
 
-def load(source: str = MINILM_DIR, **kwargs) -> SentenceTransformersBackend:
-    return SentenceTransformersBackend(source, device=CPU, max_seq_length=256, threads=2, **kwargs)
+def load(source: str = MINILM_DIR, compile_cache_dir: Path | None = None, **kwargs) -> EmbeddingBackend:
+    """The model as a replica's loader loads it (runtime, dtype, fidelity_min_cosine in ``kwargs``)."""
+    kwargs.setdefault("max_seq_length", 256)
+    return load_sentence_transformers(source, threads=2, cache_dir=compile_cache_dir, **kwargs)
 
 
-def embed_all(backend: SentenceTransformersBackend, texts: list[str], rows: int = 64) -> np.ndarray:
+def embed_all(backend: EmbeddingBackend, texts: list[str], rows: int = 64) -> np.ndarray:
     """Length-sorted passes of ``rows``, as the scheduler groups them; rows back in input order."""
     order = np.argsort([len(t) for t in texts])
     out = np.zeros((len(texts), backend.dimension), np.float32)
@@ -115,11 +124,14 @@ def test_a_failing_gate_serves_torch_float32_and_says_why(caplog, tmp_path):
     reference = load()
     items = reference.tokenize(kt_gen_mix(40, seed=4), "")
     exact = reference.forward(items)
+    # The second openvino load finds the first one's cache entry: a cached graph is gated the same way.
     for runtime, dtype in (("torch", "bfloat16"), ("openvino", "bfloat16"), ("openvino", "float32")):
         if runtime == "torch" and not HAS_BF16:
             continue  # torch float32 is the reference: no gate to fail
-        with caplog.at_level(logging.WARNING, logger="deployments.backends.sentence_transformers"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
             backend = load(runtime=runtime, dtype=dtype, fidelity_min_cosine=1.0, compile_cache_dir=tmp_path)
+        assert isinstance(backend, SentenceTransformersBackend), runtime
         serving = backend.serving
         assert (serving.runtime, serving.precision) == ("torch", "float32"), runtime
         assert serving.worst_cosine is not None and serving.worst_cosine < 1.0
@@ -128,22 +140,92 @@ def test_a_failing_gate_serves_torch_float32_and_says_why(caplog, tmp_path):
         np.testing.assert_allclose(backend.forward(items), exact, atol=1e-6)
 
 
+def entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
 def test_openvino_is_converted_once_and_read_from_the_cache(tmp_path, tiny_bge_dir, minilm):
     first = load(tiny_bge_dir, runtime="openvino", compile_cache_dir=tmp_path)
     assert "converted" in first.serving_how and "cached in" in first.serving_how
     second = load(tiny_bge_dir, runtime="openvino", compile_cache_dir=tmp_path)
     assert second.serving_how.startswith("OpenVINO model read from")
+    assert second.serving.worst_cosine == pytest.approx(first.serving.worst_cosine, abs=1e-6)
     other = load(runtime="openvino", compile_cache_dir=tmp_path)  # another model: its own entry
     assert "converted" in other.serving_how
-    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+    assert len(entries(tmp_path)) == 2
     items = second.tokenize(["Marie Curie", "a physicist"], "")
     np.testing.assert_allclose(second.forward(items), first.forward(items), atol=1e-6)
+
+
+def test_the_cache_entry_follows_the_model_files_and_max_seq_length(tmp_path, tiny_bge_dir, caplog):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bge_dir, model)
+    cache = tmp_path / "cache"
+    assert "converted" in load(str(model), runtime="openvino", compile_cache_dir=cache).serving_how
+    shorter = load(str(model), runtime="openvino", compile_cache_dir=cache, max_seq_length=64)
+    assert "converted" in shorter.serving_how and shorter.max_seq_length == 64
+    config = model / "config.json"
+    config.write_text(config.read_text() + "\n")  # same model, a changed file: converted again
+    changed = load(str(model), runtime="openvino", compile_cache_dir=cache)
+    assert "converted" in changed.serving_how
+    assert len(entries(cache)) == 3
+    entry = Path(changed.serving_how.rpartition("cached in ")[2])
+    (entry / "model.bin").unlink()  # a damaged entry is a log line, then converted again
+    with caplog.at_level(logging.WARNING, logger="deployments.backends.openvino_runtime"):
+        again = load(str(model), runtime="openvino", compile_cache_dir=cache)
+    assert f"OpenVINO cache entry {entry} unreadable" in caplog.text
+    assert "converted" in again.serving_how and (entry / "model.bin").exists()
+    assert load(str(model), runtime="openvino", compile_cache_dir=cache).serving_how.startswith(
+        "OpenVINO model read from"
+    )
+
+
+def test_converting_sends_no_usage_events_unless_the_user_opted_in(tmp_path, tiny_bge_dir):
+    """OpenVINO's converter sends telemetry by default, forking the replica for each event."""
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    if OptInChecker().check(enable_opt_in_dialog=False) == ConsentCheckResult.ACCEPTED:
+        pytest.skip("this machine's user opted in to OpenVINO's telemetry")
+    import openvino.tools.ovc  # noqa: F401 - its own import event is sent before any setting can hold
+
+    forks: list[int] = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    backend = load(tiny_bge_dir, runtime="openvino", compile_cache_dir=tmp_path)
+    assert "converted" in backend.serving_how
+    assert forks == []
+
+
+def test_a_cached_openvino_model_is_served_without_torch(tmp_path):
+    """What makes a cached start fast: the replica's loader imports neither torch nor sentence-transformers
+    (nor transformers), and serves the float32 vectors within the gate's bound."""
+    load(runtime="openvino", dtype="bfloat16", compile_cache_dir=tmp_path)
+    config = _config(runtime="openvino", dtype="bfloat16", compile_cache_dir=str(tmp_path))
+    script = f"""
+import sys, numpy as np
+from deployments.config import parse_models_config
+from deployments.backends import load_backend
+entry = parse_models_config({config!r}).models[0]
+backend = load_backend(entry, use_gpu=False, threads=2)
+assert backend.serving_how.startswith("OpenVINO model read from"), backend.serving_how
+np.save(sys.argv[1], backend.forward(backend.tokenize(sys.argv[2:], "")))
+print(sorted(m for m in ("torch", "transformers", "sentence_transformers") if m in sys.modules))
+"""
+    texts = kt_gen_mix(64, seed=5)
+    out = tmp_path / "vectors.npy"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out), *texts], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    exact = load()
+    expected = exact.forward(exact.tokenize(texts, ""))
+    assert worst_cosine(np.load(out), expected) >= 0.9999
 
 
 def test_an_unwritable_cache_is_a_log_line_not_a_failure(tmp_path, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
-    with caplog.at_level(logging.WARNING, logger="deployments.backends.openvino_runtime"):
+    with caplog.at_level(logging.WARNING, logger="deployments.backends.openvino_backend"):
         backend = load(runtime="openvino", compile_cache_dir=blocked / "cache")
     assert backend.serving.runtime == "openvino" and "not cached" in backend.serving_how
     assert "converted at every start" in caplog.text
@@ -182,3 +264,33 @@ def test_config_refuses_runtimes_where_they_cannot_run(entry, message):
 def test_config_accepts_openvino_on_cpu():
     entry = parse_models_config(_config(runtime="openvino", dtype="bfloat16")).models[0]
     assert (entry.runtime, entry.dtype, entry.fidelity_min_cosine) == ("openvino", "bfloat16", 0.9999)
+
+
+def test_compile_cache_converts_each_openvino_model_once(tmp_path):
+    """``python -m deployments.compile_cache`` (what ``make serve`` starts beside Ray) fills the cache that
+    a replica then reads; torch models are left alone."""
+    import yaml
+
+    from deployments.serve_local import models_configs
+
+    assert models_configs(REPO / "configs/local.yaml") == ["configs/models.local.yaml"]
+    config = _config(runtime="openvino", dtype="bfloat16", compile_cache_dir=str(tmp_path / "cache"))
+    config["models"].append({**config["models"][0], "name": "t", "runtime": "torch"})
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump(config))
+
+    def fill(*extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "deployments.compile_cache", str(models), *extra],
+            capture_output=True, text=True, timeout=180, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return "\n".join(line for line in done.stderr.splitlines() if line.startswith("compile cache:"))
+
+    assert fill("--parent", "999999999") == ""  # its parent is gone: it stops before converting
+    assert not (tmp_path / "cache").exists()
+    assert fill().startswith("compile cache: m: converted in")
+    assert fill().startswith("compile cache: m: cached already in")
+    entry = parse_models_config(config).models[0]
+    backend = load_backend(entry, use_gpu=False, threads=2)
+    assert backend.serving_how.startswith("OpenVINO model read from")

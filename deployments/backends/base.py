@@ -31,9 +31,10 @@ class ServingPath:
 
 @dataclass
 class EncodedText:
-    """One tokenised input: 1-D tensors of its real length (no padding)."""
+    """One tokenised input: 1-D int64 arrays (numpy, or torch where the backend tokenises with torch) of
+    its real length, no padding."""
 
-    features: dict[str, torch.Tensor]
+    features: dict[str, np.ndarray] | dict[str, torch.Tensor]
     length: int
 
 
@@ -42,7 +43,7 @@ class EmbeddingBackend(ABC):
 
     dimension: int
     max_seq_length: int
-    device: torch.device
+    device: torch.device | str
     # True when ``forward`` concatenates its inputs instead of padding them: a micro-batch then costs its
     # real tokens, and the planner groups by token sum rather than rows x longest.
     packed: bool = False
@@ -59,6 +60,9 @@ class EmbeddingBackend(ABC):
     @abstractmethod
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         """Embed one micro-batch: float32 [len(items), dimension], in the order given."""
+
+    def init_thread(self) -> None:  # noqa: B027 - a hook: most runtimes need nothing per thread
+        """Called on each thread the engine tokenises or runs passes on (torch counts threads per thread)."""
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -94,8 +98,20 @@ def pick_device(want_gpu: bool) -> torch.device:
     )
 
 
+def pad_arrays(items: list[EncodedText], pad_values: dict[str, int]) -> dict[str, np.ndarray]:
+    """Stack each numpy feature of a micro-batch into int64 [rows, longest], padding on the right."""
+    longest = max(it.length for it in items)
+    out = {}
+    for key in items[0].features:
+        batch = np.full((len(items), longest), pad_values.get(key, 0), dtype=np.int64)
+        for row, it in enumerate(items):
+            batch[row, : it.length] = it.features[key]
+        out[key] = batch
+    return out
+
+
 def pad_right(items: list[EncodedText], pad_values: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Stack each feature of a micro-batch into [rows, longest], padding on the right."""
+    """Stack each torch feature of a micro-batch into [rows, longest], padding on the right."""
     import torch
 
     out = {}

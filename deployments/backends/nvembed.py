@@ -92,12 +92,14 @@ class NVEmbedBackend(EmbeddingBackend):
         max_seq_length: int = 4096,
         prompts: dict[str, str] | None = None,
         packed: bool | None = None,
+        threads: int = 1,
     ):
         """``packed``: run micro-batches as one concatenated run (no padding); by default where Flash
         Attention's variable-length kernel serves it (CUDA, half precision) and agrees with the padded
         layout on a self-check at load, padded elsewhere."""
         config = model.config
         self.model = model
+        self.threads = threads
         weight = next(model.parameters())
         self.device = weight.device
         self.packed = bool(packed)
@@ -144,15 +146,22 @@ class NVEmbedBackend(EmbeddingBackend):
         max_seq_length: int = 4096,
         prompts: dict[str, str] | None = None,
         packed: bool | None = None,
+        threads: int = 1,
     ) -> NVEmbedBackend:
         """From a checkpoint directory or hub id; the prompts are checked before the weights load."""
+        torch.set_num_threads(threads)
         path = local_checkpoint(source, CHECKPOINT_FILES)
         tokenizer = load_nvembed_tokenizer(path)
         problems = InstructionLengths(tokenizer).check_room(prompts or {}, max_seq_length)
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
         model = build_nvembed(path, device, torch_dtype(dtype, device))
-        return cls(model, tokenizer, max_seq_length=max_seq_length, prompts=prompts, packed=packed)
+        return cls(
+            model, tokenizer, max_seq_length=max_seq_length, prompts=prompts, packed=packed, threads=threads
+        )
+
+    def init_thread(self) -> None:
+        torch.set_num_threads(self.threads)
 
     def tokenize(
         self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0

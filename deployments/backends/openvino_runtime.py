@@ -1,38 +1,50 @@
-"""The OpenVINO runtime for a sentence-transformers model's transformer, on CPU.
+"""A sentence-transformers model as one OpenVINO graph, and the on-disk entry that lets a replica serve it
+without torch.
 
-Only the transformer (the model's first module, which turns token ids into token embeddings) is
-compiled; tokenisation, pooling and normalisation stay the model's own torch modules. The module is
-converted once (``openvino.convert_model``, traced from the loaded torch module: no optimum, so no pin
-on torch or transformers), with dynamic batch and sequence dimensions, and compiled for this replica's
-CPU threads at the pass's precision (``INFERENCE_PRECISION_HINT``: bf16 or f32).
+The whole model is converted: its own modules (transformer, pooling, optional Normalize), traced by
+``openvino.convert_model`` from the loaded torch modules (no optimum, so no pin on torch or transformers),
+from token ids to the sentence embedding, with dynamic batch and sequence dimensions. An ``OpenVINOPipeline``
+is that graph plus what serving it needs besides: the model's fast tokenizer (serialised), its input
+names and pad id, the dimension, ``max_seq_length``, and the torch float32 vectors of the fidelity probes.
 
-The converted model is kept on disk between starts, under a key made of the weights, the model's
-config and the OpenVINO version, so a changed checkpoint or upgrade converts again. A cache directory
-that cannot be written costs a log line and a conversion at every start, never a failure.
+It is kept on disk under a key made of the model's files, ``max_seq_length`` and the versions of the
+libraries that shaped it. A replica that finds its entry serves from it without importing torch,
+transformers or sentence-transformers (5-8 s of a start on 2 cores), and the fidelity gate still compares
+the compiled graph with the stored float32 vectors at every load. A cache directory that cannot be written
+costs a log line and a conversion at every start, never a failure.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 import shutil
 import tempfile
-import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
-# Kernels OpenVINO's CPU plugin keeps per input shape (default 5000). Every (rows, length) of a pass is a
-# new shape, so with the default a replica's memory grew ~0.3 MB a pass for hours (measured: 734 -> 1,576
-# MB over 1,500 passes of random shapes; with 100: 1,018 -> 1,085 after the first 250).
-RUNTIME_CACHE_CAPACITY = 100
+# Bumped whenever what an entry holds or how the graph is traced changes: older entries are not read.
+ENTRY_FORMAT = 2
+# The libraries whose versions an entry depends on: the graph's tracer and what ran the traced code.
+KEY_PACKAGES = ("openvino", "torch", "transformers", "sentence-transformers", "tokenizers")
+# Files up to this size (configs, tokenizers) are keyed by content; larger ones (weights) by size and
+# modification time, so a start does not read gigabytes to find its entry.
+HASHED_FILE_BYTES = 4 << 20
 
 
-def _openvino():
+def openvino_module() -> Any:
     try:
         import openvino
     except ImportError as exc:
@@ -42,114 +54,147 @@ def _openvino():
     return openvino
 
 
-class _TokenEmbeddings(torch.nn.Module):
-    """The model's transformer module as a function of tensors, returning token embeddings only."""
+@dataclass
+class OpenVINOPipeline:
+    """Everything a replica needs to serve the model with OpenVINO alone."""
 
-    def __init__(self, transformer: torch.nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        features = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            features["token_type_ids"] = token_type_ids
-        return self.transformer(features)["token_embeddings"]
+    model: Any  # openvino.Model: input_ids, attention_mask [, token_type_ids] -> sentence embedding
+    tokenizer_json: str  # the model's fast tokenizer, serialised by the tokenizers library
+    input_names: list[str]
+    pad_token_id: int
+    dimension: int
+    max_seq_length: int
+    reference: np.ndarray  # float32 [probes, dimension]: torch float32 on fidelity.probe_texts, each alone
 
 
-def cache_key(transformer: torch.nn.Module, input_names: list[str]) -> str:
-    """Hex digest of what the converted model depends on: OpenVINO's version, the inputs, the module's
-    class and config, and every weight's bytes."""
+# ---- where a model's files are, and the key of its entry ---------------------------------------------
+def local_model_dir(source: str) -> Path | None:
+    """The directory holding a model's files: ``source`` itself, or a hub id's snapshot in the local
+    Hugging Face cache (None when it has not been downloaded)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not downloaded, not a hub id: nothing to key an entry by
+        return None
+
+
+def entry_key(model_dir: Path, max_seq_length: int | None) -> str:
+    """Hex digest of what an entry depends on: its format, the library versions, ``max_seq_length`` and
+    every file of the model (name and size; content when small, else modification time)."""
     digest = hashlib.sha256()
-    digest.update(_openvino().get_version().encode())
-    digest.update(",".join(input_names).encode())
-    digest.update(type(transformer).__qualname__.encode())
-    config = getattr(getattr(transformer, "model", None), "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
-    for name, tensor in transformer.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(f"format {ENTRY_FORMAT}; max_seq_length {max_seq_length}".encode())
+    for package in KEY_PACKAGES:
+        try:
+            digest.update(f"; {package} {importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"; {package} -".encode())
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        relative = path.relative_to(model_dir)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        stat = path.stat()
+        digest.update(f"\n{relative} {stat.st_size}".encode())
+        if stat.st_size <= HASHED_FILE_BYTES:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(f" {stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:32]
 
 
-def _convert(transformer: torch.nn.Module, example: dict[str, torch.Tensor]):
-    ov = _openvino()
-    with torch.no_grad():
-        model = ov.convert_model(_TokenEmbeddings(transformer).eval(), example_input=example)
+# ---- conversion (needs torch: only on a start that finds no entry) -------------------------------------
+def quiet_converter_telemetry() -> None:
+    """Keep OpenVINO's converter from sending usage events unless this machine's user opted in.
+
+    ``openvino.convert_model`` sends anonymous events to Google Analytics by default (the documented
+    opt-out is ``opt_in_out --opt_out``); nobody on a serving node was asked, and each event forks the
+    replica (measured: 3.5 -> 1.5 s for MiniLM's conversion, offline). The converter's telemetry object is
+    a process-wide singleton, so configuring it first with consent off holds for the conversion. One event
+    remains: the converter's module sends it as it is imported, before any setting can hold (a start that
+    reads its cache entry never imports it). An explicit opt-in (``opt_in_out --opt_in``) is kept.
+    Without the telemetry package: nothing to do."""
+    try:
+        from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:
+        return
+    if OptInChecker().check(enable_opt_in_dialog=False) != ConsentCheckResult.ACCEPTED:
+        init_ovc_telemetry().consent = False
+
+
+def convert(modules: torch.nn.Module, example: dict[str, np.ndarray]) -> Any:
+    """The model's modules (a ``SentenceTransformer``) as an OpenVINO graph with dynamic [rows, tokens]
+    inputs, traced on ``example``."""
+    import torch
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            features = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                features["token_type_ids"] = token_type_ids
+            return self.inner(features)["sentence_embedding"]
+
+    ov = openvino_module()
+    quiet_converter_telemetry()
+    tensors = {k: torch.from_numpy(v) for k, v in example.items()}
+    with torch.no_grad(), warnings.catch_warnings():
+        # Pooling asks whether the mask is as long as the token embeddings; the tracer keeps the answer
+        # (yes) as a constant, which holds for every batch: the mask is padded with the ids.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model = ov.convert_model(SentenceEmbedding(modules).eval(), example_input=tensors)
     model.reshape({inp.get_any_name(): ov.PartialShape([-1, -1]) for inp in model.inputs})
     return model
 
 
-def _save(model, cache_dir: Path, key: str) -> None:
-    """Write the model under ``cache_dir/key`` atomically (a concurrent writer's copy wins the race)."""
-    ov = _openvino()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+# ---- the entry on disk ---------------------------------------------------------------------------------
+def save_pipeline(pipeline: OpenVINOPipeline, entry: Path) -> None:
+    """Write the entry atomically (a concurrent writer's copy wins the race)."""
+    ov = openvino_module()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
-        ov.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
-        os.replace(staging, cache_dir / key)
+        ov.save_model(pipeline.model, str(staging / "model.xml"), compress_to_fp16=False)
+        (staging / "tokenizer.json").write_text(pipeline.tokenizer_json)
+        np.save(staging / "reference.npy", pipeline.reference)
+        meta = {
+            "input_names": pipeline.input_names,
+            "pad_token_id": pipeline.pad_token_id,
+            "dimension": pipeline.dimension,
+            "max_seq_length": pipeline.max_seq_length,
+        }
+        (staging / "pipeline.json").write_text(json.dumps(meta))  # written last: marks a whole entry
+        if entry.exists():  # a damaged entry: a readable one is read, never written again
+            shutil.rmtree(entry, ignore_errors=True)
+        os.replace(staging, entry)
     except OSError:
-        if not (cache_dir / key / "model.xml").exists():
+        if not (entry / "pipeline.json").exists():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(transformer: torch.nn.Module, example: dict[str, torch.Tensor], cache_dir: Path | None):
-    """The converted model, from ``cache_dir`` when converted before; and how it was obtained."""
-    ov = _openvino()
-    key = cache_key(transformer, list(example))
-    cached = cache_dir / key / "model.xml" if cache_dir is not None else None
-    if cached is not None and cached.exists():
-        try:
-            return ov.Core().read_model(str(cached)), f"read from {cached.parent}"
-        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is converted again
-            log.warning("OpenVINO cache entry %s unreadable (%s): converting again", cached.parent, exc)
-    started = time.perf_counter()
-    model = _convert(transformer, example)
-    how = f"converted in {time.perf_counter() - started:.1f} s"
-    if cache_dir is not None:
-        try:
-            _save(model, cache_dir, key)
-            how += f", cached in {cache_dir / key}"
-        except OSError as exc:
-            log.warning("OpenVINO model not cached (cache_dir %s: %s); it is converted at every start",
-                        cache_dir, exc)  # fmt: skip
-            how += ", not cached"
-    return model, how
-
-
-class OpenVINOTransformer:
-    """Token embeddings [rows, longest, hidden] for a padded batch, computed by OpenVINO on CPU. Called
-    from one thread at a time (the replica's model thread)."""
-
-    def __init__(
-        self,
-        transformer: torch.nn.Module,
-        example: dict[str, torch.Tensor],
-        *,
-        precision: str,
-        threads: int,
-        cache_dir: Path | None,
-    ):
-        ov = _openvino()
-        model, self.how = load_model(transformer, example, cache_dir)
-        compiled = ov.Core().compile_model(
-            model,
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
-                "INFERENCE_NUM_THREADS": threads,
-                "PERFORMANCE_HINT": "LATENCY",
-                "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
-            },
+def read_pipeline(entry: Path) -> OpenVINOPipeline | None:
+    """The entry's pipeline; None when there is none. A damaged entry is a log line (and converts again)."""
+    if not (entry / "pipeline.json").exists():
+        return None
+    try:
+        meta = json.loads((entry / "pipeline.json").read_text())
+        return OpenVINOPipeline(
+            model=openvino_module().Core().read_model(str(entry / "model.xml")),
+            tokenizer_json=(entry / "tokenizer.json").read_text(),
+            input_names=list(meta["input_names"]),
+            pad_token_id=int(meta["pad_token_id"]),
+            dimension=int(meta["dimension"]),
+            max_seq_length=int(meta["max_seq_length"]),
+            reference=np.load(entry / "reference.npy"),
         )
-        self.input_names = [inp.get_any_name() for inp in compiled.inputs]
-        self._output = compiled.outputs[0]
-        self._request = compiled.create_infer_request()
-        self._compiled = compiled
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        outputs = self._request.infer({name: batch[name].numpy() for name in self.input_names})
-        return torch.from_numpy(outputs[self._output])
+    except Exception as exc:  # noqa: BLE001 - a damaged entry is converted again
+        log.warning("OpenVINO cache entry %s unreadable (%s): converting again", entry, exc)
+        return None

@@ -25,13 +25,19 @@ DEFAULT_COMPILE_CACHE_DIR = "~/.cache/graphrag-embeddings/openvino"
 
 @dataclass(frozen=True)
 class LoadContext:
-    """Where a replica loads a model: the resolved source, the device, its CPU threads, the config's
-    directory (relative paths in an entry are relative to it)."""
+    """Where a replica loads a model: the resolved source, whether Ray gave it GPUs, its CPU threads, the
+    config's directory (relative paths in an entry are relative to it). The device is picked by the loader:
+    a runtime without torch never imports it."""
 
     source: str
-    device: torch.device
+    use_gpu: bool
     threads: int
     base_dir: Path | None
+
+    def torch_device(self) -> torch.device:
+        from deployments.backends.base import pick_device
+
+        return pick_device(self.use_gpu)
 
 
 @dataclass(frozen=True)
@@ -46,26 +52,54 @@ class BackendSpec:
     check_files: Callable[[ModelEntry, str], list[str]] | None = None
 
 
-def _compile_cache_dir(entry: ModelEntry, base_dir: Path | None) -> Path | None:
+def compile_cache_dir(entry: ModelEntry, base_dir: Path | None) -> Path | None:
+    """Where an entry's compiled models are kept (None: not kept); relative paths from the config's folder."""
     if entry.compile_cache_dir is None:
         return None
     path = Path(entry.compile_cache_dir).expanduser()
     return base_dir / path if not path.is_absolute() and base_dir is not None else path
 
 
-def _load_sentence_transformers(entry: ModelEntry, ctx: LoadContext) -> EmbeddingBackend:
+def load_sentence_transformers(
+    source: str,
+    *,
+    runtime: str = "torch",
+    dtype: str = "float32",
+    max_seq_length: int | None = None,
+    threads: int = 1,
+    cache_dir: Path | None = None,
+    fidelity_min_cosine: float = 0.9999,
+    trust_remote_code: bool = False,
+    device: torch.device | None = None,
+) -> EmbeddingBackend:
+    """A sentence-transformers model on ``runtime`` (``openvino``: CPU only, ``device`` unused)."""
+    options = {
+        "dtype": dtype,
+        "max_seq_length": max_seq_length,
+        "threads": threads,
+        "fidelity_min_cosine": fidelity_min_cosine,
+        "trust_remote_code": trust_remote_code,
+    }
+    if runtime == "openvino":
+        from deployments.backends.openvino_backend import load_openvino
+
+        return load_openvino(source, cache_dir=cache_dir, **options)
     from deployments.backends.sentence_transformers import SentenceTransformersBackend
 
-    return SentenceTransformersBackend(
+    return SentenceTransformersBackend(source, device=device, **options)
+
+
+def _load_sentence_transformers(entry: ModelEntry, ctx: LoadContext) -> EmbeddingBackend:
+    return load_sentence_transformers(
         ctx.source,
-        device=ctx.device,
+        runtime=entry.runtime,
         dtype=entry.dtype,
         max_seq_length=entry.max_seq_length,
-        trust_remote_code=entry.trust_remote_code,
-        runtime=entry.runtime,
         threads=ctx.threads,
-        compile_cache_dir=_compile_cache_dir(entry, ctx.base_dir),
+        cache_dir=compile_cache_dir(entry, ctx.base_dir),
         fidelity_min_cosine=entry.fidelity_min_cosine,
+        trust_remote_code=entry.trust_remote_code,
+        device=None if entry.runtime == "openvino" else ctx.torch_device(),  # openvino: CPU placements only
     )
 
 
@@ -74,10 +108,11 @@ def _load_nvembed(entry: ModelEntry, ctx: LoadContext) -> EmbeddingBackend:
 
     return NVEmbedBackend.load(
         ctx.source,
-        device=ctx.device,
+        device=ctx.torch_device(),
         dtype=entry.dtype,
         max_seq_length=entry.max_seq_length,
         prompts=entry.prompts,
+        threads=ctx.threads,
     )
 
 
@@ -110,10 +145,9 @@ def load_backend(
     entry: ModelEntry, *, use_gpu: bool, base_dir: Path | None = None, threads: int = 1
 ) -> EmbeddingBackend:
     """The entry's model, loaded on this replica's device by its family's loader."""
-    from deployments.backends.base import pick_device
     from deployments.config import resolve_model_source
 
-    ctx = LoadContext(resolve_model_source(entry.source, base_dir), pick_device(use_gpu), threads, base_dir)
+    ctx = LoadContext(resolve_model_source(entry.source, base_dir), use_gpu, threads, base_dir)
     return BACKENDS[entry.backend].load(entry, ctx)
 
 
