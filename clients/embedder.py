@@ -91,7 +91,7 @@ class RemoteEmbedder(ABC):
         default = next((m for m in models if m.get("default")), models[0])
         if model is not None and model not in names:
             error = model_not_found(model, sorted(names))
-            raise ClientError(f"{error.message} (asked {self.where()})", 404, "model", error.code)
+            raise ClientError(f"{error.message} (asked {self.where()})", error.code, error.param)
         self.model_name = model if model is not None else default["id"]
         self.info = names[self.model_name]
         self.max_seq_length: int = self.info["max_seq_length"]
@@ -198,7 +198,8 @@ class RemoteEmbedder(ABC):
             texts = list(sentences)
         else:
             raise ClientError(
-                f"'input' must be a string or a list of strings, got {type(sentences).__name__}", 400, "input"
+                f"'input' must be a string or a list of strings, got {type(sentences).__name__}",
+                param="input",
             )
         check_items(texts)  # the server's own check, on the whole list: errors name the caller's index
         vectors = self._embed_all(texts, prompt_name, normalize_embeddings, bool(show_progress_bar))

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
-from deployments.errors import ClientError
+from deployments.errors import ClientError, error_kind
 
-# What can succeed later: overload (429, 503), a gateway or timeout (502, 504). The service's own 500 (a JSON
-# error) is a fault the same request would meet again (code model_error: the model fails on an input), so it
-# is never retried; a 500 without that body comes from in front of the service (Serve's HAProxy ingress
-# answers a replica lost mid-request, a 502, as a plain-text 500) and is retried like a 502.
-RETRY_STATUSES = {429, 502, 503, 504}
+# The service's own errors are retried as its table says (overloaded, timeout: deployments/errors.py); a
+# 500 from it is a fault the same request would meet again (model_error: the model fails on an input).
+# What answers from in front of the service (a proxy, a gateway: no JSON error) is retried on overload and
+# gateway statuses, and on a plain 500 (Serve's HAProxy ingress answers a replica lost mid-request, a 502,
+# as a plain-text 500).
+GATEWAY_RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -58,18 +59,20 @@ class HTTPEmbedder(RemoteEmbedder):
             raise Retryable(f"{type(exc).__name__}: {exc}") from exc
         if resp.status_code < 400:
             return resp.json()
+        status = resp.status_code
         try:
             error, ours = resp.json()["error"], True
         except (ValueError, KeyError, TypeError):
             error, ours = {"message": resp.text[:300]}, False
-        if resp.status_code in RETRY_STATUSES or (resp.status_code == 500 and not ours):
-            message = f"HTTP {resp.status_code}: {error.get('message')}"
-            raise Retryable(message, _retry_after(resp.headers.get("Retry-After")))
-        if resp.status_code >= 500:
-            code, message = error.get("code"), error.get("message")
-            raise EmbeddingServiceError(f"HTTP {resp.status_code} ({code}): {message}")
+        code = str(error.get("code"))
+        if error_kind(code, status).retry if ours else status in GATEWAY_RETRY_STATUSES:
+            raise Retryable(
+                f"HTTP {status}: {error.get('message')}", _retry_after(resp.headers.get("Retry-After"))
+            )
+        if status >= 500:
+            raise EmbeddingServiceError(f"HTTP {status} ({code}): {error.get('message')}")
         # the caller's mistake, raised as the server said it (a ClientError is a ValueError)
-        raise ClientError(str(error.get("message")), resp.status_code, error.get("param"), error.get("code"))
+        raise ClientError(str(error.get("message")), code, error.get("param"), status)
 
     def _fetch_models(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/models")["data"]

@@ -37,7 +37,7 @@ def plain_client_error(error: ClientError) -> ClientError:
     original = original_error(error)
     if not isinstance(original, ClientError):
         original = error
-    return ClientError(original.message, original.status, original.param, original.code)
+    return ClientError(original.message, original.code, original.param, original.status)
 
 
 class ServeEmbedder(RemoteEmbedder):

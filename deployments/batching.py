@@ -30,6 +30,13 @@ class BatchPlan:
         return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
 
 
+def batch_cost(lengths: np.ndarray, packed: bool) -> int:
+    """Tokens a forward pass over these inputs computes: the sum when packed, else rows x longest."""
+    if len(lengths) == 0:
+        return 0
+    return int(lengths.sum()) if packed else len(lengths) * int(lengths.max())
+
+
 def plan_micro_batches(
     lengths: list[int] | np.ndarray,
     max_batch_tokens: int,
@@ -78,7 +85,7 @@ def plan_micro_batches(
     while j > 0:
         i = int(start[j])
         batches.append(order[i:j])
-        padded += int(prefix[j] - prefix[i]) if packed else (j - i) * int(sorted_lens[j - 1])
+        padded += batch_cost(sorted_lens[i:j], packed)
         j = i
     batches.reverse()
     return BatchPlan(batches, int(lens.sum()), padded)

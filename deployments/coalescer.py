@@ -62,27 +62,22 @@ class Coalescer:
         self._max_inputs = max_inputs_per_call
         self._direct_min = direct_min_inputs
         self._lanes: dict[Hashable, _Lane] = {}
-        self.calls_sent = 0  # downstream calls, for tests and metrics
         self.calls_cancelled = 0  # merged calls cancelled because every caller had left
 
     async def submit(self, key: Hashable, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if len(texts) >= self._direct_min:
-            return await self._call(key, texts)
+            return await self._send(key, texts)
         lane = self._lanes.setdefault(key, _Lane())
         if lane.in_flight < self._limit(key) and not lane.queue:
             lane.in_flight += 1
             try:
-                return await self._call(key, texts)
+                return await self._send(key, texts)
             finally:
                 lane.in_flight -= 1
                 self._drain(key, lane)
         future = asyncio.get_running_loop().create_future()
         lane.queue.append(_Pending(texts, future))
         return await future
-
-    async def _call(self, key: Hashable, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        self.calls_sent += 1
-        return await self._send(key, texts)
 
     def _drain(self, key: Hashable, lane: _Lane) -> None:
         """Start one merged call with as much of the queue as fits, if a slot is free."""
@@ -122,7 +117,7 @@ class Coalescer:
                 return
             texts = [t for p in group for t in p.texts]
             try:
-                vectors, tokens, *extra = await self._call(key, texts)
+                vectors, tokens, *extra = await self._send(key, texts)
             except (ClientError, ModelError):  # an input's fault: each request on its own finds its owner
                 await asyncio.gather(*(self._deliver(key, p) for p in group))
                 return
@@ -143,7 +138,7 @@ class Coalescer:
 
     async def _deliver(self, key: Hashable, pending: _Pending) -> None:
         try:
-            result = await self._call(key, pending.texts)
+            result = await self._send(key, pending.texts)
         except Exception as exc:  # noqa: BLE001 - handed to its caller
             if not pending.future.done():
                 pending.future.set_exception(exc)

@@ -29,7 +29,7 @@ def resolve_options(
         raise ClientError(
             f"prompt_name {prompt_name!r} is not defined for model {entry.name!r}; "
             f"defined: {', '.join(sorted(entry.prompts)) or 'none'}",
-            400,
+            "prompt_not_found",
             "prompt_name",
         )
     return EmbedOptions(

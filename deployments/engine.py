@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
 from deployments.embed_options import EmbedOptions
-from deployments.errors import ClientError
+from deployments.errors import ClientError, input_too_long
 from deployments.scheduler import EmbedResult, Scheduler, SchedulerObserver
 
 __all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
@@ -63,19 +63,23 @@ def tokenize_capped(
                     f"input[{first_index + i}] has {len(text)} characters, more than this model reads "
                     f"({ceiling}, {CHARS_PER_TOKEN_CEILING} per token of max_seq_length {limit}), and the "
                     "request asked truncate: false",
-                    400,
-                    "input",
                     "input_too_long",
+                    "input",
                 )
+    # Refusing over-long inputs: tokenise one token further, so that an input past the limit shows.
+    max_length = limit if truncate else limit + 1
     cap = CHARS_PER_TOKEN_FIRST * limit
     cut = [cut_text(t, cap) for t in texts]
-    items = backend.tokenize(cut, prompt, truncate, first_index)
+    items = backend.tokenize(cut, prompt, max_length, first_index)
     for i, text in enumerate(texts):  # a cut text that did not fill max_seq_length: read more of it
         wider = cap
         while len(cut[i]) < len(text) and items[i].length < limit and wider < ceiling:
             wider = min(2 * wider, ceiling)
             cut[i] = cut_text(text, wider)
-            items[i] = backend.tokenize([cut[i]], prompt, truncate, first_index + i)[0]
+            items[i] = backend.tokenize([cut[i]], prompt, max_length, first_index + i)[0]
+    for i, item in enumerate(items):
+        if item.length > limit:
+            raise input_too_long(first_index + i, limit)
     return items
 
 

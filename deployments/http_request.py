@@ -1,9 +1,11 @@
 """The HTTP side of a request the router answers: its body, read within a size and a time limit, the
-client that may leave while its answer is computed, and errors rendered in the OpenAI shape."""
+client that may leave while its answer is computed, and every error rendered in the OpenAI shape with the
+status of its code (``deployments.errors.ERRORS``)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -11,29 +13,36 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
 
-from deployments.errors import ClientError
+from deployments.errors import ERRORS, ClientError, ModelError, error_kind, original_error
 from deployments.openai_api import render_error
 
 T = TypeVar("T")
 # nginx's "client closed request": the status a hang-up is counted under (no client ever receives it).
-CLIENT_CLOSED = 499
+CLIENT_CLOSED = ERRORS["client_closed"].status
 
 
 class ClientLeft(Exception):
     """The HTTP client closed its connection before its answer was ready."""
 
 
-def error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> Response:
+def error_response(code: str, message: str, param: str | None = None, status: int | None = None) -> Response:
+    """The answer for an error: ``code``'s status (``status`` only for a code the table lacks)."""
+    status = error_kind(code, status or 500).status
     return Response(
-        render_error(message, status, param, code), status_code=status, media_type="application/json"
+        render_error(code, message, param, status), status_code=status, media_type="application/json"
     )
+
+
+def client_error_response(error: ClientError) -> Response:
+    return error_response(error.code, error.message, error.param, error.status)
 
 
 def overloaded(retry_after_s: float, message: str) -> Response:
     """A 503 ``overloaded`` with ``Retry-After`` (whole seconds, at least 1)."""
-    response = error_response(message, 503, code="overloaded")
+    response = error_response("overloaded", message)
     response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     return response
 
@@ -50,8 +59,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     except asyncio.TimeoutError:
         raise ClientError(
             f"the request body was not received within {timeout_s:g} s (router.body_timeout_s)",
-            408,
-            code="body_timeout",
+            "body_timeout",
         ) from None
 
 
@@ -72,8 +80,7 @@ def _body_too_large(size: int, limit: int, at_least: bool = False) -> ClientErro
     return ClientError(
         f"request body of {'more than ' if at_least else ''}{size} bytes exceeds the limit of {limit} bytes "
         "(router.max_body_mb); send fewer or shorter inputs per request",
-        413,
-        code="body_too_large",
+        "body_too_large",
     )
 
 
@@ -102,3 +109,24 @@ async def _disconnect(request: Request) -> None:
             pass
     except Exception:  # noqa: BLE001 - no way to watch this connection: leave the work alone
         await asyncio.Event().wait()
+
+
+def failure_response(
+    error: BaseException, retry_after_s: float, log: logging.Logger, model: str | None
+) -> Response:
+    """The answer for whatever sank a request at work: the caller's mistake as raised, a client that left
+    (its status only counts the hang-up), overload (503), a timeout (504), the model failing on an input
+    (500 ``model_error``: logged, not to be retried) or a fault of ours (500, logged with its traceback)."""
+    if isinstance(error, ClientError):
+        return client_error_response(error)
+    if isinstance(error, ClientLeft):
+        return error_response("client_closed", "the client closed the connection")
+    if isinstance(error, BackPressureError):
+        return overloaded(retry_after_s, "the model is overloaded; retry later")
+    if isinstance(error, asyncio.TimeoutError):
+        return error_response("timeout", "the model did not answer in time")
+    if isinstance(error, ModelError):
+        log.error("model %s failed: %s", model, original_error(error))
+        return error_response("model_error", str(original_error(error)), "input")
+    log.error("embedding request failed", exc_info=error)
+    return error_response("internal_error", f"internal error while embedding: {type(error).__name__}")

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from deployments.errors import ClientError
+from deployments.errors import ClientError, error_kind
+from deployments.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from deployments.config import ModelEntry, ModelsConfig
@@ -39,7 +40,7 @@ def _optional(body: dict, key: str, kind: type, what: str) -> Any:
     if value is None:
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ClientError(f"'{key}' must be {what}, got {type(value).__name__}", 400, key)
+        raise ClientError(f"'{key}' must be {what}, got {type(value).__name__}", param=key)
     return value
 
 
@@ -49,13 +50,15 @@ def validate_texts(value: Any, max_inputs: int) -> list[str]:
         return [value]
     if not isinstance(value, list):
         raise ClientError(
-            f"'input' must be a string or a list of strings, got {type(value).__name__}", 400, "input"
+            f"'input' must be a string or a list of strings, got {type(value).__name__}", param="input"
         )
     if not value:
-        raise ClientError("'input' is an empty list; send at least one string", 400, "input")
+        raise ClientError("'input' is an empty list; send at least one string", param="input")
     if len(value) > max_inputs:
         raise ClientError(
-            f"'input' has {len(value)} items; at most {max_inputs} are accepted per request", 413, "input"
+            f"'input' has {len(value)} items; at most {max_inputs} are accepted per request",
+            "too_many_inputs",
+            "input",
         )
     check_items(value)
     return value
@@ -68,38 +71,41 @@ def check_items(value: list) -> None:
         or all(isinstance(item, list) and all(isinstance(t, int) for t in item) for item in value)
     ):
         raise ClientError(
-            "token arrays are not supported as 'input'; send text (strings) instead", 400, "input"
+            "token arrays are not supported as 'input': token ids mean nothing to these models; send text "
+            "(strings). LangChain's OpenAIEmbeddings sends token ids unless it is built with "
+            "check_embedding_ctx_length=False",
+            "token_ids_not_supported",
+            "input",
         )
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise ClientError(f"input[{i}] must be a string, got {type(item).__name__}", 400, "input")
+            raise ClientError(f"input[{i}] must be a string, got {type(item).__name__}", param="input")
 
 
 def parse_embeddings_request(body: bytes, max_inputs: int) -> EmbeddingsRequest:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ClientError(f"request body is not valid JSON: {exc}", 400) from None
+        raise ClientError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ClientError(f"request body must be a JSON object, got {type(data).__name__}", 400)
+        raise ClientError(f"request body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - KNOWN_FIELDS)
     if unknown:
         raise ClientError(
             f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(KNOWN_FIELDS))}",
-            400,
-            unknown[0],
+            param=unknown[0],
         )
     if "input" not in data:
-        raise ClientError("'input' is required", 400, "input")
+        raise ClientError("'input' is required", param="input")
     texts = validate_texts(data["input"], max_inputs)
     encoding_format = _optional(data, "encoding_format", str, "a string") or "float"
     if encoding_format not in ("float", "base64"):
         raise ClientError(
-            f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}", 400, "encoding_format"
+            f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}", param="encoding_format"
         )
     dimensions = _optional(data, "dimensions", int, "an integer")
     if dimensions is not None and dimensions < 1:
-        raise ClientError(f"'dimensions' must be at least 1, got {dimensions}", 400, "dimensions")
+        raise ClientError(f"'dimensions' must be at least 1, got {dimensions}", param="dimensions")
     _optional(data, "user", str, "a string")
     truncate = _optional(data, "truncate", bool, "a boolean")
     return EmbeddingsRequest(
@@ -119,7 +125,9 @@ def check_dimensions(dimensions: int, native: int, model: str, matryoshka: bool 
     silently degraded embedding, so they are refused, as OpenAI, vLLM and SGLang do."""
     if dimensions > native:
         raise ClientError(
-            f"'dimensions' {dimensions} is more than this model gives ({native})", 400, "dimensions"
+            f"'dimensions' {dimensions} is more than this model gives ({native})",
+            "dimensions_not_supported",
+            "dimensions",
         )
     if dimensions == native or matryoshka is True:
         return
@@ -130,14 +138,14 @@ def check_dimensions(dimensions: int, native: int, model: str, matryoshka: bool 
         raise ClientError(
             f"'dimensions' {dimensions}: model {model!r} was trained for truncated vectors of {sizes} only "
             "(its models-config key 'matryoshka')",
-            400,
+            "dimensions_not_supported",
             "dimensions",
         )
     raise ClientError(
         f"'dimensions' {dimensions}: model {model!r} was not trained for truncated vectors (Matryoshka), so "
         f"its first {dimensions} components are not an embedding; omit 'dimensions' (it gives {native}), "
         "or set the models-config key 'matryoshka' for a model trained for them",
-        400,
+        "dimensions_not_supported",
         "dimensions",
     )
 
@@ -149,7 +157,7 @@ def shorten(vectors: np.ndarray, dimensions: int | None, native: int, normalize:
         return vectors
     out = vectors[:, :dimensions]
     if normalize:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        out = l2_normalize(out)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
@@ -169,11 +177,11 @@ def render_embeddings(vectors: np.ndarray, model: str, prompt_tokens: int, encod
     )
 
 
-def render_error(message: str, status: int, param: str | None = None, code: str | None = None) -> bytes:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 404:
-        kind = "not_found_error"
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code or status}})
+def render_error(code: str, message: str, param: str | None = None, status: int = 500) -> bytes:
+    """An error in OpenAI's shape; its ``type`` from ``code``'s entry in ``deployments.errors.ERRORS``
+    (``status`` decides it for a code the table lacks)."""
+    kind = error_kind(code, status).type
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 # What a replica's info() says computes its passes, repeated in /v1/models.

@@ -15,7 +15,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -24,11 +23,11 @@ from deployments.auth import ApiKeys, exposure_problem
 from deployments.cache import EmbeddingCache
 from deployments.config import ModelsConfig
 from deployments.embed_options import EmbedOptions, resolve_options
-from deployments.errors import ClientError, ModelError, model_not_found, original_error, quiet_client_errors
+from deployments.errors import model_not_found, quiet_client_errors
 from deployments.http_request import (
     CLIENT_CLOSED,
-    ClientLeft,
     error_response,
+    failure_response,
     overloaded,
     read_body,
     unless_client_leaves,
@@ -60,7 +59,7 @@ ROUTES = "POST /v1/embeddings, GET|HEAD /v1/models, GET|HEAD /health"
 @api.exception_handler(HTTPException)
 async def _route_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own errors (unknown path, wrong method) in the OpenAI shape, keeping their headers."""
-    path, code = request.url.path, None
+    path, code = request.url.path, f"http_{exc.status_code}"  # a status the table has no code for
     message = str(exc.detail)
     if exc.status_code == 404:
         message, code = f"no route {request.method} {path}; routes: {ROUTES}", "not_found"
@@ -68,7 +67,7 @@ async def _route_error(request: Request, exc: HTTPException) -> Response:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"method {request.method} is not allowed on {path}; allowed: {allowed}"
         code = "method_not_allowed"
-    response = error_response(message, exc.status_code, code=code)
+    response = error_response(code, message, status=exc.status_code)
     response.headers.update(exc.headers or {})
     return response
 
@@ -76,7 +75,7 @@ async def _route_error(request: Request, exc: HTTPException) -> Response:
 @api.exception_handler(Exception)
 async def _server_fault(request: Request, exc: Exception) -> Response:
     logger.exception("request %s %s failed", request.method, request.url.path)
-    return error_response(f"internal error: {type(exc).__name__}", 500, code="internal_error")
+    return error_response("internal_error", f"internal error: {type(exc).__name__}")
 
 
 def _proxy_host() -> str | None:
@@ -143,7 +142,7 @@ class EmbeddingRouter:
             return None
         self.metrics.auth_failure(request.url.path)
         response = error_response(
-            "invalid or missing API key: send Authorization: Bearer <key>", 401, code="invalid_api_key"
+            "invalid_api_key", "invalid or missing API key: send Authorization: Bearer <key>"
         )
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
@@ -176,20 +175,8 @@ class EmbeddingRouter:
             body = await read_body(request, self.config.max_body_bytes, self.config.router.body_timeout_s)
             async with self.admission.slot() as waited_s:
                 return await self._answer(request, body, resolved, waited_s)
-        except ClientError as err:
-            return error_response(err.message, err.status, err.param, err.code)
-        except ClientLeft:  # nobody reads this answer; its status only counts the hang-up in the metrics
-            return error_response("the client closed the connection", CLIENT_CLOSED, code="client_closed")
-        except BackPressureError:
-            return overloaded(self.config.router.retry_after_s, "the model is overloaded; retry later")
-        except asyncio.TimeoutError:
-            return error_response("the model did not answer in time", 504, code="timeout")
-        except ModelError as err:  # deterministic: the same input fails again; logged, not to be retried
-            logger.error("model %s failed: %s", resolved.get("model"), original_error(err))
-            return error_response(str(original_error(err)), 500, "input", "model_error")
-        except Exception as exc:  # noqa: BLE001 - a server fault: say so, log it, never hang
-            logger.exception("embedding request failed")
-            return error_response(f"internal error while embedding: {type(exc).__name__}", 500)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered: never a hang, never a bare 500
+            return failure_response(exc, self.config.router.retry_after_s, logger, resolved.get("model"))
 
     async def _answer(
         self, request: Request, body: bytes, resolved: dict[str, str], waited_s: float

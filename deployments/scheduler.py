@@ -54,9 +54,10 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from deployments.backends.base import EmbeddingBackend, EncodedText
-from deployments.batching import plan_micro_batches
+from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
 from deployments.errors import ModelError
+from deployments.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,6 @@ class Ticket(NamedTuple):
     seq: int
 
 
-def batch_cost(lengths: np.ndarray, packed: bool) -> int:
-    """Tokens a forward pass over these inputs computes: the sum when packed, else rows x longest."""
-    if len(lengths) == 0:
-        return 0
-    return int(lengths.sum()) if packed else len(lengths) * int(lengths.max())
-
-
 @dataclass(eq=False)
 class _Call:
     seq: int
@@ -139,8 +133,53 @@ class _Call:
     def key(self) -> tuple[int, int]:
         return (self.queued_tokens - self.aged, self.seq)
 
+    @classmethod
+    def new(cls, seq: int, items: list[EncodedText], normalize: bool, on_done: OnDone, now: float, dim: int):
+        lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
+        return cls(
+            seq=seq,
+            items=items,
+            lengths=lengths,
+            by_length=np.argsort(lengths, kind="stable"),
+            queued=np.ones(len(items), dtype=bool),
+            queued_rows=len(items),
+            queued_tokens=int(lengths.sum()),
+            normalize=normalize,
+            on_done=on_done,
+            admitted_at=now,
+            vectors=np.zeros((len(items), dim), dtype=np.float32),
+            rows_left=len(items),
+        )
+
     def queued_by_length(self) -> np.ndarray:
         return self.by_length[self.queued[self.by_length]]
+
+    def take(self, rows: np.ndarray) -> int:
+        """Rows leave the queue for a pass; returns their tokens."""
+        tokens = int(self.lengths[rows].sum())
+        self.queued[rows] = False
+        self.queued_rows -= len(rows)
+        self.queued_tokens -= tokens
+        return tokens
+
+    def receive(
+        self, rows: np.ndarray, vectors: np.ndarray, failure: tuple[int, Exception] | None, now: float
+    ) -> EmbedResult | Exception | None:
+        """A pass's rows for this call (``failure``: the first failing one's place in ``rows``, and why):
+        its error, or its answer once every row is in; None while rows remain."""
+        if failure is not None:
+            offset, error = failure
+            return ModelError(f"embedding failed for input[{int(rows[offset])}]: {error!r}")
+        self.vectors[rows] = vectors
+        return _finish(self, now) if self.rows_left == 0 else None
+
+    def drop_queued(self) -> tuple[int, int]:
+        """Every queued row leaves without being computed; returns (rows, tokens) dropped."""
+        dropped = (self.queued_rows, self.queued_tokens)
+        self.queued[:] = False
+        self.queued_rows = self.queued_tokens = 0
+        self.rows_left -= dropped[0]
+        return dropped
 
 
 @dataclass
@@ -173,6 +212,94 @@ class SchedulerStats:
     queue_wait_seconds_max: float = 0.0
     recent_waits: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WAITS))
 
+    def record_wait(self, wait: float) -> None:
+        self.queue_wait_seconds_sum += wait
+        self.queue_wait_seconds_max = max(self.queue_wait_seconds_max, wait)
+        self.recent_waits.append(wait)
+
+    def record_pass(
+        self, rows: int, passes: int, real_tokens: int, padded_tokens: int, seconds: float
+    ) -> None:
+        """One planned pass: ``passes`` > 1 when it failed and ran again row by row."""
+        self.forward_passes += passes
+        self.rows += rows * (1 if passes == 1 else 2)
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.max_pass_rows = max(self.max_pass_rows, rows)
+        self.max_pass_tokens = max(self.max_pass_tokens, padded_tokens)
+        self.forward_seconds += seconds
+
+    def report(self) -> dict[str, float | int]:
+        """The counters and what they imply (padding efficiency, rows per pass, wait percentiles)."""
+        out: dict[str, float | int] = {k: v for k, v in vars(self).items() if k != "recent_waits"}
+        waits = sorted(self.recent_waits)
+        out["padding_efficiency"] = self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+        out["rows_per_pass"] = self.rows / self.forward_passes if self.forward_passes else 0.0
+        out["queue_wait_seconds_p50"] = _percentile(waits, 0.50)
+        out["queue_wait_seconds_p99"] = _percentile(waits, 0.99)
+        return out
+
+
+def plan_window(
+    calls: list[_Call], window_rows: int, batching: Batching, packed: bool
+) -> list[list[tuple[_Call, np.ndarray]]]:
+    """The passes for the queue's most urgent ``window_rows`` inputs, planned jointly as one request's
+    would be; each pass as (call, its rows), most urgent call first, the passes in order of urgency."""
+    owners: list[_Call] = []
+    rows: list[np.ndarray] = []
+    room = window_rows
+    for call in sorted((c for c in calls if c.queued_rows), key=lambda c: c.key):
+        if room <= 0:
+            break
+        take = call.queued_by_length()[:room]
+        owners.append(call)
+        rows.append(take)
+        room -= len(take)
+    if not owners:
+        return []
+    owner_of = np.repeat(np.arange(len(owners)), [len(r) for r in rows])
+    row_of = np.concatenate(rows)
+    lengths = np.concatenate([c.lengths[r] for c, r in zip(owners, rows, strict=True)])
+    b = batching
+    plan = plan_micro_batches(
+        lengths, b.max_batch_tokens, b.max_batch_size, b.forward_overhead_tokens, packed
+    )
+    passes = []
+    for batch in plan.batches:
+        who = owner_of[batch]
+        parts = [(owners[k], row_of[batch[who == k]]) for k in np.unique(who)]
+        passes.append(parts)  # np.unique: in key order, so parts[0] is the most urgent call
+    passes.sort(key=lambda parts: parts[0][0].key)  # stable: equal urgency stays shortest first
+    return passes
+
+
+def forward_isolating(
+    backend: EmbeddingBackend, items: list[EncodedText]
+) -> tuple[np.ndarray, dict[int, Exception], int]:
+    """Vectors for a pass, the rows whose forward fails (found by running them one by one), and the
+    number of forward passes that took."""
+    try:
+        return _checked_forward(backend, items), {}, 1
+    except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
+        if len(items) == 1:
+            return np.zeros((1, backend.dimension), np.float32), {0: exc}, 1
+    out = np.zeros((len(items), backend.dimension), dtype=np.float32)
+    failures: dict[int, Exception] = {}
+    for i, item in enumerate(items):
+        try:
+            out[i] = _checked_forward(backend, [item])[0]
+        except Exception as exc:  # noqa: BLE001
+            failures[i] = exc
+    return out, failures, 1 + len(items)
+
+
+def _checked_forward(backend: EmbeddingBackend, items: list[EncodedText]) -> np.ndarray:
+    out = backend.forward(items)
+    expected = (len(items), backend.dimension)
+    if getattr(out, "shape", None) != expected:
+        raise RuntimeError(f"the model returned shape {getattr(out, 'shape', None)}, expected {expected}")
+    return out
+
 
 class Scheduler:
     def __init__(
@@ -202,21 +329,7 @@ class Scheduler:
     # ---- called from the event loop ------------------------------------------------------------
     def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
         """Queue a tokenised call; ``on_done`` gets its ``EmbedResult`` or the exception that sank it."""
-        lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
-        call = _Call(
-            seq=next(self._seq),
-            items=items,
-            lengths=lengths,
-            by_length=np.argsort(lengths, kind="stable"),
-            queued=np.ones(len(items), dtype=bool),
-            queued_rows=len(items),
-            queued_tokens=int(lengths.sum()),
-            normalize=normalize,
-            on_done=on_done,
-            admitted_at=self.clock(),
-            vectors=np.zeros((len(items), self.backend.dimension), dtype=np.float32),
-            rows_left=len(items),
-        )
+        call = _Call.new(next(self._seq), items, normalize, on_done, self.clock(), self.backend.dimension)
         with self._cond:
             self._stats.calls += 1
             self._stats.inputs += len(items)
@@ -290,7 +403,7 @@ class Scheduler:
         if batch is None:
             return False
         started = self.clock()
-        outputs, failures, passes = self._forward(batch.items)
+        outputs, failures, passes = forward_isolating(self.backend, batch.items)
         elapsed = self.clock() - started
         with self._cond:
             answers = self._deliver(batch, outputs, failures, passes, elapsed)
@@ -305,36 +418,10 @@ class Scheduler:
         return self._queued_inputs > 0
 
     def _replan(self) -> None:
-        """Plan the window: the queue's most urgent inputs, jointly, as one request's would be."""
-        waiting = sorted((c for c in self._calls.values() if c.queued_rows), key=lambda c: c.key)
-        owners: list[_Call] = []
-        rows: list[np.ndarray] = []
-        room = self.window_rows
-        for call in waiting:
-            if room <= 0:
-                break
-            take = call.queued_by_length()[:room]
-            owners.append(call)
-            rows.append(take)
-            room -= len(take)
         self._stale = False
-        self._plan.clear()
-        if not owners:
-            return
-        owner_of = np.repeat(np.arange(len(owners)), [len(r) for r in rows])
-        row_of = np.concatenate(rows)
-        lengths = np.concatenate([c.lengths[r] for c, r in zip(owners, rows, strict=True)])
-        b = self.batching
-        plan = plan_micro_batches(
-            lengths, b.max_batch_tokens, b.max_batch_size, b.forward_overhead_tokens, self.backend.packed
+        self._plan = deque(
+            plan_window(list(self._calls.values()), self.window_rows, self.batching, self.backend.packed)
         )
-        passes = []
-        for batch in plan.batches:
-            who = owner_of[batch]
-            parts = [(owners[k], row_of[batch[who == k]]) for k in np.unique(who)]
-            passes.append(parts)  # np.unique: in key order, so parts[0] is the most urgent call
-        passes.sort(key=lambda parts: parts[0][0].key)  # stable: equal urgency stays shortest first
-        self._plan.extend(passes)
 
     def _next_pass(self) -> _Pass | None:
         if self._stale or not self._plan:
@@ -348,14 +435,11 @@ class Scheduler:
         now = self.clock()
         packed = self.backend.packed
         for call, rows in parts:
-            taken_tokens = int(call.lengths[rows].sum())
-            call.queued[rows] = False
-            call.queued_rows -= len(rows)
-            call.queued_tokens -= taken_tokens
-            self._queue_changed(-len(rows), -taken_tokens)
+            self._queue_changed(-len(rows), -call.take(rows))
             if call.started_at is None:
                 call.started_at = now
-                self._record_wait(now - call.admitted_at)
+                self._stats.record_wait(now - call.admitted_at)
+                self.observer.waited(now - call.admitted_at)
         items = [call.items[int(i)] for call, rows in parts for i in rows]
         lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
         padded = batch_cost(lengths, packed)
@@ -370,48 +454,11 @@ class Scheduler:
         self._queued_tokens += tokens
         self.observer.queue(self._queued_inputs, self._queued_tokens)
 
-    def _record_wait(self, wait: float) -> None:
-        self.observer.waited(wait)
-        s = self._stats
-        s.queue_wait_seconds_sum += wait
-        s.queue_wait_seconds_max = max(s.queue_wait_seconds_max, wait)
-        s.recent_waits.append(wait)
-
-    def _forward(self, items: list[EncodedText]) -> tuple[np.ndarray, dict[int, Exception], int]:
-        """Vectors for a pass, the rows whose forward fails (found by running them one by one), and the
-        number of forward passes that took."""
-        try:
-            return self._checked_forward(items), {}, 1
-        except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
-            if len(items) == 1:
-                return np.zeros((1, self.backend.dimension), np.float32), {0: exc}, 1
-        out = np.zeros((len(items), self.backend.dimension), dtype=np.float32)
-        failures: dict[int, Exception] = {}
-        for i, item in enumerate(items):
-            try:
-                out[i] = self._checked_forward([item])[0]
-            except Exception as exc:  # noqa: BLE001
-                failures[i] = exc
-        return out, failures, 1 + len(items)
-
-    def _checked_forward(self, items: list[EncodedText]) -> np.ndarray:
-        out = self.backend.forward(items)
-        expected = (len(items), self.backend.dimension)
-        if getattr(out, "shape", None) != expected:
-            raise RuntimeError(f"the model returned shape {getattr(out, 'shape', None)}, expected {expected}")
-        return out
-
     def _deliver(
         self, batch: _Pass, outputs: np.ndarray, failures: dict[int, Exception], passes: int, elapsed: float
     ) -> list[tuple[OnDone, EmbedResult | Exception]]:
         s = self._stats
-        s.forward_passes += passes
-        s.rows += len(batch.items) * (1 if passes == 1 else 2)
-        s.real_tokens += batch.real_tokens
-        s.padded_tokens += batch.padded_tokens
-        s.max_pass_rows = max(s.max_pass_rows, len(batch.items))
-        s.max_pass_tokens = max(s.max_pass_tokens, batch.padded_tokens)
-        s.forward_seconds += elapsed
+        s.record_pass(len(batch.items), passes, batch.real_tokens, batch.padded_tokens, elapsed)
         self.observer.ran_pass(len(batch.items), batch.real_tokens, batch.padded_tokens, elapsed)
         answers: list[tuple[OnDone, EmbedResult | Exception]] = []
         start = 0
@@ -421,18 +468,11 @@ class Scheduler:
             if call.closed:  # cancelled while the pass ran
                 s.abandoned_inputs += len(rows)
             else:
-                failed = [i for i in range(start, end) if i in failures]
-                if failed:
-                    index = int(rows[failed[0] - start])
-                    error = ModelError(f"embedding failed for input[{index}]: {failures[failed[0]]!r}")
-                    answers.append((call.on_done, error))
-                    self._close(call, failed=True)
-                else:
-                    call.vectors[rows] = outputs[start:end]
-                    if call.rows_left == 0:
-                        result = _finish(call, self.clock())
-                        answers.append((call.on_done, result))
-                        self._close(call, failed=isinstance(result, Exception))
+                failed = next(((i - start, failures[i]) for i in range(start, end) if i in failures), None)
+                answer = call.receive(rows, outputs[start:end], failed, self.clock())
+                if answer is not None:
+                    answers.append((call.on_done, answer))
+                    self._close(call, failed=isinstance(answer, Exception))
             if call.rows_left == 0:
                 self._calls.pop(call.seq, None)
             start = end
@@ -447,28 +487,19 @@ class Scheduler:
             self._stats.answered_calls += 1
 
     def _drop_queued(self, call: _Call) -> int:
-        dropped = call.queued_rows
-        self._queue_changed(-dropped, -call.queued_tokens)
-        call.queued[:] = False
-        call.queued_rows = call.queued_tokens = 0
-        call.rows_left -= dropped
+        rows, tokens = call.drop_queued()
+        self._queue_changed(-rows, -tokens)
         self._stale = True
-        return dropped
+        return rows
 
     # ---- reporting ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
         """Counters since start, the queue now, and what they imply (padding efficiency, waits)."""
         with self._cond:
-            s = self._stats
-            out: dict[str, float | int] = {k: v for k, v in vars(s).items() if k != "recent_waits"}
+            out = self._stats.report()
             out["queue_calls"] = sum(1 for c in self._calls.values() if c.queued_rows)
             out["queue_inputs"] = self._queued_inputs
             out["queue_tokens"] = self._queued_tokens
-            waits = sorted(s.recent_waits)
-        out["padding_efficiency"] = s.real_tokens / s.padded_tokens if s.padded_tokens else 1.0
-        out["rows_per_pass"] = s.rows / s.forward_passes if s.forward_passes else 0.0
-        out["queue_wait_seconds_p50"] = _percentile(waits, 0.50)
-        out["queue_wait_seconds_p99"] = _percentile(waits, 0.99)
         return out
 
 
@@ -482,7 +513,7 @@ def _finish(call: _Call, now: float) -> EmbedResult | Exception:
     """The call's answer: normalised if asked, refused if the model produced non-finite values."""
     out = call.vectors
     if call.normalize and len(out):
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        out = l2_normalize(out)
     if not np.isfinite(out).all():
         return ModelError("the model produced non-finite values")
     started = call.started_at if call.started_at is not None else now

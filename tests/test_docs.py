@@ -63,3 +63,15 @@ def test_the_reference_lists_every_key_of_the_schema_and_no_other():
     missing, unknown = keys - documented, documented - keys - sections
     assert not missing, f"keys of the schema missing from docs/config.md: {sorted(missing)}"
     assert not unknown, f"docs/config.md documents keys the schema lacks: {sorted(unknown)}"
+
+
+def test_the_api_reference_lists_every_error_code_with_its_status():
+    """docs/api.md's error table is ``deployments.errors.ERRORS``, row for row."""
+    from deployments.errors import ERRORS
+
+    text = (REPO / "docs" / "api.md").read_text()
+    rows = {
+        m.group(1): (int(m.group(2)), m.group(3), m.group(4) == "yes")
+        for m in re.finditer(r"^\| `([a-z_]+)` \| (\d+) \| (\w+) \| (yes|no) \|", text, re.MULTILINE)
+    }
+    assert rows == {code: (k.status, k.type, k.retry) for code, k in ERRORS.items()}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.common import kt_gen_mix
+from deployments.backends.fidelity import worst_cosine
 from deployments.backends.registry import load_sentence_transformers
 from deployments.backends.sentence_transformers import SentenceTransformersBackend, _features
 from deployments.config import Batching
@@ -51,10 +52,6 @@ def backend(request, tmp_path_factory):
     return backend
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
 @pytest.mark.parametrize("budget", [16384, 64])
 def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget):
     engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
@@ -62,8 +59,8 @@ def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget)
     together = engine.run([EmbedCall(TEXTS)])[0]
     one_by_one = engine.run([EmbedCall([t]) for t in TEXTS])
     assert together.vectors.dtype == np.float32 and together.vectors.shape == (5, 384)
-    assert cosine_rows(together.vectors, expected).min() >= 0.9999
-    assert cosine_rows(np.concatenate([r.vectors for r in one_by_one]), expected).min() >= 0.9999
+    assert worst_cosine(together.vectors, expected) >= 0.9999
+    assert worst_cosine(np.concatenate([r.vectors for r in one_by_one]), expected) >= 0.9999
     assert together.token_counts.tolist() == [r.token_counts[0] for r in one_by_one]
     assert together.token_counts[1] == 2  # "" is [CLS] [SEP], as sentence-transformers embeds it
 
@@ -71,8 +68,8 @@ def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget)
 def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
     got = engine.run([EmbedCall(TEXTS, EmbedOptions(prompt="query: "))])[0].vectors
-    assert cosine_rows(got, minilm.encode(TEXTS, prompt="query: ")).min() >= 0.9999
-    assert cosine_rows(got, minilm.encode(TEXTS)).min() < 0.999  # the prompt did change something
+    assert worst_cosine(got, minilm.encode(TEXTS, prompt="query: ")) >= 0.9999
+    assert worst_cosine(got, minilm.encode(TEXTS)) < 0.999  # the prompt did change something
 
 
 def test_truncation_and_its_refusal(backend, minilm):
@@ -82,7 +79,7 @@ def test_truncation_and_its_refusal(backend, minilm):
         [EmbedCall([long_text]), EmbedCall(["fine", long_text], EmbedOptions(truncate=False))]
     )
     assert ok.token_counts.tolist() == [256]
-    assert cosine_rows(ok.vectors, minilm.encode([long_text]))[0] >= 0.9999
+    assert worst_cosine(ok.vectors, minilm.encode([long_text])) >= 0.9999
     assert isinstance(refused, ClientError) and refused.status == 400 and "input[1]" in refused.message
 
 
@@ -106,15 +103,16 @@ def test_the_direct_tokenizer_gives_exactly_the_token_ids_of_preprocess(tiny_bge
         texts = kt_gen_mix(400, seed=3)
         for prompt in ("", "query: "):
             fast = backend.tokenize(texts, prompt)
-            slow = backend._tokenize_preprocess(texts, prompt, True)
+            slow = backend._tokenize_preprocess(texts, prompt, 64)
             assert [_features(a) for a in fast] == [_features(b) for b in slow]
-            short = [t for t, item in zip(texts, fast, strict=True) if item.length < 64]
-            fast = backend.tokenize(short, prompt, truncate=False)
+            fast = backend.tokenize(texts, prompt, 65)  # what the engine asks when truncate is false
             assert [_features(a) for a in fast] == [
-                _features(b) for b in backend._tokenize_preprocess(short, prompt, False)
+                _features(b) for b in backend._tokenize_preprocess(texts, prompt, 65)
             ]
-        with pytest.raises(ClientError, match=r"input\[1\] has more than 64 tokens"):
-            backend.tokenize(["fine", "word " * 200], "", truncate=False)
+            assert max(item.length for item in fast) == 65  # some are longer: the engine refuses those
+        with pytest.raises(ClientError, match=r"input\[1\] has more than 64 tokens") as refused:
+            tokenize_capped(backend, ["fine", "word " * 200], "", truncate=False)
+        assert (refused.value.status, refused.value.code) == (400, "input_too_long")
 
 
 def test_one_failing_input_fails_only_its_call(minilm):
@@ -123,8 +121,8 @@ def test_one_failing_input_fails_only_its_call(minilm):
     calls = [EmbedCall(["alpha", "beta"]), EmbedCall(["gamma poison"]), EmbedCall(["delta"])]
     good1, bad, good2 = engine.run(calls)
     assert isinstance(bad, RuntimeError) and "injected fault" in str(bad)
-    assert cosine_rows(good1.vectors, minilm.encode(["alpha", "beta"])).min() >= 0.9999
-    assert cosine_rows(good2.vectors, minilm.encode(["delta"])).min() >= 0.9999
+    assert worst_cosine(good1.vectors, minilm.encode(["alpha", "beta"])) >= 0.9999
+    assert worst_cosine(good2.vectors, minilm.encode(["delta"])) >= 0.9999
     stats = engine.stats()
     assert stats["failed_calls"] == 1 and stats["calls"] == 3
 
@@ -148,9 +146,9 @@ class RecordingBackend(SentenceTransformersBackend):
         super().__init__(*args, **kwargs)
         self.read: list[int] = []
 
-    def tokenize(self, texts, prompt, truncate=True, first_index=0):
+    def tokenize(self, texts, prompt, max_length=None, first_index=0):
         self.read += [len(t) for t in texts]
-        return super().tokenize(texts, prompt, truncate, first_index)
+        return super().tokenize(texts, prompt, max_length, first_index)
 
 
 @pytest.fixture(scope="module")

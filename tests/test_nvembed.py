@@ -15,7 +15,7 @@ from deployments.backends import check_backends
 from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.config import Batching, ConfigError, parse_models_config
 from deployments.embed_options import EmbedOptions
-from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.engine import EmbedCall, EmbeddingEngine, tokenize_capped
 from deployments.errors import ClientError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
@@ -95,9 +95,11 @@ def test_embeddings_match_the_reference(backends, packed_backends, name, groupin
 
 def test_truncate_false_refuses_what_would_be_cut(backends):
     backend = backends[20]
-    with pytest.raises(ClientError, match="input\\[0\\]"):
-        backend.tokenize(["a long text " * 10], "", truncate=False)
-    assert len(backend.tokenize(["short"], "", truncate=False)) == 1
+    with pytest.raises(ClientError, match="input\\[0\\]") as refused:
+        tokenize_capped(backend, ["a long text " * 10], "", truncate=False)
+    assert refused.value.code == "input_too_long"
+    assert len(tokenize_capped(backend, ["short"], "", truncate=False)) == 1
+    assert backend.tokenize(["a long text " * 10], "", 21)[0].length == 21  # cut one past: the engine sees it
 
 
 def models_config(max_seq_length: int, prompts: dict[str, str]):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from deployments.backends.base import EmbeddingBackend, EncodedText
-from deployments.batching import plan_micro_batches
+from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
 from deployments.engine import EmbedCall, EmbeddingEngine
-from deployments.scheduler import EmbedResult, Scheduler, batch_cost
+from deployments.scheduler import EmbedResult, Scheduler
 
 
 class CountingBackend(EmbeddingBackend):
@@ -35,7 +35,7 @@ class CountingBackend(EmbeddingBackend):
         self.pass_ids: list[list[int]] = []  # first token id of each row, per pass
         self.hook = None
 
-    def tokenize(self, texts, prompt, truncate=True, first_index=0):
+    def tokenize(self, texts, prompt, max_length=None, first_index=0):
         raise NotImplementedError  # items are built by the tests
 
     def forward(self, items):

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from sentence_transformers import SentenceTransformer
 
+from deployments.backends.fidelity import worst_cosine
 from deployments.errors import ClientError
 from deployments.serve_local import serving_env
 from tests.bad_clients import open_tricklers, status_lines, trickle_while
@@ -142,11 +143,6 @@ def embed(client: httpx.Client, **body) -> tuple[np.ndarray, dict]:
     return np.array([d["embedding"] for d in data["data"]], dtype=np.float32), data
 
 
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.atleast_2d(a), np.atleast_2d(b)
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
-
-
 @contextlib.contextmanager
 def max_seq_length(model: SentenceTransformer, tokens: int):
     """The in-process reference truncated like the served entry (max_seq_length 128)."""
@@ -170,20 +166,20 @@ def test_http_equals_in_process_sentence_transformers(service, minilm):
     assert body["object"] == "list" and body["model"] == "all-MiniLM-L6-v2"
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
     assert vectors.shape == (4, 384)
-    assert min_cosine(vectors, minilm.encode(TEXTS)) >= 0.9999
+    assert worst_cosine(vectors, minilm.encode(TEXTS)) >= 0.9999
     single, _ = embed(service, input="Marie Curie")
-    assert single.shape == (1, 384) and min_cosine(single, minilm.encode("Marie Curie")) >= 0.9999
+    assert single.shape == (1, 384) and worst_cosine(single, minilm.encode("Marie Curie")) >= 0.9999
     prompted, _ = embed(service, input=TEXTS, prompt_name="query")
-    assert min_cosine(prompted, minilm.encode(TEXTS, prompt="query: ")) >= 0.9999
-    assert min_cosine(prompted, vectors) < 0.9999
+    assert worst_cosine(prompted, minilm.encode(TEXTS, prompt="query: ")) >= 0.9999
+    assert worst_cosine(prompted, vectors) < 0.9999
 
 
 def test_aliases_route_and_default_prompt_applies(service, tiny_bge):
     vectors, body = embed(service, input=TEXTS, model="BAAI/bge-large-en-v1.5")
     assert body["model"] == "bge-tiny" and vectors.shape == (4, 32)
-    assert min_cosine(vectors, tiny_bge.encode(TEXTS, prompt=BGE_QUERY)) >= 0.9999
+    assert worst_cosine(vectors, tiny_bge.encode(TEXTS, prompt=BGE_QUERY)) >= 0.9999
     passage, _ = embed(service, input=TEXTS, model="tree_comm", prompt_name="passage")
-    assert min_cosine(passage, tiny_bge.encode(TEXTS)) >= 0.9999
+    assert worst_cosine(passage, tiny_bge.encode(TEXTS)) >= 0.9999
     dedup, body = embed(service, input=TEXTS, model="semantic_dedup")
     assert body["model"] == "all-MiniLM-L6-v2" and dedup.shape == (4, 384)
 
@@ -194,11 +190,11 @@ def test_handle_api_equals_in_process(service, minilm, tiny_bge):
     handle = serve.get_app_handle("embeddings")
     got = handle.embed.remote(TEXTS).result()
     assert got.dtype == np.float32 and got.shape == (4, 384)
-    assert min_cosine(got, minilm.encode(TEXTS)) >= 0.9999
+    assert worst_cosine(got, minilm.encode(TEXTS)) >= 0.9999
     one = handle.embed.remote("Warsaw").result()
     assert one.shape == (1, 384)
     bge = handle.embed.remote(TEXTS, model="tree_comm", prompt_name="passage").result()
-    assert min_cosine(bge, tiny_bge.encode(TEXTS)) >= 0.9999
+    assert worst_cosine(bge, tiny_bge.encode(TEXTS)) >= 0.9999
     names = {m["id"]: m for m in handle.models.remote().result()}
     assert names["bge-tiny"]["aliases"] == ["tree_comm", "BAAI/bge-large-en-v1.5"]
     with pytest.raises(ClientError, match="available: BAAI/bge-large-en-v1.5, all-MiniLM-L6-v2"):
@@ -217,7 +213,7 @@ def test_concurrent_single_texts_are_merged(service, minilm):
     responses = asyncio.run(fire())
     after = stats(service, "all-MiniLM-L6-v2")
     got = np.array([r.json()["data"][0]["embedding"] for r in responses], dtype=np.float32)
-    assert min_cosine(got, expected) >= 0.9999  # every caller got its own text's vector
+    assert worst_cosine(got, expected) >= 0.9999  # every caller got its own text's vector
     passes = after["forward_passes"] - before["forward_passes"]
     calls = after["calls"] - before["calls"]
     assert passes <= 16, passes
@@ -232,7 +228,7 @@ def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
     after = stats(service, "all-MiniLM-L6-v2")
     assert body["usage"]["prompt_tokens"] == 40 * 128  # truncated at max_seq_length, every token counted
     with max_seq_length(minilm, 128):
-        assert min_cosine(vectors, minilm.encode(texts)) >= 0.9999
+        assert worst_cosine(vectors, minilm.encode(texts)) >= 0.9999
     assert after["forward_passes"] - before["forward_passes"] >= 10  # 5120 tokens over a 512 budget
     assert after["padded_tokens"] - before["padded_tokens"] <= 40 * 128
 
@@ -369,7 +365,7 @@ def test_a_refused_request_does_not_disturb_concurrent_ones(service, minilm):
     good = np.array(
         [r.json()["data"][0]["embedding"] for i, r in enumerate(responses) if i != 3], dtype=np.float32
     )
-    assert min_cosine(good, minilm.encode([f"good {i}" for i in range(6)])) >= 0.9999
+    assert worst_cosine(good, minilm.encode([f"good {i}" for i in range(6)])) >= 0.9999
 
 
 def test_truncation_by_default_dimensions_and_base64(service, minilm):
@@ -377,14 +373,14 @@ def test_truncation_by_default_dimensions_and_base64(service, minilm):
     vectors, body = embed(service, input=long_text)
     assert body["usage"]["prompt_tokens"] == 128
     with max_seq_length(minilm, 128):
-        assert min_cosine(vectors, minilm.encode(long_text)) >= 0.9999
+        assert worst_cosine(vectors, minilm.encode(long_text)) >= 0.9999
     cut, _ = embed(service, input=["Marie Curie"], model="bge-tiny", dimensions=16)  # matryoshka: [8, 16]
     assert cut.shape == (1, 16) and abs(np.linalg.norm(cut) - 1) < 1e-5
     whole, _ = embed(service, input=["Marie Curie"], dimensions=384)  # a model's own width: always
-    assert min_cosine(whole, minilm.encode("Marie Curie")) >= 0.9999
+    assert worst_cosine(whole, minilm.encode("Marie Curie")) >= 0.9999
     resp = service.post("/v1/embeddings", json={"input": ["Marie Curie"], "encoding_format": "base64"})
     decoded = np.frombuffer(base64.b64decode(resp.json()["data"][0]["embedding"]), "<f4")
-    assert min_cosine(decoded, minilm.encode("Marie Curie")) >= 0.9999
+    assert worst_cosine(decoded, minilm.encode("Marie Curie")) >= 0.9999
 
 
 def test_models_and_health(service):
@@ -463,7 +459,7 @@ def test_repeated_texts_come_from_the_cache_without_a_hop(service, tiny_bge):
 
     mixed, body = embed(service, input=texts[2:], model="bge-tiny")  # 2 cached, 2 new
     assert stats(service, "bge-tiny")["inputs"] - after_hit["inputs"] == 2
-    assert min_cosine(mixed, tiny_bge.encode(texts[2:], prompt=BGE_QUERY)) >= 0.9999
+    assert worst_cosine(mixed, tiny_bge.encode(texts[2:], prompt=BGE_QUERY)) >= 0.9999
     # these texts take equally many tokens each: cached rows report theirs as computed ones do
     assert body["usage"]["prompt_tokens"] == first.json()["usage"]["prompt_tokens"]
 
@@ -471,7 +467,7 @@ def test_repeated_texts_come_from_the_cache_without_a_hop(service, tiny_bge):
     full = np.array([d["embedding"] for d in first.json()["data"][:2]], dtype=np.float32)[:, :8]
     np.testing.assert_allclose(short, full / np.linalg.norm(full, axis=1, keepdims=True), rtol=1e-6)
     passage, _ = embed(service, input=texts[:2], model="bge-tiny", prompt_name="passage")  # another key
-    assert min_cosine(passage, tiny_bge.encode(texts[:2])) >= 0.9999
+    assert worst_cosine(passage, tiny_bge.encode(texts[:2])) >= 0.9999
 
     counts = serve.get_app_handle("embeddings").cache_stats.remote().result()["bge-tiny"]
     assert counts["hits"] >= 4 + 2 + 2 and counts["misses"] >= 4 + 2 + 2

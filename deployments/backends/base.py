@@ -52,10 +52,12 @@ class EmbeddingBackend(ABC):
 
     @abstractmethod
     def tokenize(
-        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+        self, texts: list[str], prompt: str, max_length: int | None = None, first_index: int = 0
     ) -> list[EncodedText]:
-        """Tokenise ``prompt + text`` for each text; with ``truncate=False`` raise ``input_too_long``.
-        ``first_index``: where ``texts[0]`` sits in the caller's request, so errors name the right input."""
+        """Tokenise ``prompt + text`` for each text, truncated at ``max_length`` tokens (None:
+        ``max_seq_length``). Whether an input may be truncated is the engine's decision
+        (``engine.tokenize_capped``), not the backend's. ``first_index``: where ``texts[0]`` sits in the
+        caller's request, so a family's own refusals name the right input."""
 
     @abstractmethod
     def forward(self, items: list[EncodedText]) -> np.ndarray:

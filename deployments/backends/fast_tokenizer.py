@@ -14,15 +14,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from deployments.backends.base import EncodedText
-from deployments.errors import input_too_long
 
 # The features a model may take, and the column of ``tokenizers.Encoding`` each one is.
 _COLUMNS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
 class DirectTokenizer:
-    """``prompt + text`` to token ids truncated at ``max_seq_length`` (or, with truncation off, at one more
-    token, so an over-long input is told apart and refused)."""
+    """``prompt + text`` to token ids truncated at a given length (``max_seq_length`` unless told)."""
 
     def __init__(self, tokenizer_json: str, feature_names: list[str], max_seq_length: int):
         unknown = set(feature_names) - set(_COLUMNS)
@@ -33,26 +31,23 @@ class DirectTokenizer:
         self.tokenizer_json = tokenizer_json
         self.feature_names = list(feature_names)
         self.max_seq_length = max_seq_length
-        self._truncating = self._copy(max_seq_length)
-        self._one_more = self._copy(max_seq_length + 1)
+        self._by_length: dict[int, Tokenizer] = {}  # one per truncation length (the engine uses two)
 
-    def _copy(self, max_length: int) -> Tokenizer:
-        tokenizer = Tokenizer.from_str(self.tokenizer_json)
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length)
+    def _truncating_at(self, max_length: int) -> Tokenizer:
+        tokenizer = self._by_length.get(max_length)
+        if tokenizer is None:
+            tokenizer = Tokenizer.from_str(self.tokenizer_json)
+            tokenizer.no_padding()
+            tokenizer.enable_truncation(max_length)
+            self._by_length[max_length] = tokenizer
         return tokenizer
 
-    def encode(
-        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0, check: bool = True
-    ) -> list[EncodedText]:
-        """One ``EncodedText`` (int64 numpy features, real length) per text; with ``truncate=False`` and
-        ``check``, an input past ``max_seq_length`` raises ``input_too_long`` naming its index."""
-        tokenizer = self._truncating if truncate else self._one_more
+    def encode(self, texts: list[str], prompt: str, max_length: int | None = None) -> list[EncodedText]:
+        """One ``EncodedText`` (int64 numpy features, real length) per text."""
+        tokenizer = self._truncating_at(max_length or self.max_seq_length)
         items = []
-        for i, encoding in enumerate(tokenizer.encode_batch([prompt + t for t in texts])):
+        for encoding in tokenizer.encode_batch([prompt + t for t in texts]):
             n = len(encoding.ids)
-            if check and not truncate and n > self.max_seq_length:
-                raise input_too_long(first_index + i, n, self.max_seq_length)
             features = {
                 name: np.array(getattr(encoding, _COLUMNS[name]), dtype=np.int64)
                 for name in self.feature_names

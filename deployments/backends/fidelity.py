@@ -37,9 +37,10 @@ def probe_texts(max_seq_length: int) -> list[str]:
 
 
 def worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """The smallest row-wise cosine between two [n, d] arrays (computed in float64)."""
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
+    """The smallest row-wise cosine between two [n, d] arrays, or two vectors (computed in float64): the
+    figure every fidelity check in the project (gate, tests, benchmarks) reports."""
+    a = np.atleast_2d(a).astype(np.float64)
+    b = np.atleast_2d(b).astype(np.float64)
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return float(np.min(num / np.maximum(den, 1e-30)))

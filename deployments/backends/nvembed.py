@@ -21,8 +21,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, torch_dtype
+from deployments.backends.fidelity import worst_cosine
 from deployments.backends.nvembed_model import NVEmbedModel, build_nvembed, flash_varlen_supported
-from deployments.errors import ClientError, input_too_long
+from deployments.errors import ClientError
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,11 @@ class NVEmbedBackend(EmbeddingBackend):
         tokenizer: PreTrainedTokenizerFast,
         *,
         max_seq_length: int = 4096,
-        prompts: dict[str, str] | None = None,
         packed: bool | None = None,
         threads: int = 1,
     ):
-        """``packed``: run micro-batches as one concatenated run (no padding); by default where Flash
+        """The prompts are checked by ``load`` (and the config check), before the weights load.
+        ``packed``: run micro-batches as one concatenated run (no padding); by default where Flash
         Attention's variable-length kernel serves it (CUDA, half precision) and agrees with the padded
         layout on a self-check at load, padded elsewhere."""
         config = model.config
@@ -107,9 +108,6 @@ class NVEmbedBackend(EmbeddingBackend):
         self.dimension = config.text.hidden_size
         self.tokenizer = tokenizer
         self.instruction_lengths = InstructionLengths(tokenizer, config.is_mask_instruction)
-        problems = self.instruction_lengths.check_room(prompts or {}, max_seq_length)
-        if problems:
-            raise ValueError("; ".join(problems))
         self._eos = tokenizer.eos_token if config.add_eos else ""
         self._pad_values = {"input_ids": tokenizer.eos_token_id}
         if packed is None and flash_varlen_supported(weight.device, weight.dtype):
@@ -130,9 +128,9 @@ class NVEmbedBackend(EmbeddingBackend):
             return False
         finally:
             self.packed = was
-        cosine = (packed * padded).sum(1) / np.linalg.norm(packed, axis=1) / np.linalg.norm(padded, axis=1)
-        if not np.all(cosine >= min_cosine):
-            log.warning("packed and padded NV-Embed layouts disagree (cosine %s); serving padded", cosine)
+        worst = worst_cosine(packed, padded)
+        if not worst >= min_cosine:
+            log.warning("packed and padded NV-Embed layouts disagree (cosine %.6f); serving padded", worst)
             return False
         return True
 
@@ -156,30 +154,26 @@ class NVEmbedBackend(EmbeddingBackend):
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
         model = build_nvembed(path, device, torch_dtype(dtype, device))
-        return cls(
-            model, tokenizer, max_seq_length=max_seq_length, prompts=prompts, packed=packed, threads=threads
-        )
+        return cls(model, tokenizer, max_seq_length=max_seq_length, packed=packed, threads=threads)
 
     def init_thread(self) -> None:
         torch.set_num_threads(self.threads)
 
     def tokenize(
-        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+        self, texts: list[str], prompt: str, max_length: int | None = None, first_index: int = 0
     ) -> list[EncodedText]:
-        limit = self.max_seq_length if truncate else self.max_seq_length + 1
+        limit = max_length or self.max_seq_length
         strings = [prompt + text + self._eos for text in texts]
         ids = self.tokenizer(strings, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
         masked = self.instruction_lengths(prompt)
         items = []
         for i, row in enumerate(ids):
             n = len(row)
-            if n > self.max_seq_length:
-                raise input_too_long(first_index + i, n, self.max_seq_length)
             if masked >= n:
                 raise ClientError(
                     f"input[{first_index + i}]: the instruction takes {masked} of its {n} tokens and leaves "
                     "nothing to pool; raise max_seq_length or shorten the instruction",
-                    400,
+                    "nothing_to_pool",
                     "input",
                 )
             pool = torch.ones(n, dtype=torch.long)

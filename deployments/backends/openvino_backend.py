@@ -81,9 +81,9 @@ class OpenVINOBackend(EmbeddingBackend):
         self.serving = ServingPath("openvino", precision.compute, None, precision.note)
 
     def tokenize(
-        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+        self, texts: list[str], prompt: str, max_length: int | None = None, first_index: int = 0
     ) -> list[EncodedText]:
-        return self.tokenizer.encode(texts, prompt, truncate, first_index)
+        return self.tokenizer.encode(texts, prompt, max_length)
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         batch = pad_arrays(items, self._pad_values)

@@ -22,7 +22,6 @@ from deployments.backends.base import EmbeddingBackend, EncodedText, ServingPath
 from deployments.backends.fast_tokenizer import DirectTokenizer
 from deployments.backends.fidelity import probe_texts, probe_worst_cosine
 from deployments.backends.precision import resolve_precision
-from deployments.errors import input_too_long
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +125,9 @@ class SentenceTransformersBackend(EmbeddingBackend):
                 backend.to_str(), list(getattr(tokenizer, "model_input_names", ())), self.max_seq_length
             )
             for prompt in ("", "Represent this sentence for searching relevant passages: "):
-                for truncate in (True, False):
-                    fast = direct.encode(texts, prompt, truncate, check=False)
-                    slow = self._tokenize_preprocess(texts, prompt, truncate, check=False)
+                for length in (self.max_seq_length, self.max_seq_length + 1):
+                    fast = direct.encode(texts, prompt, length)
+                    slow = self._tokenize_preprocess(texts, prompt, length)
                     if any(_features(a) != _features(b) for a, b in zip(fast, slow, strict=True)):
                         raise ValueError("token ids differ from preprocess")
         except Exception as exc:  # noqa: BLE001 - any difference: keep the model's own path
@@ -136,16 +135,12 @@ class SentenceTransformersBackend(EmbeddingBackend):
             return None
         return direct
 
-    def _tokenize_preprocess(
-        self, texts: list[str], prompt: str, truncate: bool, first_index: int = 0, check: bool = True
-    ) -> list[EncodedText]:
-        kwargs = {} if truncate else {"processing_kwargs": {"text": {"max_length": self.max_seq_length + 1}}}
+    def _tokenize_preprocess(self, texts: list[str], prompt: str, max_length: int) -> list[EncodedText]:
+        kwargs = {}
+        if max_length != self.max_seq_length:
+            kwargs["processing_kwargs"] = {"text": {"max_length": max_length}}
         features = self.model.preprocess(texts, prompt=prompt or None, **kwargs)
         lengths = features["attention_mask"].sum(dim=1).tolist()
-        if check and not truncate:
-            for i, n in enumerate(lengths):
-                if n > self.max_seq_length:
-                    raise input_too_long(first_index + i, n, self.max_seq_length)
         arrays = {
             k: v.to(torch.int64).numpy()
             for k, v in features.items()
@@ -155,11 +150,11 @@ class SentenceTransformersBackend(EmbeddingBackend):
 
     # ---- the backend API ----------------------------------------------------------------------------
     def tokenize(
-        self, texts: list[str], prompt: str, truncate: bool = True, first_index: int = 0
+        self, texts: list[str], prompt: str, max_length: int | None = None, first_index: int = 0
     ) -> list[EncodedText]:
         if self.direct_tokenizer is not None:
-            return self.direct_tokenizer.encode(texts, prompt, truncate, first_index)
-        return self._tokenize_preprocess(texts, prompt, truncate, first_index)
+            return self.direct_tokenizer.encode(texts, prompt, max_length)
+        return self._tokenize_preprocess(texts, prompt, max_length or self.max_seq_length)
 
     def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(self.device) for k, v in pad_arrays(items, self.pad_values).items()}
