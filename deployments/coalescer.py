@@ -28,13 +28,11 @@ import contextvars
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from deployments.embed_options import EmbedResult
 from deployments.errors import ClientError, ModelError
 
-# send(key, texts) -> (vectors [len(texts), dim], tokens per text [len(texts)], *whatever else the call
-# reports, e.g. its timings: passed to every request of a merged call unchanged)
-Send = Callable[[Hashable, list[str]], Awaitable[tuple]]
+# send(key, texts) -> the call's EmbedResult (a merged call's timings go to each of its requests unchanged)
+Send = Callable[[Hashable, list[str]], Awaitable[EmbedResult]]
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Coalescer:
         self._lanes: dict[Hashable, _Lane] = {}
         self.calls_cancelled = 0  # merged calls cancelled because every caller had left
 
-    async def submit(self, key: Hashable, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    async def submit(self, key: Hashable, texts: list[str]) -> EmbedResult:
         if len(texts) >= self._direct_min:
             return await self._send(key, texts)
         lane = self._lanes.setdefault(key, _Lane())
@@ -117,7 +115,7 @@ class Coalescer:
                 return
             texts = [t for p in group for t in p.texts]
             try:
-                vectors, tokens, *extra = await self._send(key, texts)
+                result = await self._send(key, texts)
             except (ClientError, ModelError):  # an input's fault: each request on its own finds its owner
                 await asyncio.gather(*(self._deliver(key, p) for p in group))
                 return
@@ -130,7 +128,7 @@ class Coalescer:
             for p in group:
                 end = start + len(p.texts)
                 if not p.future.done():
-                    p.future.set_result((vectors[start:end], tokens[start:end], *extra))
+                    p.future.set_result(result.rows(start, end))
                 start = end
         finally:
             lane.in_flight -= 1

@@ -15,14 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 
 from deployments.allocator import active_allocator
 from deployments.backends import load_backend
 from deployments.config import ModelEntry
-from deployments.embed_options import EmbedOptions, resolve_options
+from deployments.embed_options import EmbedOptions, EmbedResult, resolve_options
 from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.errors import quiet_client_errors
 from deployments.metrics import ModelMetrics
@@ -63,20 +62,16 @@ class ModelServer:
             observer=ModelMetrics(self.entry.name),
         )
 
-    async def embed(
-        self, texts: list[str], options: EmbedOptions | None = None
-    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-        """Vectors (float32 [n, dim]), the tokens each input took, and (seconds queued, seconds computing);
-        ``options`` as the router resolved them (None: the model's defaults). A bad call raises
-        ClientError."""
+    async def embed(self, texts: list[str], options: EmbedOptions | None = None) -> EmbedResult:
+        """The call's vectors, tokens and timings; ``options`` as the router resolved them (None: the
+        model's defaults). A bad call raises ClientError."""
         call = EmbedCall(list(texts), options if options is not None else resolve_options(self.entry))
-        result = await self.engine.embed(call)
-        return result.vectors, result.token_counts, (result.queue_seconds, result.compute_seconds)
+        return await self.engine.embed(call)
 
     async def ping(self) -> bool:
         """True once a real text has gone through the whole batching path."""
-        vectors, _, _ = await self.embed([HEALTH_TEXT])
-        return bool(vectors.shape == (1, self.backend.dimension))
+        result = await self.embed([HEALTH_TEXT])
+        return bool(result.vectors.shape == (1, self.backend.dimension))
 
     def info(self) -> dict[str, Any]:
         """What this replica serves, what computes it (runtime, precision, fidelity) and where it runs

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
-from deployments.embed_options import EmbedOptions
+from deployments.embed_options import EmbedOptions, EmbedResult
 from deployments.errors import ClientError, input_too_long
-from deployments.scheduler import EmbedResult, Scheduler, SchedulerObserver
+from deployments.scheduler import Scheduler, SchedulerObserver
 
 __all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
 

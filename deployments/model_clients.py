@@ -14,7 +14,6 @@ import itertools
 import logging
 from typing import Any, Protocol
 
-import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
@@ -22,14 +21,12 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.cache import EmbeddingCache, cache_key, fill, look_up
 from deployments.coalescer import Coalescer
-from deployments.embed_options import EmbedOptions
+from deployments.embed_options import EmbedOptions, EmbedResult
 from deployments.embedder import ModelServer
 from deployments.errors import ClientError, ModelError
 from deployments.metrics import CacheMetrics
 
 logger = logging.getLogger("ray.serve")
-# vectors float32 [n, dim], tokens per input [n], (seconds queued, seconds computing)
-Embedded = tuple[np.ndarray, np.ndarray, tuple[float, float]]
 # How long /v1/models (and so a client's constructor) waits for a model's replica before listing it pending.
 INFO_TIMEOUT_S = 3.0
 # Replicas a call may take down in a row before it is split to find the input that does.
@@ -40,7 +37,7 @@ class ModelClient(Protocol):
     # The Serve deployment that runs the model; None: the router's own (the in-process model).
     deployment: str | None
 
-    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded: ...
+    async def embed(self, texts: list[str], options: EmbedOptions) -> EmbedResult: ...
 
     async def info(self) -> dict[str, Any] | None:
         """The model's ``info()``; None while no replica answers within seconds (replicas pending)."""
@@ -61,7 +58,7 @@ class LocalModel:
         self.server = ModelServer(entry, config_dir)
         self._info: dict[str, Any] | None = None
 
-    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+    async def embed(self, texts: list[str], options: EmbedOptions) -> EmbedResult:
         return await self.server.embed(texts, options)
 
     async def info(self) -> dict[str, Any] | None:
@@ -94,7 +91,7 @@ class RemoteModel:
         self._info: dict[str, Any] | None = None
         self.coalescer = Coalescer(self._send, max_in_flight=2 * max_replicas)
 
-    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+    async def embed(self, texts: list[str], options: EmbedOptions) -> EmbedResult:
         return await (
             self.coalescer.submit(options, texts) if options.truncate else self._send(options, texts)
         )
@@ -114,7 +111,7 @@ class RemoteModel:
     async def ping(self) -> bool:
         return await self.handle.ping.remote()
 
-    async def _send(self, options: EmbedOptions, texts: list[str], first: int = 0) -> Embedded:
+    async def _send(self, options: EmbedOptions, texts: list[str], first: int = 0) -> EmbedResult:
         """One call to the model deployment.
 
         Embedding is idempotent, so a call lost with its replica (killed, crashed, node gone) is sent
@@ -143,7 +140,9 @@ class RemoteModel:
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
 
-    async def _send_split(self, options: EmbedOptions, texts: list[str], first: int, losses: int) -> Embedded:
+    async def _send_split(
+        self, options: EmbedOptions, texts: list[str], first: int, losses: int
+    ) -> EmbedResult:
         if len(texts) == 1:
             raise ModelError(
                 f"input[{first}] was refused: the model's replica died {losses} times in a row while "
@@ -152,8 +151,7 @@ class RemoteModel:
         half = len(texts) // 2
         left = await self._send(options, texts[:half], first)
         right = await self._send(options, texts[half:], first + half)
-        timing = (left[2][0] + right[2][0], left[2][1] + right[2][1])
-        return np.concatenate([left[0], right[0]]), np.concatenate([left[1], right[1]]), timing
+        return EmbedResult.joined([left, right])
 
 
 class CachedModel:
@@ -167,24 +165,29 @@ class CachedModel:
         self.cache = cache
         self.metrics = CacheMetrics(name)
 
-    async def embed(self, texts: list[str], options: EmbedOptions) -> Embedded:
+    async def embed(self, texts: list[str], options: EmbedOptions) -> EmbedResult:
         cache, o = self.cache, options
         before = (cache.stats.hits, cache.stats.misses, cache.stats.evictions)
         keys = [cache_key(self.name, o.prompt, o.normalize, o.truncate, t) for t in texts]
         lookup = look_up(cache, keys, texts)
-        computed, tokens, timing = None, None, (0.0, 0.0)
+        computed = None
         if not lookup.complete:
             try:
-                computed, tokens, timing = await self.inner.embed(lookup.missing, options)
+                computed = await self.inner.embed(lookup.missing, options)
             except (ClientError, ModelError):
                 if len(lookup.missing) == len(texts):
                     raise
                 # The error names an input by its place in the call: ask with the whole request instead.
                 return await self.inner.embed(texts, options)
-        vectors, counts = fill(cache, lookup, computed, tokens)
+        if computed is None:  # all from the cache: no model time
+            vectors, counts = fill(cache, lookup, None, None)
+            result = EmbedResult(vectors, counts)
+        else:
+            vectors, counts = fill(cache, lookup, computed.vectors, computed.token_counts)
+            result = EmbedResult(vectors, counts, computed.queue_seconds, computed.compute_seconds)
         s = cache.stats
         self.metrics.record(s.hits - before[0], s.misses - before[1], s.evictions - before[2], s.bytes)
-        return vectors, counts, timing
+        return result
 
     async def info(self) -> dict[str, Any] | None:
         return await self.inner.info()

@@ -22,7 +22,7 @@ from deployments.admission import Admission, Overloaded
 from deployments.auth import ApiKeys, exposure_problem
 from deployments.cache import EmbeddingCache
 from deployments.config import ModelsConfig
-from deployments.embed_options import EmbedOptions, resolve_options
+from deployments.embed_options import EmbedOptions, EmbedResult, resolve_options
 from deployments.errors import model_not_found, quiet_client_errors
 from deployments.http_request import (
     CLIENT_CLOSED,
@@ -126,14 +126,10 @@ class EmbeddingRouter:
             raise model_not_found(name, sorted(self.names))
         return self.names[name]
 
-    async def _embed(
-        self, texts: list[str], model: str, options: EmbedOptions
-    ) -> tuple[np.ndarray, int, tuple[float, float]]:
-        """Vectors, total tokens, and the model call's (seconds queued, seconds computing), within the
-        request timeout."""
+    async def _embed(self, texts: list[str], model: str, options: EmbedOptions) -> EmbedResult:
+        """The model call's result, within the request timeout."""
         call = self.models_by_name[model].embed(texts, options)
-        vectors, tokens, timing = await asyncio.wait_for(call, self.config.router.request_timeout_s)
-        return vectors, int(tokens.sum()), timing
+        return await asyncio.wait_for(call, self.config.router.request_timeout_s)
 
     # ---- HTTP -----------------------------------------------------------------------------------
     def _refused(self, request: Request) -> Response | None:
@@ -189,19 +185,18 @@ class EmbeddingRouter:
         if req.dimensions is not None and info is not None:  # refused before any model work
             check_dimensions(req.dimensions, info["dimension"], model, entry.matryoshka)
         options = resolve_options(entry, req.prompt_name, req.normalize, req.truncate)
-        vectors, tokens, (queued_s, computing_s) = await unless_client_leaves(
-            request, self._embed(req.texts, model, options)
-        )
+        result = await unless_client_leaves(request, self._embed(req.texts, model, options))
+        vectors = result.vectors
         if req.dimensions is not None:
             native = vectors.shape[1]
             check_dimensions(req.dimensions, native, model, entry.matryoshka)
             vectors = shorten(vectors, req.dimensions, native, options.normalize)
         return Response(
-            render_embeddings(vectors, model, tokens, req.encoding_format),
+            render_embeddings(vectors, model, int(result.token_counts.sum()), req.encoding_format),
             media_type="application/json",
             headers={  # where the time went (Serve adds x-request-id, echoed or generated)
-                "x-queue-time-ms": f"{(waited_s + queued_s) * 1e3:.1f}",
-                "x-inference-time-ms": f"{computing_s * 1e3:.1f}",
+                "x-queue-time-ms": f"{(waited_s + result.queue_seconds) * 1e3:.1f}",
+                "x-inference-time-ms": f"{result.compute_seconds * 1e3:.1f}",
             },
         )
 
@@ -238,8 +233,7 @@ class EmbeddingRouter:
         batch = validate_texts(texts, self.config.router.max_inputs_per_request)
         name = self._resolve(model)
         options = resolve_options(self.config.entry(name), prompt_name, normalize)
-        vectors, _, _ = await self._embed(batch, name, options)
-        return vectors
+        return (await self._embed(batch, name, options)).vectors
 
     async def models(self) -> list[dict[str, Any]]:
         """The served models as ``/v1/models`` lists them (``openai_api.model_card``)."""

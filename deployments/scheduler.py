@@ -56,6 +56,7 @@ import numpy as np
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
+from deployments.embed_options import EmbedResult
 from deployments.errors import ModelError
 from deployments.vectors import l2_normalize
 
@@ -65,14 +66,6 @@ log = logging.getLogger(__name__)
 AGEING_RATE = 2
 # Queue waits kept for the percentiles ``stats()`` reports.
 RECENT_WAITS = 1024
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    vectors: np.ndarray  # float32 [n, dimension]
-    token_counts: np.ndarray  # int32 [n]: tokens each input took, special tokens included
-    queue_seconds: float = 0.0  # admission to the call's first forward pass
-    compute_seconds: float = 0.0  # its first forward pass to its last
 
 
 OnDone = Callable[["EmbedResult | Exception"], None]

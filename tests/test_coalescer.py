@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from deployments.coalescer import Coalescer
+from deployments.embed_options import EmbedResult
 from deployments.errors import ClientError, ModelError
 
 
@@ -30,7 +31,7 @@ class Downstream:
         if "nan" in texts:
             raise ModelError("the model produced non-finite values")
         vectors = np.array([[len(t), hash(key) % 7] for t in texts], dtype=np.float32)
-        return vectors, np.array([len(t) for t in texts], dtype=np.int32)
+        return EmbedResult(vectors, np.array([len(t) for t in texts], dtype=np.int32), 0.5, 0.25)
 
 
 def test_concurrent_requests_merge_and_results_keep_their_order():
@@ -44,8 +45,13 @@ def test_concurrent_requests_merge_and_results_keep_their_order():
     down, results = asyncio.run(main())
     assert len(down.calls) <= 4  # 2 sent at once, then the queue leaves together
     assert sum(len(c) for c in down.calls) == 40
-    for i, (vectors, tokens) in enumerate(results, start=1):
-        assert vectors.shape == (1, 2) and vectors[0, 0] == i and tokens.tolist() == [i]
+    for i, result in enumerate(results, start=1):
+        assert (
+            result.vectors.shape == (1, 2)
+            and result.vectors[0, 0] == i
+            and result.token_counts.tolist() == [i]
+        )
+        assert (result.queue_seconds, result.compute_seconds) == (0.5, 0.25)  # the merged call's timings
 
 
 def test_a_lone_request_is_sent_at_once():
@@ -90,18 +96,18 @@ def merged_group(texts: tuple[str, ...]) -> tuple[Downstream, list]:
 def test_one_failing_request_fails_alone():
     _, results = merged_group(("ok1", "bad", "ok2"))
     assert isinstance(results[2], ClientError)
-    assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
+    assert all(isinstance(r, EmbedResult) for i, r in enumerate(results) if i != 2)
 
 
 def test_a_model_fault_on_one_input_fails_only_its_request():
     _, results = merged_group(("ok1", "nan", "ok2"))
     assert isinstance(results[2], ModelError)
-    assert all(isinstance(r, tuple) for i, r in enumerate(results) if i != 2)
+    assert all(isinstance(r, EmbedResult) for i, r in enumerate(results) if i != 2)
 
 
 def test_any_other_failure_goes_to_the_whole_group_without_resending():
     down, results = merged_group(("ok1", "overload", "ok2"))
-    assert isinstance(results[0], tuple)
+    assert isinstance(results[0], EmbedResult)
     assert all(isinstance(r, RuntimeError) and str(r) == "overloaded" for r in results[1:])
     assert down.calls == [["warm"], ["ok1", "overload", "ok2"]]  # one merged call, not one per request
 
@@ -119,7 +125,7 @@ def test_a_caller_that_gives_up_does_not_block_the_others():
         return await asyncio.gather(first, stayer)
 
     first, stayer = asyncio.run(main())
-    assert stayer[0][0, 0] == 1
+    assert stayer.vectors[0, 0] == 1
 
 
 @pytest.mark.parametrize("in_flight", [1, 3])
@@ -130,7 +136,7 @@ def test_no_request_is_lost_under_load(in_flight):
         return await asyncio.gather(*(co.submit(i % 3, ["t"] * (i % 4 + 1)) for i in range(200)))
 
     results = asyncio.run(main())
-    assert [len(v) for v, _ in results] == [i % 4 + 1 for i in range(200)]
+    assert [len(r.vectors) for r in results] == [i % 4 + 1 for i in range(200)]
 
 
 class CancellableDownstream(Downstream):
@@ -161,8 +167,8 @@ def test_a_merged_call_runs_on_for_the_callers_still_waiting():
         leaver.cancel()
         return down, await stayer, await first
 
-    down, (vectors, _), _ = asyncio.run(main())
-    assert down.cancelled == [] and vectors[0, 0] == 3
+    down, result, _ = asyncio.run(main())
+    assert down.cancelled == [] and result.vectors[0, 0] == 3
 
 
 def test_a_merged_call_is_cancelled_when_all_its_callers_left():
@@ -181,7 +187,7 @@ def test_a_merged_call_is_cancelled_when_all_its_callers_left():
 
     down, co, _, after = asyncio.run(main())
     assert down.cancelled == [["bb", "ccc"]] and co.calls_cancelled == 1
-    assert after[0][0, 0] == 4
+    assert after.vectors[0, 0] == 4
 
 
 def test_a_lone_call_is_cancelled_with_its_caller():

@@ -15,8 +15,9 @@ import torch
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
+from deployments.embed_options import EmbedResult
 from deployments.engine import EmbedCall, EmbeddingEngine
-from deployments.scheduler import EmbedResult, Scheduler
+from deployments.scheduler import Scheduler
 
 
 class CountingBackend(EmbeddingBackend):
