@@ -17,7 +17,7 @@ from deployments.config import (
     resolve_config_path,
     router_options,
 )
-from deployments.embedder import Embedder
+from deployments.model_server import ModelDeployment
 from deployments.router import EmbeddingRouter
 from deployments.sizing import check_gpu_packing
 
@@ -39,7 +39,7 @@ def build_app(args: AppArgs | dict) -> Application:
     check_backends(config, path.parent)
     local = config.in_process_entry
     embedders = {
-        entry.name: Embedder.options(**deployment_options(config, entry)).bind(
+        entry.name: ModelDeployment.options(**deployment_options(config, entry)).bind(
             entry.model_dump(), str(path.parent)
         )
         for entry in config.models

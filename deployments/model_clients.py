@@ -22,9 +22,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.cache import EmbeddingCache, cache_key, fill, look_up
 from deployments.coalescer import Coalescer
 from deployments.embed_options import EmbedOptions, EmbedResult
-from deployments.embedder import ModelServer
 from deployments.errors import ClientError, ModelError
 from deployments.metrics import CacheMetrics
+from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
 # How long /v1/models (and so a client's constructor) waits for a model's replica before listing it pending.

@@ -1,5 +1,6 @@
-"""One model served: ``ModelServer`` (backend + engine, no Serve decorator) and ``Embedder``, the per-model
-Ray Serve deployment around it. The ingress runs a ``ModelServer`` itself for ``router.in_process_model``.
+"""One model served: ``ModelServer`` (backend + engine, no Serve decorator) and ``ModelDeployment``, the
+per-model Ray Serve deployment around it (named after the model in the app). The ingress runs a
+``ModelServer`` itself for ``router.in_process_model``.
 
 Every call is admitted at once (no gathering window): the engine tokenises it on its tokenizer thread,
 the scheduler decides each forward pass on its model thread, and each call is answered as soon as its
@@ -109,4 +110,4 @@ class ModelServer:
 
 
 # The per-model deployment: the same object, one per replica, called by handle from the router.
-Embedder = serve.deployment(name="Embedder")(ModelServer)
+ModelDeployment = serve.deployment(name="ModelServer")(ModelServer)
