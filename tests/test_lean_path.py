@@ -18,13 +18,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
 from deployments.serve_local import serving_env
 from tests.bad_clients import open_tricklers, status_lines, storm_then_hang_up, trickle_while
-from tests.conftest import MINILM_DIR, free_port, start_private_ray
+from tests.conftest import (
+    MINILM_DIR,
+    deploy_app,
+    model_entry,
+    models_config,
+    start_private_ray,
+    start_serve,
+    write_models_config,
+)
 
 pytestmark = [
     pytest.mark.ray,  # starts a Ray cluster or a service: not in make test-fast
@@ -35,24 +42,10 @@ CLIENT_TIMEOUT_S = 5
 
 
 def app_config(path: Path, source: str, num_cpus: float, replicas: int = 1, **router) -> str:
-    config = {
-        "default_model": "lean",
-        "placements": {"cpu": {"num_cpus": num_cpus}},
-        "models": [
-            {
-                "name": "lean",
-                "source": source,
-                "backend": "sentence-transformers",
-                "max_seq_length": 256,
-                "placement": "cpu",
-                "batching": {"max_batch_tokens": 4096, "max_batch_size": 128, "batch_wait_timeout_s": 0},
-                "num_replicas": replicas,
-            }
-        ],
-        "router": {"in_process_model": "lean", **router},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    batching = {"max_batch_tokens": 4096, "max_batch_size": 128, "batch_wait_timeout_s": 0}
+    entry = model_entry("lean", source, max_seq_length=256, batching=batching, num_replicas=replicas)
+    config = models_config(entry, num_cpus=num_cpus, router={"in_process_model": "lean", **router})
+    return write_models_config(path, config)
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +53,13 @@ def lean(tmp_path_factory, tiny_bge_dir):
     """Three apps behind one HAProxy: /lean (MiniLM), /tight (tiny limits), /pair (two replicas)."""
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
     env = pytest.MonkeyPatch()
     env.setenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", str(CLIENT_TIMEOUT_S))  # make serve's is 30 s
     for key, value in serving_env().items():
         env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
     ray = start_private_ray(tmp_path_factory, num_cpus=4)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = start_serve()
         cfg = tmp_path_factory.mktemp("cfg")
         apps = {
             "lean": app_config(cfg / "lean.yaml", MINILM_DIR, 1, body_timeout_s=2),
@@ -84,8 +74,8 @@ def lean(tmp_path_factory, tiny_bge_dir):
             "pair": app_config(cfg / "pair.yaml", tiny_bge_dir, 0.5, replicas=2),
         }
         for name, path in apps.items():
-            serve.run(build_app(AppArgs(models_config=path)), name=name, route_prefix=f"/{name}")
-        yield {"url": f"http://127.0.0.1:{port}", "ray": ray}
+            deploy_app(path, name=name, route_prefix=f"/{name}")
+        yield {"url": url, "ray": ray}
     finally:
         serve.shutdown()
         ray.shutdown()

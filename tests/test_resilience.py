@@ -10,10 +10,15 @@ import time
 import httpx
 import numpy as np
 import pytest
-import yaml
 from sentence_transformers import SentenceTransformer
 
-from tests.conftest import free_port
+from tests.conftest import (
+    deploy_app,
+    model_entry,
+    models_config,
+    serve_app,
+    write_models_config,
+)
 from tests.fatal_module import build_fatal_bge
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
@@ -25,15 +30,7 @@ FAST_METRICS = {
 
 
 def model(name: str, model_dir: str, **extra) -> dict:
-    return {
-        "name": name,
-        "source": model_dir,
-        "backend": "sentence-transformers",
-        "max_seq_length": 128,
-        "placement": "cpu",
-        "batching": {"max_batch_tokens": 1024, "max_batch_size": 64},
-        **extra,
-    }
+    return model_entry(name, model_dir, batching={"max_batch_tokens": 1024, "max_batch_size": 64}, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +42,6 @@ def fatal_bge_dir(tmp_path_factory, tiny_bge_dir) -> str:
 def service(tmp_path_factory, tiny_bge_dir, fatal_bge_dir):
     import ray
     from ray import serve
-
-    from deployments.app import AppArgs, build_app
 
     env = pytest.MonkeyPatch()
     for key, value in FAST_METRICS.items():  # inherited by the raylet, hence by the controller and replicas
@@ -78,12 +73,8 @@ def service(tmp_path_factory, tiny_bge_dir, fatal_bge_dir):
                 model("fatal", fatal_bge_dir, trust_remote_code=True),  # "volcano" kills its replica
             ],
         }
-        path = tmp_path_factory.mktemp("cfg") / "models.yaml"
-        path.write_text(yaml.safe_dump(config))
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(AppArgs(models_config=str(path))), name="embeddings", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "ray": ray}
+        url = serve_app(write_models_config(tmp_path_factory.mktemp("cfg") / "models.yaml", config))
+        yield {"url": url, "ray": ray}
     finally:
         if ray.is_initialized():
             with contextlib.suppress(Exception):
@@ -179,18 +170,12 @@ def test_overload_gets_a_fast_503_with_retry_after(service, tmp_path, tiny_bge_d
     """Past the router's ongoing + queued limits, the router answers its JSON 503 + Retry-After at once."""
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
-    config = {
-        "default_model": "tight",
-        "placements": {"cpu": {"num_cpus": 0.5}},
-        "models": [model("tight", tiny_bge_dir)],
-        "router": {"max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3},
-    }
-    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(config))
-    serve.run(
-        build_app(AppArgs(models_config=str(tmp_path / "tight.yaml"))), name="tight", route_prefix="/tight"
+    config = models_config(
+        model("tight", tiny_bge_dir),
+        num_cpus=0.5,
+        router={"max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3},
     )
+    deploy_app(write_models_config(tmp_path / "tight.yaml", config), name="tight", route_prefix="/tight")
     texts = ["graph community summary " * 40] * 64
 
     async def flood():

@@ -1,10 +1,9 @@
 """The replica's scheduler without Ray: fairness, per-call delivery, cancellation, ageing, failure isolation
 and the token budget. The backend here is a stand-in with a controllable cost (the thing under test is the
-scheduler); the engine tests at the end run the real MiniLM."""
+scheduler); the engine around it, on the real MiniLM, is tests/test_engine.py."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 
@@ -16,7 +15,6 @@ from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
 from deployments.embed_options import EmbedResult
-from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.scheduler import Scheduler
 
 
@@ -319,51 +317,6 @@ def test_stats_report_the_queue_and_the_waits():
     assert stats["max_pass_rows"] == 10 and stats["max_pass_tokens"] == 100
     assert 0 <= stats["queue_wait_seconds_p50"] <= stats["queue_wait_seconds_max"] < 5
     assert stats["padding_efficiency"] == 1.0 and stats["rows_per_pass"] == 25 / 3
-
-
-# ---- the engine around it: real MiniLM, real threads, asyncio cancellation -------------------------
-
-
-@pytest.fixture(scope="module")
-def minilm_backend():
-    from deployments.backends.sentence_transformers import SentenceTransformersBackend
-    from tests.conftest import MINILM_DIR
-
-    return SentenceTransformersBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
-
-
-def test_engine_answers_a_small_call_during_a_bulk_one_and_drops_a_cancelled_one(minilm_backend, minilm):
-    bulk_texts = [f"entity {i} described at some length for the bulk request " * 4 for i in range(400)]
-    engine = EmbeddingEngine(minilm_backend, Batching(max_batch_tokens=1024, max_batch_size=64))
-
-    async def main():
-        bulk = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
-        await asyncio.sleep(0.3)
-        t0 = time.perf_counter()
-        small = await engine.embed(EmbedCall(["Marie Curie"]))
-        small_s = time.perf_counter() - t0
-        bulk_done_when_small_answered = bulk.done()
-        await bulk
-        leaver = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
-        await asyncio.sleep(0.3)
-        leaver.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await leaver
-        after = await engine.embed(EmbedCall(["Warsaw"]))
-        return small, small_s, bulk_done_when_small_answered, bulk.result(), after
-
-    try:
-        small, small_s, bulk_was_done, bulk, after = asyncio.run(main())
-    finally:
-        engine.close()
-    assert not bulk_was_done  # the small call did not wait for the bulk call
-    expected = minilm.encode(["Marie Curie"] + bulk_texts[:3])
-    assert float(small.vectors[0] @ expected[0]) >= 0.9999
-    assert min(float(a @ b) for a, b in zip(bulk.vectors[:3], expected[1:], strict=True)) >= 0.9999
-    assert after.vectors.shape == (1, 384)
-    stats = engine.stats()
-    assert stats["dropped_inputs"] > 200 and stats["cancelled_calls"] == 1
-    assert stats["queue_inputs"] == 0
 
 
 class RecordingObserver:

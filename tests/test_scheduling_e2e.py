@@ -19,7 +19,10 @@ import yaml
 
 from benchmarks.common import kt_gen_mix
 from tests.bad_clients import storm_then_hang_up
-from tests.conftest import free_port
+from tests.conftest import (
+    deploy_app,
+    start_serve,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -50,20 +53,14 @@ def write_config(path: Path, request_timeout_s: float) -> Path:
 def deploy(tmp_path: Path, request_timeout_s: float) -> str:
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
-    config = write_config(tmp_path / "models.yaml", request_timeout_s)
-    serve.run(build_app(AppArgs(models_config=str(config))), name="embeddings", route_prefix="/")
+    deploy_app(write_config(tmp_path / "models.yaml", request_timeout_s))
     return serve.get_app_handle("embeddings")
 
 
 @pytest.fixture(scope="module")
 def base_url(ray_session):
-    from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return f"http://127.0.0.1:{port}"
+    return start_serve()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,10 @@ from deployments.backends.fidelity import worst_cosine
 from deployments.errors import ClientError
 from deployments.serve_local import serving_env
 from tests.bad_clients import open_tricklers, status_lines, trickle_while
-from tests.conftest import free_port, start_private_ray
+from tests.conftest import (
+    serve_app,
+    start_private_ray,
+)
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -103,8 +106,6 @@ def service(request, tmp_path_factory, tiny_bge_dir):
     """An httpx client on the app; ``client.deployment_of[model]`` names the deployment that runs it."""
     from ray import serve
 
-    from deployments.app import AppArgs, build_app
-
     in_process = request.param == "in-process+haproxy"
     env = pytest.MonkeyPatch()
     if in_process:
@@ -115,10 +116,7 @@ def service(request, tmp_path_factory, tiny_bge_dir):
     ray = start_private_ray(tmp_path_factory, num_cpus=4)
     try:
         config = write_config(tmp_path_factory.mktemp("cfg") / "models.yaml", tiny_bge_dir, in_process)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(AppArgs(models_config=str(config))), name="embeddings", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        with httpx.Client(base_url=serve_app(config), timeout=60) as client:
             client.deployment_of = {
                 "all-MiniLM-L6-v2": "EmbeddingRouter" if in_process else "all-MiniLM-L6-v2"
             }
