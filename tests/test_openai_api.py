@@ -97,3 +97,13 @@ def test_dimensions_only_where_the_model_was_trained_for_them():
     assert "'matryoshka'" in str(err.value) and err.value.param == "dimensions"
     with pytest.raises(ClientError, match="truncated vectors of 256, 512, 1024 only"):
         check_dimensions(300, 1024, "m", [256, 512])
+
+
+@pytest.mark.parametrize("tokens", [[101, 2023, 102], [[101, 2023], [102]]])
+def test_token_ids_are_refused_with_the_way_to_turn_them_off_in_langchain(tokens):
+    """LangChain's OpenAIEmbeddings sends tiktoken ids unless told not to; the 400 says how."""
+    with pytest.raises(ClientError) as info:
+        parse({"input": tokens})
+    error = info.value
+    assert (error.status, error.code, error.param) == (400, "token_ids_not_supported", "input")
+    assert "OpenAIEmbeddings" in error.message and "check_embedding_ctx_length=False" in error.message
