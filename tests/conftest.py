@@ -112,6 +112,17 @@ def tiny_bge_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def minilm_compile_cache(tmp_path_factory) -> Path:
+    """A compile cache holding MiniLM's OpenVINO entry (max_seq_length 256), converted once per session
+    for the tests that serve from it rather than test the conversion."""
+    from deployments.backends.openvino_backend import fill_cache
+
+    cache = tmp_path_factory.mktemp("minilm-openvino")
+    fill_cache(MINILM_DIR, max_seq_length=256, cache_dir=cache, threads=2)
+    return cache
+
+
+@pytest.fixture(scope="session")
 def minilm():
     from sentence_transformers import SentenceTransformer
 

@@ -43,7 +43,7 @@ CPU_PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"
 
 
 @pytest.fixture(scope="module", params=CPU_PATHS, ids=["-".join(p) for p in CPU_PATHS])
-def backend(request, tmp_path_factory):
+def backend(request, minilm_compile_cache):
     runtime, dtype = request.param
     backend = load_sentence_transformers(
         MINILM_DIR,
@@ -51,7 +51,7 @@ def backend(request, tmp_path_factory):
         runtime=runtime,
         dtype=dtype,
         threads=2,
-        cache_dir=tmp_path_factory.mktemp("openvino"),
+        cache_dir=minilm_compile_cache,
     )
     assert backend.serving.runtime == runtime  # the gate let the fast path through
     return backend
