@@ -45,7 +45,9 @@ ERRORS: dict[str, ErrorKind] = {
     "nothing_to_pool": ErrorKind(
         400, "invalid_request_error", meaning="an NV-Embed instruction that leaves an input no token to pool"
     ),
-    "invalid_api_key": ErrorKind(401, "invalid_request_error", meaning="API keys are set and none was sent"),
+    "invalid_api_key": ErrorKind(
+        401, "invalid_request_error", meaning="API keys are set and the request carries none of them"
+    ),
     "model_not_found": ErrorKind(404, "not_found_error", meaning="an unknown model (the message lists them)"),
     "not_found": ErrorKind(404, "not_found_error", meaning="an unknown path (the message lists the routes)"),
     "method_not_allowed": ErrorKind(
