@@ -170,8 +170,6 @@ def save_pipeline(pipeline: OpenVINOPipeline, entry: Path) -> None:
             "max_seq_length": pipeline.max_seq_length,
         }
         (staging / "pipeline.json").write_text(json.dumps(meta))  # written last: marks a whole entry
-        if entry.exists():  # a damaged entry: a readable one is read, never written again
-            shutil.rmtree(entry, ignore_errors=True)
         os.replace(staging, entry)
     except OSError:
         if not (entry / "pipeline.json").exists():
@@ -197,4 +195,16 @@ def read_pipeline(entry: Path) -> OpenVINOPipeline | None:
         )
     except Exception as exc:  # noqa: BLE001 - a damaged entry is converted again
         log.warning("OpenVINO cache entry %s unreadable (%s): converting again", entry, exc)
+        _discard(entry)
         return None
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged entry out of the way (a rename is atomic: no reader sees it half deleted), so the
+    conversion's entry can take its place."""
+    aside = entry.with_name(f".damaged-{entry.name}-{os.getpid()}")
+    try:
+        os.replace(entry, aside)
+    except OSError:
+        return  # gone already, or not ours to move: the new entry is then kept in memory only
+    shutil.rmtree(aside, ignore_errors=True)
