@@ -65,6 +65,51 @@ class Retryable(Exception):
         self.retry_after = retry_after
 
 
+def check_encode_arguments(
+    output_value: str | None, precision: str, truncate_dim: int | None, batch_size: int, extra: dict[str, Any]
+) -> None:
+    """``encode``'s arguments the service cannot honour are refused, never silently ignored."""
+    if output_value != "sentence_embedding":
+        raise ValueError("only output_value='sentence_embedding' is served")
+    if precision != "float32":
+        raise ValueError("only precision='float32' is served")
+    if truncate_dim is not None:
+        raise ValueError("truncate_dim is not supported by the remote embedder")
+    if extra:
+        raise ValueError(f"unsupported encode() arguments: {', '.join(sorted(extra))}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+def cosine_similarity(a: Any, b: Any) -> torch.Tensor:
+    """Cosine similarity matrix [len(a), len(b)] of two arrays or tensors of vectors."""
+    a_t = torch.as_tensor(np.asarray(a, dtype=np.float32)) if not isinstance(a, torch.Tensor) else a
+    b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)) if not isinstance(b, torch.Tensor) else b
+    a_t, b_t = torch.atleast_2d(a_t).float(), torch.atleast_2d(b_t).float()
+    a_n = torch.nn.functional.normalize(a_t, p=2, dim=1)
+    b_n = torch.nn.functional.normalize(b_t, p=2, dim=1)
+    return a_n @ b_n.T
+
+
+def call_with_retries(fn: Callable[[], Any], deadline: float, deadline_s: float) -> Any:
+    """Call ``fn`` until it succeeds, it fails for good, or ``deadline`` (monotonic; ``deadline_s`` after
+    the call began) passes: exponential backoff with jitter, at least a server's ``Retry-After``."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Retryable as exc:
+            attempt += 1
+            backoff = min(8.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            wait = max(backoff, exc.retry_after or 0.0)
+            if time.monotonic() + wait >= deadline:
+                raise EmbeddingServiceError(
+                    f"embedding service did not answer within the {deadline_s:.0f} s deadline after "
+                    f"{attempt} attempt(s); last error: {exc}"
+                ) from exc
+            time.sleep(wait)
+
+
 class RemoteEmbedder(ABC):
     """The parts of ``SentenceTransformer`` the pipeline uses, served remotely.
 
@@ -83,7 +128,7 @@ class RemoteEmbedder(ABC):
     ):
         self.deadline_s = deadline_s
         self._device = torch.device(device) if device is not None else torch.device("cpu")
-        models = self._call_with_retries(self._fetch_models, time.monotonic() + deadline_s)
+        models = call_with_retries(self._fetch_models, time.monotonic() + deadline_s, deadline_s)
         names: dict[str, dict[str, Any]] = {}
         for info in models:
             for name in [info["id"], *info.get("aliases", [])]:
@@ -120,7 +165,9 @@ class RemoteEmbedder(ABC):
     # ---- the sentence-transformers surface ---------------------------------------------------------
     def get_embedding_dimension(self) -> int:
         if self.info.get("dimension") is None:  # the model was pending when this client was made
-            models = self._call_with_retries(self._fetch_models, time.monotonic() + self.deadline_s)
+            models = call_with_retries(
+                self._fetch_models, time.monotonic() + self.deadline_s, self.deadline_s
+            )
             self.info = next((m for m in models if m["id"] == self.info["id"]), self.info)
             if self.info.get("dimension") is None:
                 state = self.info.get("state")
@@ -157,12 +204,7 @@ class RemoteEmbedder(ABC):
 
     def similarity(self, a: Any, b: Any) -> torch.Tensor:
         """Cosine similarity matrix [len(a), len(b)], as sentence-transformers' default ``similarity``."""
-        a_t = torch.as_tensor(np.asarray(a, dtype=np.float32)) if not isinstance(a, torch.Tensor) else a
-        b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)) if not isinstance(b, torch.Tensor) else b
-        a_t, b_t = torch.atleast_2d(a_t).float(), torch.atleast_2d(b_t).float()
-        a_n = torch.nn.functional.normalize(a_t, p=2, dim=1)
-        b_n = torch.nn.functional.normalize(b_t, p=2, dim=1)
-        return a_n @ b_n.T
+        return cosine_similarity(a, b)
 
     def encode(
         self,
@@ -180,16 +222,7 @@ class RemoteEmbedder(ABC):
         truncate_dim: int | None = None,
         **kwargs: Any,
     ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
-        if output_value != "sentence_embedding":
-            raise ValueError("only output_value='sentence_embedding' is served")
-        if precision != "float32":
-            raise ValueError("only precision='float32' is served")
-        if truncate_dim is not None:
-            raise ValueError("truncate_dim is not supported by the remote embedder")
-        if kwargs:
-            raise ValueError(f"unsupported encode() arguments: {', '.join(sorted(kwargs))}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        check_encode_arguments(output_value, precision, truncate_dim, batch_size, kwargs)
         prompt_name = self._prompt_name(prompt_name, prompt)
         single = isinstance(sentences, str)
         if single:
@@ -256,7 +289,7 @@ class RemoteEmbedder(ABC):
             def send() -> np.ndarray:
                 return self._embed_chunk(chunk, prompt_name, normalize, max(0.1, deadline - time.monotonic()))
 
-            result = self._call_with_retries(send, deadline)
+            result = call_with_retries(send, deadline, self.deadline_s)
             if bar is not None:
                 bar.update(len(chunk))
             return result
@@ -271,20 +304,3 @@ class RemoteEmbedder(ABC):
             if bar is not None:
                 bar.close()
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-
-    def _call_with_retries(self, fn: Callable[[], Any], deadline: float) -> Any:
-        """Call ``fn`` until it succeeds, it fails for good, or the deadline passes (backoff with jitter)."""
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Retryable as exc:
-                attempt += 1
-                backoff = min(8.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                wait = max(backoff, exc.retry_after or 0.0)
-                if time.monotonic() + wait >= deadline:
-                    raise EmbeddingServiceError(
-                        f"embedding service did not answer within the {self.deadline_s:.0f} s deadline after "
-                        f"{attempt} attempt(s); last error: {exc}"
-                    ) from exc
-                time.sleep(wait)
