@@ -126,15 +126,13 @@ def load_openvino(
         exact = _exact(source, max_seq_length, threads, trust_remote_code)
         load_seconds.update(exact.load_seconds)
         converting = time.perf_counter()
-        pipeline = _pipeline_of(exact)
+        pipeline, how = _convert_and_cache(exact, source, max_seq_length, cache_dir)
+        load_seconds["convert"] = time.perf_counter() - converting
         if pipeline is None:
-            note = "runtime openvino needs the model's fast tokenizer: serving torch float32"
+            note = f"{how}: serving torch float32"
             log.warning("%s: %s", source, note)
             exact.serving = ServingPath("torch", "float32", None, note)
             return exact
-        load_seconds["convert"] = time.perf_counter() - converting
-        how = f"converted in {load_seconds['convert']:.1f} s"
-        how += _save(pipeline, source, max_seq_length, cache_dir)
     compiling = time.perf_counter()
     backend = OpenVINOBackend(pipeline, precision=precision, threads=threads, how=how)
     load_seconds["openvino"] = time.perf_counter() - compiling
@@ -172,12 +170,22 @@ def fill_cache(
     entry = _entry(source, max_seq_length, cache_dir)
     if entry is not None and (entry / "pipeline.json").exists():
         return f"cached already in {entry}"
+    exact = _exact(source, max_seq_length, threads, trust_remote_code)
+    pipeline, how = _convert_and_cache(exact, source, max_seq_length, cache_dir)
+    return how if pipeline is not None else f"not converted: {how}"
+
+
+def _convert_and_cache(
+    exact: SentenceTransformersBackend, source: str, max_seq_length: int | None, cache_dir: Path | None
+) -> tuple[OpenVINOPipeline | None, str]:
+    """The loaded model converted and cached, and what was done (for the log line); no pipeline when the
+    model has no fast tokenizer."""
     started = time.perf_counter()
-    pipeline = _pipeline_of(_exact(source, max_seq_length, threads, trust_remote_code))
+    pipeline = _pipeline_of(exact)
     if pipeline is None:
-        return "not converted: runtime openvino needs the model's fast tokenizer"
+        return None, "runtime openvino needs the model's fast tokenizer"
     how = f"converted in {time.perf_counter() - started:.1f} s"
-    return how + _save(pipeline, source, max_seq_length, cache_dir)
+    return pipeline, how + _save(pipeline, source, max_seq_length, cache_dir)
 
 
 def _exact(
