@@ -11,10 +11,17 @@ Workloads, on each text mix (``--mixes``; ``kt_gen``: 60% entity names of 2-4 wo
 8-120 words; ``short``: capitalised names of 2-4 words and descriptions of 20-30 words):
 (a) many concurrent clients sending one text each; (b) fewer clients sending 32 texts each; (c) one
 client sending single entity names one after another (latency added over in-process single-text encode).
-Every HTTP response is decoded into a float32 array, as a client would. The table gives texts/s,
-p50/p99, the ratio to the clean in-process baseline and to Infinity, and our batcher's padding efficiency.
+Every HTTP response is decoded into a float32 array, as a client would.
+
+Fair to the peer: every server is warmed up the same way before anything is timed (a few requests of
+each workload's shape), then each workload runs ``--repeats`` times (a, b, c, a, b, c, ...). The table
+gives the median texts/s with the spread (min-max) of the runs, p50/p99 over all runs' requests, the
+ratios of the medians to the clean in-process baseline and to Infinity, our batcher's padding efficiency,
+and the load generator's own CPU use (this process, in % of one core): on 2 cores it competes with the
+server it measures.
 
     python benchmarks/bench_serving.py --infinity /path/to/venv/bin/infinity_emb
+    python benchmarks/bench_serving.py --infinity-args="--dtype bfloat16"   # "=": the value starts with --
     python benchmarks/bench_serving.py --texts 4000 --port 8123 --skip-infinity
 """
 
@@ -23,7 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -49,19 +59,52 @@ from benchmarks.common import (  # noqa: E402
 Send = Callable[[list[str]], Awaitable[np.ndarray]]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (the load generator; with the handle, also the Ray driver) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass
 class Result:
     texts: int
     wall: float
     latencies: list[float] = field(default_factory=list)
     padding: str = "-"
+    cpu: float = 0.0  # the load generator's CPU seconds during the run
 
     @property
     def rate(self) -> float:
         return self.texts / self.wall
 
+
+@dataclass
+class Runs:
+    """The repeats of one workload on one server: medians, spread, and latencies over every request."""
+
+    runs: list[Result]
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs)
+
+    @property
+    def spread(self) -> str:
+        rates = [r.rate for r in self.runs]
+        return f"{min(rates):.1f}-{max(rates):.1f}"
+
+    @property
+    def load_cpu(self) -> float:
+        """The load generator's CPU use, median over the runs, in % of one core."""
+        return statistics.median(100 * r.cpu / r.wall for r in self.runs)
+
+    @property
+    def padding(self) -> str:
+        return self.runs[len(self.runs) // 2].padding
+
     def pct(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q)) * 1e3 if self.latencies else float("nan")
+        latencies = [t for r in self.runs for t in r.latencies]
+        return float(np.percentile(latencies, q)) * 1e3 if latencies else float("nan")
 
 
 async def drive(send: Send, texts: list[str], clients: int, per_request: int) -> Result:
@@ -77,9 +120,9 @@ async def drive(send: Send, texts: list[str], clients: int, per_request: int) ->
             if vectors.shape[0] != len(chunk):
                 raise RuntimeError(f"{vectors.shape[0]} vectors for {len(chunk)} texts")
 
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return Result(len(texts), time.perf_counter() - t0, latencies)
+    return Result(len(texts), time.perf_counter() - t0, latencies, cpu=cpu_seconds() - cpu0)
 
 
 def in_process(source: str, max_seq_length: int, threads: int, texts: list[str], singles: list[str]):
@@ -129,29 +172,37 @@ def http_sender(session, url: str, model: str, headers: dict[str, str] | None = 
     return send
 
 
-async def run_workloads(send: Send, texts, singles, args, stats=None) -> dict[str, Result]:
-    """(a), (b) and (c) through one sender; padding from the model deployment's counters when given."""
-    await drive(send, texts[:64], 8, 8)  # warm-up
-    results = {}
-    for key, clients, per in (("a", args.single_clients, 1), ("b", args.batch_clients, args.batch_size)):
-        before = await stats() if stats else None
-        results[key] = await drive(send, texts, clients, per)
-        if stats:
-            after = await stats()
-            real = after["real_tokens"] - before["real_tokens"]
-            padded = after["padded_tokens"] - before["padded_tokens"]
-            passes = after["forward_passes"] - before["forward_passes"]
-            busy = (after["forward_seconds"] - before["forward_seconds"]) / results[key].wall
-            results[
-                key
-            ].padding = (
-                f"{real / padded:.2f} ({len(texts) / max(passes, 1):.1f} texts/pass, model busy {busy:.0%})"
-            )
-    results["c"] = await drive(send, singles, 1, 1)
-    return results
+async def warm_up(send: Send, texts: list[str], singles: list[str], args) -> None:
+    """The same warm-up for every server: a few requests of each workload's shape, none timed."""
+    await drive(send, texts[: 2 * args.single_clients], args.single_clients, 1)
+    await drive(send, texts[: 2 * args.batch_clients * args.batch_size], args.batch_clients, args.batch_size)
+    await drive(send, singles[:10], 1, 1)
 
 
-def infinity_results(args, model_dir: str, mixes) -> dict[str, dict[str, Result]] | None:
+async def run_workloads(send: Send, texts, singles, args, stats=None) -> dict[str, Runs]:
+    """(a), (b) and (c) through one sender, warmed up, ``args.repeats`` times in turn; padding from the
+    model deployment's counters when given."""
+    await warm_up(send, texts, singles, args)
+    shapes = {"a": (texts, args.single_clients, 1), "b": (texts, args.batch_clients, args.batch_size),
+              "c": (singles, 1, 1)}  # fmt: skip
+    results: dict[str, list[Result]] = {key: [] for key in shapes}
+    for _ in range(args.repeats):
+        for key, (workload, clients, per) in shapes.items():
+            before = await stats() if stats and key != "c" else None
+            result = await drive(send, workload, clients, per)
+            if before is not None:
+                after = await stats()
+                real = after["real_tokens"] - before["real_tokens"]
+                padded = after["padded_tokens"] - before["padded_tokens"]
+                passes = after["forward_passes"] - before["forward_passes"]
+                busy = (after["forward_seconds"] - before["forward_seconds"]) / result.wall
+                per_pass = len(workload) / max(passes, 1)
+                result.padding = f"{real / padded:.2f} ({per_pass:.1f} texts/pass, model busy {busy:.0%})"
+            results[key].append(result)
+    return {key: Runs(runs) for key, runs in results.items()}
+
+
+def infinity_results(args, model_dir: str, mixes) -> dict[str, dict[str, Runs]] | None:
     binary = args.infinity or shutil.which("infinity_emb")
     if args.skip_infinity or not binary:
         print("Infinity: not measured (pass --infinity PATH to its infinity_emb)", file=sys.stderr)
@@ -160,12 +211,12 @@ def infinity_results(args, model_dir: str, mixes) -> dict[str, dict[str, Result]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     command = [binary, "v2", "--model-id", model_dir, "--engine", "torch", "--device", "cpu",
-               "--port", str(args.infinity_port)]  # fmt: skip
+               "--port", str(args.infinity_port), *shlex.split(args.infinity_args)]  # fmt: skip
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{args.infinity_port}"
     try:
 
-        async def measure() -> dict[str, Result]:
+        async def measure() -> dict[str, dict[str, Runs]]:
             async with aiohttp.ClientSession(connector=client_connector()) as session:
                 for _ in range(300):
                     try:
@@ -185,7 +236,7 @@ def infinity_results(args, model_dir: str, mixes) -> dict[str, dict[str, Result]
         server.wait(30)
 
 
-def ours(args, model: str, mixes) -> dict[str, dict[str, dict[str, Result]]]:
+def ours(args, model: str, mixes) -> dict[str, dict[str, dict[str, Runs]]]:
     import aiohttp
     from ray import serve
 
@@ -197,7 +248,7 @@ def ours(args, model: str, mixes) -> dict[str, dict[str, dict[str, Result]]]:
           f"{args.stats_deployment}", file=sys.stderr)  # fmt: skip
     try:
 
-        async def measure() -> dict[str, dict[str, dict[str, Result]]]:
+        async def measure() -> dict[str, dict[str, dict[str, Runs]]]:
             # Handles are made inside the event loop (Serve's throughput-optimised mode requires it).
             handle = serve.get_app_handle("embeddings")
             stats_handle = serve.get_deployment_handle(args.stats_deployment, "embeddings")
@@ -226,12 +277,13 @@ def ours(args, model: str, mixes) -> dict[str, dict[str, dict[str, Result]]]:
 def table(args, base: tuple[float, float], single: tuple[float, float], peer, results) -> str:
     first, again = base
     lines = [
-        "| run | texts/s | p50 ms | p99 ms | vs in-process | vs Infinity | padding (passes, busy) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| in-process encode(batch_size=64), before Ray | {first:.1f} | - | - | 1.00x | - | - |",
+        "| run | texts/s, median (min-max) | p50 ms | p99 ms | vs in-process | vs Infinity "
+        "| load generator CPU | padding (passes, busy) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| in-process encode(batch_size=64), before Ray | {first:.1f} | - | - | 1.00x | - | - | - |",
         f"| in-process encode(batch_size=64), after Ray | {again:.1f} | - | - | {again / first:.2f}x "
-        "| - | - |",
-        f"| (c) in-process single-text encode | - | {single[0]:.1f} | {single[1]:.1f} | - | - | - |",
+        "| - | - | - |",
+        f"| (c) in-process single-text encode | - | {single[0]:.1f} | {single[1]:.1f} | - | - | - | - |",
     ]
     labels = {
         "a": f"(a) {args.single_clients} clients x 1 text",
@@ -242,16 +294,17 @@ def table(args, base: tuple[float, float], single: tuple[float, float], peer, re
     for key in "abc":
         for name, res in runs:
             r = res[key]
+            rate = f"{r.rate:.1f} ({r.spread})"
             if key == "c":  # latency added over in-process single-text encode
                 lines.append(
-                    f"| {labels[key]} via {name} | {r.rate:.1f} | {r.pct(50) - single[0]:+.1f} "
-                    f"| {r.pct(99) - single[1]:+.1f} | - | - | {r.padding} |"
+                    f"| {labels[key]} via {name} | {rate} | {r.pct(50) - single[0]:+.1f} "
+                    f"| {r.pct(99) - single[1]:+.1f} | - | - | {r.load_cpu:.0f}% | {r.padding} |"
                 )
                 continue
             vs_peer = f"{r.rate / peer[key].rate:.2f}x" if peer else "-"
             lines.append(
-                f"| {labels[key]} via {name} | {r.rate:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} "
-                f"| {r.rate / first:.2f}x | {vs_peer} | {r.padding} |"
+                f"| {labels[key]} via {name} | {rate} | {r.pct(50):.1f} | {r.pct(99):.1f} "
+                f"| {r.rate / first:.2f}x | {vs_peer} | {r.load_cpu:.0f}% | {r.padding} |"
             )
     return "\n".join(lines)
 
@@ -271,7 +324,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--infinity", default=None, help="path of infinity_emb (default: on PATH)")
     parser.add_argument("--infinity-port", type=int, default=7997)
+    parser.add_argument("--infinity-args", default="", help="more flags for infinity_emb v2 (one string)")
     parser.add_argument("--skip-infinity", action="store_true")
+    parser.add_argument("--skip-ours", action="store_true", help="only the baseline and Infinity")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each workload, in turn")
     add_ingress_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -293,13 +349,16 @@ def main() -> None:
 
     baseline = {m: in_process(source, entry.max_seq_length, threads, t, s) for m, (t, s) in mixes.items()}
     peer = infinity_results(args, source, mixes)
-    results = ours(args, model, mixes)
+    results = {mix: {} for mix in mixes} if args.skip_ours else ours(args, model, mixes)
     again = {m: in_process(source, entry.max_seq_length, threads, t, s) for m, (t, s) in mixes.items()}
 
     print(
         f"\nmodel {model} ({entry.source}, runtime {entry.runtime}, dtype {entry.dtype}), {args.texts} texts "
-        f"a mix, {args.singles} single entity names, {os.cpu_count()} CPUs, {threads} threads everywhere"
+        f"a mix, {args.singles} single entity names, {os.cpu_count()} CPUs, {threads} threads everywhere, "
+        f"{args.repeats} timed runs of each workload"
     )
+    if peer:
+        print(f"Infinity: infinity_emb v2 --engine torch --device cpu {args.infinity_args}".rstrip())
     for mix in mixes:
         first, single_latencies = baseline[mix]
         single = tuple(float(np.percentile(single_latencies, q)) * 1e3 for q in (50, 99))

@@ -10,6 +10,12 @@ replica's own event loop (``serving_env``).
 Serve reads these variables in its controller and replicas, which inherit the environment of the
 process that starts Ray, so they are set before ``serve run`` starts it.
 
+Several services on one machine: each gets its own free ports for the listeners Serve would otherwise
+put on fixed ones (HAProxy's stats page and Prometheus exporter, the fallback proxy that HAProxy sends
+to while no replica is up), and HAProxy's stats page and exporter listen where the service listens
+(``http_options.host``) rather than on every interface, which Ray 2.60's template hard-codes: HAProxy
+is started through a two-line wrapper that rewrites those two ``bind`` lines (``haproxy_wrapper``).
+
 Beside ``serve run`` it starts ``python -m deployments.compile_cache`` for each models config, so on a
 fresh machine the OpenVINO conversion runs while Ray and Serve start (about 15 s here) and the replica
 finds the cached graph; where the cache is filled already, that process only checks the keys.
@@ -18,7 +24,9 @@ finds the cached graph; where the cache is filled already, that process only che
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,17 @@ import yaml
 from deployments.allocator import allocator_env
 
 DEFAULT_SERVE_CONFIG = "configs/local.yaml"
+# Serve's default HTTP host, where http_options does not say.
+DEFAULT_HOST = "127.0.0.1"
+# Listeners Serve puts on fixed ports (8404, 9101, 8500, 9500): one service's would block or, for the
+# fallback proxy (bound with SO_REUSEPORT), silently share with another's. Each gets a free port unless
+# the operator set it.
+SIDE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 # How long a direct-ingress replica keeps answering after it is told to stop, so a load balancer sees
 # it leave first. Serve's default (30 s) suits a cluster; one machine with one HAProxy needs seconds.
 LOCAL_DRAINING_S = "2"
@@ -39,18 +58,68 @@ LOCAL_DRAINING_S = "2"
 LOCAL_CLIENT_TIMEOUT_S = "30"
 
 
-def serving_env() -> dict[str, str]:
+def serving_env(host: str = DEFAULT_HOST) -> dict[str, str]:
     """Everything ``make serve`` sets: Serve runs our request code on the replica's own event loop (our
     code never blocks it: model work runs on the engine's threads, so the extra thread hop of Serve's
     default buys nothing), jemalloc preloaded when installed (a replica's memory stays flat:
-    ``deployments/allocator.py``), plus the HAProxy ingress when HAProxy is installed."""
-    return {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **allocator_env(), **haproxy_env()}
+    ``deployments/allocator.py``), plus the HAProxy ingress when HAProxy is installed, its side
+    listeners on free ports of ``host``, the address the service listens on."""
+    return {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        **allocator_env(),
+        **side_ports_env(host),
+        **haproxy_env(host=host),
+    }
 
 
-def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
+def free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free on ``host`` now (held open together, so no two are the same). Another
+    program may take one before Serve binds it; Serve then reports the bind error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def side_ports_env(host: str = DEFAULT_HOST) -> dict[str, str]:
+    """A free port for each of Serve's fixed-port side listeners (``SIDE_PORTS``); an operator's own
+    value is kept."""
+    env = {name: os.environ[name] for name in SIDE_PORTS if os.environ.get(name)}
+    missing = [name for name in SIDE_PORTS if name not in env]
+    ports = free_ports(host, len(missing))
+    return {**env, **{name: str(port) for name, port in zip(missing, ports, strict=True)}}
+
+
+def haproxy_wrapper(state: Path, haproxy: str, host: str) -> Path:
+    """An executable that starts ``haproxy`` after binding the stats page and the Prometheus exporter of
+    the configuration it is given (``-f FILE``) to ``host``. Ray 2.60 renders them as ``bind *:PORT`` and
+    ``bind :PORT`` (every interface) and offers no setting for their address; the service's own frontend
+    (``bind HOST:PORT``) is left as it is. The wrapper ``exec``s HAProxy, so Serve's signals reach it."""
+    wrapper = state / "haproxy"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "# Written by deployments/serve_local.py: HAProxy's side listeners on the service's address.\n"
+        'cfg=""; prev=""\n'
+        'for arg in "$@"; do [ "$prev" = "-f" ] && cfg="$arg"; prev="$arg"; done\n'
+        'if [ -n "$cfg" ] && [ -f "$cfg" ]; then\n'
+        f"  sed -i 's/^\\([[:space:]]*bind\\) \\*\\{{0,1\\}}:\\([0-9][0-9]*\\)$/\\1 {host}:\\2/' \"$cfg\"\n"
+        "fi\n"
+        f'exec {shlex.quote(haproxy)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def haproxy_env(haproxy: str | None = None, host: str = DEFAULT_HOST) -> dict[str, str]:
     """The variables that turn on Serve's HAProxy ingress, or {} when HAProxy is not installed or
     ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to a new private directory rather than Serve's fixed
-    ``/tmp/haproxy-serve``, so two services on one machine do not collide."""
+    ``/tmp/haproxy-serve``, so two services on one machine do not collide, and HAProxy is started through
+    ``haproxy_wrapper`` so its side listeners stay on ``host``."""
     haproxy = haproxy or shutil.which("haproxy")
     if not haproxy or os.environ.get("EMBEDDINGS_HAPROXY", "1") == "0":
         return {}
@@ -58,7 +127,7 @@ def haproxy_env(haproxy: str | None = None) -> dict[str, str]:
     state = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp" if os.path.isdir("/tmp") else None))
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy,
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_wrapper(state, haproxy, host)),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": LOCAL_DRAINING_S,
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": os.environ.get(
             "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", LOCAL_CLIENT_TIMEOUT_S
@@ -82,6 +151,17 @@ def models_configs(serve_config: str | Path) -> list[str]:
     return [path for path in found if isinstance(path, str)]
 
 
+def http_host(serve_config: str | Path) -> str:
+    """``http_options.host`` of a Serve config (Serve's default where it does not say)."""
+    try:
+        raw = yaml.safe_load(Path(serve_config).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return DEFAULT_HOST  # serve run reports it
+    options = raw.get("http_options") if isinstance(raw, dict) else None
+    host = options.get("host") if isinstance(options, dict) else None
+    return host if isinstance(host, str) and host else DEFAULT_HOST
+
+
 def fill_compile_caches(serve_config: str | Path, env: dict[str, str]) -> None:
     """Start filling the compile cache of each models config in the background (one torch thread: Ray's
     start needs the other core); its lines go to this command's stderr, and it exits when ``serve run``
@@ -96,7 +176,8 @@ def fill_compile_caches(serve_config: str | Path, env: dict[str, str]) -> None:
 
 def main(argv: list[str]) -> None:
     config = argv[0] if argv else DEFAULT_SERVE_CONFIG
-    extra = serving_env()
+    host = http_host(config)
+    extra = serving_env(host)
     how = (
         "HAProxy ingress (direct to the replica)"
         if "RAY_SERVE_ENABLE_HA_PROXY" in extra
@@ -106,6 +187,13 @@ def main(argv: list[str]) -> None:
     preloaded = [p for p in env.get("LD_PRELOAD", "").split() if "jemalloc" in p]
     allocator = preloaded[0] if preloaded else "glibc malloc"  # an operator's own preload counts too
     print(f"serving {config} through {how}, allocator {allocator}", file=sys.stderr, flush=True)
+    if "RAY_SERVE_ENABLE_HA_PROXY" in extra:
+        print(
+            f"HAProxy stats http://{host}:{extra['RAY_SERVE_HAPROXY_STATS_PORT']}/stats, Prometheus "
+            f"http://{host}:{extra['RAY_SERVE_HAPROXY_METRICS_PORT']}/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
     fill_compile_caches(config, env)
     serve = str(Path(sys.executable).parent / "serve")
     os.execve(serve, [serve, "run", config, *argv[1:]], env)

@@ -1,13 +1,21 @@
 """Shared test helpers: the packaged MiniLM, a bge-shaped tiny model built here, a private Ray, and the
-builders of model configs and of a private service (model_entry, models_config, serve_app)."""
+builders of model configs and of a private service (model_entry, models_config, serve_app), and a service
+started as a user starts it (LocalService)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -227,3 +235,47 @@ def assert_same(got, expected, where: str) -> None:
         assert worst_cosine(got, expected) >= 0.9999, where
         return
     assert got == expected, where
+
+
+class LocalService:
+    """``python -m deployments.serve_local SERVE_CONFIG`` as a user starts it (what ``make serve`` runs),
+    under a private Ray temp dir, its output in ``log_path``. ``stop()`` sends SIGTERM: ``serve run``
+    then shuts its own Ray and HAProxy down (it ignores SIGINT in the background)."""
+
+    def __init__(self, serve_config: str | Path, url: str, log_path: Path, env: dict[str, str] | None = None):
+        self.url = url
+        self.log_path = log_path
+        # Short: Ray's socket paths under it must stay within 107 bytes.
+        self.ray_dir = tempfile.mkdtemp(prefix="svc-", dir="/tmp")
+        full_env = {**os.environ, "RAY_TMPDIR": self.ray_dir, "HF_HUB_OFFLINE": "1", **(env or {})}
+        full_env.pop("RAY_ADDRESS", None)
+        self.log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
+            cwd=REPO,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_healthy(self, deadline: float) -> None:
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(2)
+        pytest.fail(f"{self.url} did not become healthy:\n" + self.log_path.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)

@@ -61,7 +61,7 @@ def broken(change) -> list[str]:
 def test_the_issue_example_and_shipped_configs_parse():
     config = parse_models_config(VALID)
     assert config.name_table()["tree_comm"] == "bge-large-en-v1.5"
-    for name in ("models.local.yaml", "models.yaml"):
+    for name in ("models.local.yaml", "models.local-exact.yaml", "models.yaml"):
         assert load_models_config(REPO / "configs" / name).models
 
 

@@ -3,12 +3,10 @@ configs/local.yaml` behind HAProxy when it is installed) answers on 127.0.0.1:80
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,11 +16,13 @@ from benchmarks.common import kt_gen_mix
 from deployments.allocator import find_jemalloc
 from deployments.backends.fidelity import probe_texts, worst_cosine
 from deployments.backends.precision import CPU_BF16_ENV, cpu_bf16
-from tests.conftest import REPO
+from tests.conftest import LocalService
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
 URL = "http://127.0.0.1:8000"
+LOGS: dict[str, Path] = {}  # each served variant's log
+STATS_LINE = re.compile(r"HAProxy stats (http://127\.0\.0\.1:\d+/stats)")
 
 
 # "no-bf16": the local default on a CPU treated as having no bf16 (EMBEDDINGS_CPU_BF16=0): OpenVINO float32.
@@ -36,42 +36,16 @@ def served(request, tmp_path_factory):
     except httpx.TransportError:
         pass
     tmp = tmp_path_factory.mktemp("serve-run")
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}
-    env["EMBEDDINGS_HAPROXY"] = "1" if request.param == "haproxy" else "0"
+    env = {"EMBEDDINGS_HAPROXY": "1" if request.param == "haproxy" else "0"}
     if request.param == "no-bf16":
         env[CPU_BF16_ENV] = "0"
-    env.pop("RAY_ADDRESS", None)
-    log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve_local", "configs/local.yaml"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    LOGS[request.param] = tmp / "serve.log"
+    service = LocalService("configs/local.yaml", URL, LOGS[request.param], env)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{URL}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail(
-                "serve run did not become healthy in 240 s:\n" + (tmp / "serve.log").read_text()[-3000:]
-            )
+        service.wait_healthy(time.time() + 240)
         yield request.param
     finally:
-        proc.send_signal(signal.SIGTERM)  # serve run shuts its own Ray down on SIGTERM
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        service.stop()
 
 
 def test_serve_run_serves_the_packaged_minilm(served, minilm):
@@ -93,12 +67,12 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     jemalloc = find_jemalloc()
     assert models[0]["allocator"] == (f"jemalloc ({jemalloc})" if jemalloc else "glibc malloc")
     assert httpx.get(f"{URL}/health", timeout=30).json()["status"] == "ok"
-    try:  # HAProxy's stats page: there exactly when HAProxy fronts the service
-        haproxy = httpx.get("http://127.0.0.1:8404/stats", timeout=5)
-        fronted = haproxy.status_code == 200 and "HAProxy" in haproxy.text
-    except httpx.TransportError:
-        fronted = False
-    assert fronted == (served == "haproxy")
+    # HAProxy's stats page, on the port the service printed: there exactly when HAProxy fronts the service.
+    stats = STATS_LINE.search(LOGS[served].read_text())
+    assert bool(stats) == (served == "haproxy")
+    if stats:
+        haproxy = httpx.get(stats.group(1), timeout=5)
+        assert haproxy.status_code == 200 and "HAProxy" in haproxy.text
 
 
 def test_every_served_vector_is_within_the_fidelity_bound(served, minilm):

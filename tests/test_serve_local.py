@@ -1,0 +1,68 @@
+"""`python -m deployments.serve_local`'s set-up, without starting anything: HAProxy's side listeners moved to
+the service's address by the wrapper, free side ports per service, the operator's own values kept. The
+services themselves: tests/test_two_services.py and tests/test_serve_run.py."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from deployments.serve_local import SIDE_PORTS, haproxy_wrapper, http_host, side_ports_env
+
+# The three bind lines as Ray 2.60's template renders them (ray/serve/_private/haproxy_templates.py).
+RENDERED = """frontend prometheus
+    bind :9101
+    mode http
+frontend http_frontend
+    bind 127.0.0.1:8000
+listen stats
+  bind *:8404
+  stats enable
+"""
+
+
+def test_the_wrapper_binds_the_stats_page_and_exporter_where_the_service_listens(tmp_path: Path):
+    seen = tmp_path / "seen"
+    fake = tmp_path / "fake-haproxy"  # stands for HAProxy: records what it was started with
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" > {seen}\nfor a; do [ "$p" = -f ] && cat "$a" >> {seen}; p="$a"; done\n'
+    )
+    fake.chmod(0o755)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(RENDERED)
+    wrapper = haproxy_wrapper(tmp_path, str(fake), "127.0.0.1")
+    subprocess.run([str(wrapper), "-db", "-f", str(config), "-sf", "123"], check=True)
+    args, *lines = seen.read_text().splitlines()
+    assert args == f"-db -f {config} -sf 123"  # every argument passed on unchanged
+    binds = [line.strip() for line in lines if line.strip().startswith("bind")]
+    assert binds == ["bind 127.0.0.1:9101", "bind 127.0.0.1:8000", "bind 127.0.0.1:8404"]
+    # A host the operator chose is where they go; nothing else in the file changes.
+    config.write_text(RENDERED)
+    subprocess.run([str(haproxy_wrapper(tmp_path, str(fake), "10.1.2.3")), "-f", str(config)], check=True)
+    assert config.read_text() == RENDERED.replace("bind :9101", "bind 10.1.2.3:9101").replace(
+        "bind *:8404", "bind 10.1.2.3:8404"
+    )
+
+
+def test_each_service_gets_free_side_ports_and_an_operators_own_are_kept(monkeypatch):
+    for name in SIDE_PORTS:
+        monkeypatch.delenv(name, raising=False)
+    first, second = side_ports_env(), side_ports_env()
+    assert set(first) == set(SIDE_PORTS)
+    assert len(set(first.values())) == len(SIDE_PORTS)  # four different ports
+    for port in first.values():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", int(port)))  # free when chosen
+    assert first != second or len(set(first.values()) | set(second.values())) > len(SIDE_PORTS)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    assert side_ports_env()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_the_service_address_comes_from_the_serve_config(tmp_path: Path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("http_options:\n  host: 0.0.0.0\n  port: 8001\n")
+    assert http_host(config) == "0.0.0.0"
+    config.write_text("applications: []\n")
+    assert http_host(config) == "127.0.0.1"  # Serve's default
+    assert http_host(tmp_path / "missing.yaml") == "127.0.0.1"
