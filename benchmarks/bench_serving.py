@@ -21,7 +21,7 @@ and the load generator's own CPU use (this process, in % of one core): on 2 core
 server it measures.
 
     python benchmarks/bench_serving.py --infinity /path/to/venv/bin/infinity_emb
-    python benchmarks/bench_serving.py --infinity-args="--dtype bfloat16"   # "=": the value starts with --
+    python benchmarks/bench_serving.py --infinity-args="--batch-size 16"   # "=": the value starts with --
     python benchmarks/bench_serving.py --texts 4000 --port 8123 --skip-infinity
 """
 
@@ -57,6 +57,8 @@ from benchmarks.common import (  # noqa: E402
 )
 
 Send = Callable[[list[str]], Awaitable[np.ndarray]]
+# Infinity's fastest CPU setting of those tried with 0.0.78 (docs/performance.md): the peer at its best.
+INFINITY_BEST_CPU = "--dtype bfloat16"
 
 
 def cpu_seconds() -> float:
@@ -324,7 +326,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--infinity", default=None, help="path of infinity_emb (default: on PATH)")
     parser.add_argument("--infinity-port", type=int, default=7997)
-    parser.add_argument("--infinity-args", default="", help="more flags for infinity_emb v2 (one string)")
+    parser.add_argument(
+        "--infinity-args",
+        default=INFINITY_BEST_CPU,
+        help=f"more flags for infinity_emb v2, one string (default {INFINITY_BEST_CPU!r}: its fastest CPU "
+        "setting measured, docs/performance.md)",
+    )
     parser.add_argument("--skip-infinity", action="store_true")
     parser.add_argument("--skip-ours", action="store_true", help="only the baseline and Infinity")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each workload, in turn")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.common import kt_gen_mix
+from benchmarks.common import kt_gen_mix, short_mix
 from deployments.backends.fidelity import probe_texts, worst_cosine
 from tests.conftest import REPO, LocalService, free_port
 
@@ -168,7 +168,7 @@ def test_two_services_with_their_own_models_answer_side_by_side(services):
 
 def test_the_exact_path_gives_in_process_sentence_transformers_vectors(services, minilm):
     _, both = services
-    texts = kt_gen_mix(300, seed=11) + probe_texts(128)
+    texts = kt_gen_mix(300, seed=11) + short_mix(100, seed=3) + probe_texts(256)  # 407: empty, unicode, long
     body = {"input": texts, "model": "all-MiniLM-L6-v2-exact"}
     resp = httpx.post(f"{both.url}/v1/embeddings", json=body, timeout=300)
     assert resp.status_code == 200, resp.text
