@@ -17,6 +17,7 @@ import torch
 from ray.exceptions import RayTaskError
 
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
+from deployments.device_faults import DeviceFault
 from deployments.errors import ClientError, original_error
 
 
@@ -103,6 +104,8 @@ class ServeEmbedder(RemoteEmbedder):
             raise plain_client_error(error) from None
         except RayTaskError as error:  # a server fault the same call would meet again (a model fault...)
             cause = original_error(error)
+            if isinstance(cause, DeviceFault):  # that replica's GPU failed for good: another one serves it
+                raise Retryable(f"DeviceFault: {str(cause)[:300]}") from None
             raise EmbeddingServiceError(f"the service failed: {type(cause).__name__}: {cause}") from None
         except Exception as exc:  # noqa: BLE001 - replica death, overload, timeout: embedding is idempotent
             raise Retryable(f"{type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -146,6 +146,10 @@ class EmbeddingEngine:
     def stats(self) -> dict[str, float | int]:
         return self.scheduler.stats()
 
+    def health(self) -> None:
+        """Raises once the device failed for good (see ``Scheduler.health``)."""
+        self.scheduler.health()
+
     # ---- synchronous use (tests, benchmarks): the caller's thread runs the passes -----------------
     def run(self, calls: list[EmbedCall]) -> list[EmbedResult | Exception]:
         """Embed every call to the end; a call's result is its vectors or the exception that sank it."""

@@ -64,6 +64,12 @@ ERRORS: dict[str, ErrorKind] = {
     ),
     "internal_error": ErrorKind(500, "server_error", meaning="a fault of the service (logged)"),
     "overloaded": ErrorKind(503, "server_error", retry=True, meaning="no room now (with Retry-After)"),
+    "device_fault": ErrorKind(
+        503,
+        "server_error",
+        retry=True,
+        meaning="the replica's GPU failed for good (a poisoned CUDA context); Serve replaces it",
+    ),
     "timeout": ErrorKind(
         504, "server_error", retry=True, meaning="the model did not answer in request_timeout_s"
     ),

@@ -16,6 +16,7 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
 
+from deployments.device_faults import DeviceFault
 from deployments.errors import ERRORS, ClientError, ModelError, error_kind, original_error
 from deployments.openai_api import render_error
 
@@ -125,6 +126,9 @@ def failure_response(
         return overloaded(retry_after_s, "the model is overloaded; retry later")
     if isinstance(error, asyncio.TimeoutError):
         return error_response("timeout", "the model did not answer in time")
+    if isinstance(original_error(error), DeviceFault):
+        log.error("model %s: %s", model, original_error(error))
+        return error_response("device_fault", str(original_error(error)))
     if isinstance(error, ModelError):
         log.error("model %s failed: %s", model, original_error(error))
         return error_response("model_error", str(original_error(error)), "input")

@@ -21,8 +21,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.cache import EmbeddingCache, cache_key, fill, look_up
 from deployments.coalescer import Coalescer
+from deployments.device_faults import DeviceAlreadyFailed, DeviceFault
 from deployments.embed_options import EmbedOptions, EmbedResult
-from deployments.errors import ClientError, ModelError
+from deployments.errors import ClientError, ModelError, original_error
 from deployments.metrics import CacheMetrics
 from deployments.model_server import ModelServer
 
@@ -114,11 +115,12 @@ class RemoteModel:
     async def _send(self, options: EmbedOptions, texts: list[str], first: int = 0) -> EmbedResult:
         """One call to the model deployment.
 
-        Embedding is idempotent, so a call lost with its replica (killed, crashed, node gone) is sent
-        again. A call that loses ``REPLICA_LOSSES_BEFORE_SPLIT`` replicas in a row is split in halves, each
-        sent on its own, down to the one input that takes replicas down, which is refused (ModelError naming
-        it by its place in the call, offset by ``first``) while the others are answered. The router's
-        request timeout bounds the whole."""
+        Embedding is idempotent, so a call lost with its replica (killed, crashed, node gone, or its GPU
+        failed for good: ``DeviceFault``, after which Serve replaces it) is sent again. A call that loses
+        ``REPLICA_LOSSES_BEFORE_SPLIT`` replicas in a row is split in halves, each sent on its own, down to
+        the one input that takes replicas down, which is refused (ModelError naming it by its place in the
+        call, offset by ``first``) while the others are answered. The router's request timeout bounds the
+        whole."""
         losses = 0
         for attempt in itertools.count():
             response = self.handle.embed.remote(texts, options)
@@ -127,16 +129,21 @@ class RemoteModel:
             except asyncio.CancelledError:  # every caller of this call left: the replica drops its rows
                 response.cancel()
                 raise
-            except RayActorError as exc:  # the replica died with the call on it
+            except ReplicaUnavailableError:  # no replica to take it yet (starting, replacing a lost one)
+                pass
+            except Exception as exc:
+                if isinstance(original_error(exc), DeviceAlreadyFailed):  # refused before any work: wait
+                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+                    continue
+                if not _replica_lost(exc):
+                    raise
                 losses += 1
                 logger.warning(
                     "model %s: replica lost (%s) with a call of %d inputs on it (%d in a row)",
-                    self.deployment, type(exc).__name__, len(texts), losses,
+                    self.deployment, _lost_how(exc), len(texts), losses,
                 )  # fmt: skip
                 if losses >= REPLICA_LOSSES_BEFORE_SPLIT:
                     return await self._send_split(options, texts, first, losses)
-            except ReplicaUnavailableError:  # no replica to take it yet (starting, replacing a lost one)
-                pass
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
 
@@ -145,13 +152,23 @@ class RemoteModel:
     ) -> EmbedResult:
         if len(texts) == 1:
             raise ModelError(
-                f"input[{first}] was refused: the model's replica died {losses} times in a row while "
-                "embedding it (the input crashes the model server)"
+                f"input[{first}] was refused: the model's replica died (or its device failed) {losses} times "
+                "in a row while embedding it (the input crashes the model server)"
             )
         half = len(texts) // 2
         left = await self._send(options, texts[:half], first)
         right = await self._send(options, texts[half:], first + half)
         return EmbedResult.joined([left, right])
+
+
+def _replica_lost(error: BaseException) -> bool:
+    """The replica died with the call on it, or its device failed for good (it is being replaced)."""
+    return isinstance(error, RayActorError) or isinstance(original_error(error), DeviceFault)
+
+
+def _lost_how(error: BaseException) -> str:
+    cause = original_error(error)
+    return f"DeviceFault: {cause}" if isinstance(cause, DeviceFault) else type(error).__name__
 
 
 class CachedModel:

@@ -74,6 +74,11 @@ class ModelServer:
         result = await self.embed([HEALTH_TEXT])
         return bool(result.vectors.shape == (1, self.backend.dimension))
 
+    def check_health(self) -> None:
+        """Serve's health check: fails once the device failed for good (a poisoned CUDA context), so Serve
+        replaces this replica instead of keeping one that would fail every call."""
+        self.engine.health()
+
     def info(self) -> dict[str, Any]:
         """What this replica serves, what computes it (runtime, precision, fidelity) and where it runs
         (node, GPUs Ray assigned to it)."""

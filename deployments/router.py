@@ -252,6 +252,12 @@ class EmbeddingRouter:
         """The in-process model's scheduler counters (see ``Scheduler.stats``); empty without one."""
         return self.in_process.stats() if self.in_process is not None else {}
 
+    def check_health(self) -> None:
+        """Serve's health check: fails once the in-process model's device failed for good, so Serve
+        replaces this replica (``ModelServer.check_health``)."""
+        if self.in_process is not None:
+            self.in_process.server.check_health()
+
     def cache_stats(self) -> dict[str, dict[str, int]]:
         """Per cached model: hits, misses, evictions, bytes and entries of this replica's cache."""
         return {

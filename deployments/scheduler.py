@@ -35,6 +35,13 @@ one-text call wait for a turn behind every active call, and it needs a quantum t
 Failure isolation: a pass that raises is run again row by row; a failing row fails only its own call
 (naming the input), whose remaining rows then leave the queue. Non-finite output fails its call.
 
+Device faults (``deployments/device_faults.py``): a pass that runs out of device memory frees the
+allocator's cache and runs again split in two, down to single inputs (one that does not fit alone fails
+its own call); the planner's token budget drops to half of that pass and is earned back while passes
+succeed. A poisoned CUDA context fails every open call with ``DeviceFault`` (retryable elsewhere) and
+marks the scheduler faulted: later calls are refused at once and the replica's health check fails, so
+Serve replaces it.
+
 Thread model: ``admit`` and ``cancel`` come from the event loop, passes run on one model thread
 (``run_forever`` or ``step``); queue state is guarded by one lock and the forward pass runs outside it.
 Callbacks are invoked on the model thread, outside the lock.
@@ -56,6 +63,14 @@ import numpy as np
 from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
+from deployments.device_faults import (
+    DeviceAlreadyFailed,
+    DeviceFault,
+    DeviceMemoryError,
+    TokenBudget,
+    is_out_of_memory,
+    is_poisoned_context,
+)
 from deployments.embed_options import EmbedResult
 from deployments.errors import ModelError
 from deployments.vectors import l2_normalize
@@ -201,6 +216,7 @@ class SchedulerStats:
     max_pass_rows: int = 0
     max_pass_tokens: int = 0
     forward_seconds: float = 0.0
+    out_of_memory_passes: int = 0  # planned passes that ran out of device memory (and ran again split)
     queue_wait_seconds_sum: float = 0.0  # admission -> first row in a pass, per call
     queue_wait_seconds_max: float = 0.0
     recent_waits: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WAITS))
@@ -213,7 +229,7 @@ class SchedulerStats:
     def record_pass(
         self, rows: int, passes: int, real_tokens: int, padded_tokens: int, seconds: float
     ) -> None:
-        """One planned pass: ``passes`` > 1 when it failed and ran again row by row."""
+        """One planned pass: ``passes`` > 1 when it failed and ran again (split, or row by row)."""
         self.forward_passes += passes
         self.rows += rows * (1 if passes == 1 else 2)
         self.real_tokens += real_tokens
@@ -266,24 +282,57 @@ def plan_window(
     return passes
 
 
-def forward_isolating(
-    backend: EmbeddingBackend, items: list[EncodedText]
-) -> tuple[np.ndarray, dict[int, Exception], int]:
-    """Vectors for a pass, the rows whose forward fails (found by running them one by one), and the
-    number of forward passes that took."""
+@dataclass
+class PassOutcome:
+    """What running one planned pass gave: a vector per row, the rows that failed (and why), the forward
+    passes that took, and whether the device ran out of memory on the way."""
+
+    vectors: np.ndarray
+    failures: dict[int, Exception]
+    passes: int
+    out_of_memory: bool = False
+
+
+def forward_isolating(backend: EmbeddingBackend, items: list[EncodedText]) -> PassOutcome:
+    """Vectors for a pass. A pass that raises is run again: split in two after an out-of-memory error
+    (cached device memory freed first), else row by row, so only the failing rows fail. A poisoned device
+    context raises ``DeviceFault``: nothing more can run in this process."""
     try:
-        return _checked_forward(backend, items), {}, 1
+        return PassOutcome(_checked_forward(backend, items), {}, 1)
     except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
+        if is_poisoned_context(exc):
+            raise DeviceFault(f"the device failed and cannot recover in this replica: {exc}") from exc
+        if is_out_of_memory(exc):
+            backend.release_memory()
+            return _split_after_oom(backend, items, exc)
         if len(items) == 1:
-            return np.zeros((1, backend.dimension), np.float32), {0: exc}, 1
+            return PassOutcome(np.zeros((1, backend.dimension), np.float32), {0: exc}, 1)
     out = np.zeros((len(items), backend.dimension), dtype=np.float32)
     failures: dict[int, Exception] = {}
     for i, item in enumerate(items):
         try:
             out[i] = _checked_forward(backend, [item])[0]
         except Exception as exc:  # noqa: BLE001
+            if is_poisoned_context(exc):
+                raise DeviceFault(f"the device failed and cannot recover in this replica: {exc}") from exc
             failures[i] = exc
-    return out, failures, 1 + len(items)
+    return PassOutcome(out, failures, 1 + len(items))
+
+
+def _split_after_oom(backend: EmbeddingBackend, items: list[EncodedText], error: Exception) -> PassOutcome:
+    """The pass again as two halves (each split further while it does not fit); an input that does not
+    fit alone fails on its own."""
+    if len(items) == 1:
+        too_big = DeviceMemoryError(
+            f"it needs more device memory than this replica has free, even alone ({items[0].length} tokens; "
+            f"truncate it or serve the model on a larger device): {error}"
+        )
+        return PassOutcome(np.zeros((1, backend.dimension), np.float32), {0: too_big}, 1, out_of_memory=True)
+    half = len(items) // 2
+    left, right = forward_isolating(backend, items[:half]), forward_isolating(backend, items[half:])
+    failures = {**left.failures, **{half + i: exc for i, exc in right.failures.items()}}
+    vectors = np.concatenate([left.vectors, right.vectors])
+    return PassOutcome(vectors, failures, 1 + left.passes + right.passes, out_of_memory=True)
 
 
 def _checked_forward(backend: EmbeddingBackend, items: list[EncodedText]) -> np.ndarray:
@@ -318,11 +367,19 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stats = SchedulerStats()
         self._stopping = False
+        # Tokens a pass may hold now: max_batch_tokens until the device runs out of memory. Never below
+        # the longest input, which must fit a pass of its own.
+        self.budget = TokenBudget(batching.max_batch_tokens, floor=backend.max_seq_length)
+        self.fault: DeviceFault | None = None  # set once the device failed for good: see health()
 
     # ---- called from the event loop ------------------------------------------------------------
     def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
         """Queue a tokenised call; ``on_done`` gets its ``EmbedResult`` or the exception that sank it."""
         call = _Call.new(next(self._seq), items, normalize, on_done, self.clock(), self.backend.dimension)
+        if self.fault is not None:  # nothing can run here any more: the caller should go elsewhere
+            refusal = f"this replica's device failed earlier; it is being replaced: {self.fault}"
+            on_done(DeviceAlreadyFailed(refusal))
+            return Ticket(call.seq)
         with self._cond:
             self._stats.calls += 1
             self._stats.inputs += len(items)
@@ -380,6 +437,9 @@ class Scheduler:
 
     def _fail_running(self, error: Exception) -> None:
         """After an unexpected fault: answer every open call with it, so no caller waits forever."""
+        self._fail_open_calls(RuntimeError(f"internal error in the model's scheduler: {error!r}"))
+
+    def _fail_open_calls(self, error: Exception) -> None:
         with self._cond:
             calls = [c for c in self._calls.values() if not c.closed]
             for call in calls:
@@ -387,7 +447,13 @@ class Scheduler:
             self._calls.clear()
             self._plan.clear()
         for call in calls:
-            call.on_done(RuntimeError(f"internal error in the model's scheduler: {error!r}"))
+            call.on_done(error)
+
+    def health(self) -> None:
+        """Raises the device's fault once it failed for good (the replica's health check: Serve then
+        replaces the replica); returns None while passes can run."""
+        if self.fault is not None:
+            raise self.fault
 
     def step(self) -> bool:
         """Form and run one pass, then answer the calls it finished; False when nothing is queued."""
@@ -396,10 +462,17 @@ class Scheduler:
         if batch is None:
             return False
         started = self.clock()
-        outputs, failures, passes = forward_isolating(self.backend, batch.items)
+        try:
+            outcome = forward_isolating(self.backend, batch.items)
+        except DeviceFault as fault:
+            log.error("%s; failing every open call and reporting unhealthy", fault)
+            self.fault = fault
+            self._fail_open_calls(fault)
+            return True
         elapsed = self.clock() - started
         with self._cond:
-            answers = self._deliver(batch, outputs, failures, passes, elapsed)
+            self._adapt_budget(batch, outcome)
+            answers = self._deliver(batch, outcome.vectors, outcome.failures, outcome.passes, elapsed)
         for on_done, result in answers:
             try:
                 on_done(result)
@@ -410,10 +483,28 @@ class Scheduler:
     def _has_work(self) -> bool:
         return self._queued_inputs > 0
 
+    def _adapt_budget(self, batch: _Pass, outcome: PassOutcome) -> None:
+        """Half the tokens of a pass that ran out of memory for the passes that follow; back up step by
+        step while passes fit. Either way the plan is made again with the new budget."""
+        if outcome.out_of_memory:
+            self._stats.out_of_memory_passes += 1
+            self.budget.out_of_memory(batch.padded_tokens)
+            self._stale = True
+            log.warning(
+                "a pass of %d rows, %d tokens ran out of device memory (run again split); passes now hold "
+                "at most %d tokens (max_batch_tokens %d)",
+                len(batch.items), batch.padded_tokens, self.budget.current, self.budget.ceiling,
+            )  # fmt: skip
+        elif self.budget.succeeded():
+            self._stale = True
+
     def _replan(self) -> None:
         self._stale = False
+        batching = self.batching
+        if self.budget.current != batching.max_batch_tokens:
+            batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
         self._plan = deque(
-            plan_window(list(self._calls.values()), self.window_rows, self.batching, self.backend.packed)
+            plan_window(list(self._calls.values()), self.window_rows, batching, self.backend.packed)
         )
 
     def _next_pass(self) -> _Pass | None:
@@ -490,6 +581,8 @@ class Scheduler:
         """Counters since start, the queue now, and what they imply (padding efficiency, waits)."""
         with self._cond:
             out = self._stats.report()
+            out["max_batch_tokens_now"] = self.budget.current
+            out["device_fault"] = int(self.fault is not None)
             out["queue_calls"] = sum(1 for c in self._calls.values() if c.queued_rows)
             out["queue_inputs"] = self._queued_inputs
             out["queue_tokens"] = self._queued_tokens

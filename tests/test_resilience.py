@@ -1,4 +1,5 @@
-"""Serve autoscaling under a burst, overload answered fast, and a replica killed mid-load (real Ray)."""
+"""Serve autoscaling under a burst, overload answered fast, a replica killed mid-load, an input that kills
+replicas, and a replica whose device failed for good replaced through its health check (real Ray)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.conftest import (
     serve_app,
     write_models_config,
 )
-from tests.fatal_module import build_fatal_bge
+from tests.fatal_module import build_fatal_bge, build_poisoned_context_bge
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -39,7 +40,12 @@ def fatal_bge_dir(tmp_path_factory, tiny_bge_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_bge_dir, fatal_bge_dir):
+def poisoned_context_bge_dir(tmp_path_factory, tiny_bge_dir) -> str:
+    return build_poisoned_context_bge(tiny_bge_dir, tmp_path_factory.mktemp("poisoned-context-bge"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_bge_dir, fatal_bge_dir, poisoned_context_bge_dir):
     import ray
     from ray import serve
 
@@ -71,6 +77,8 @@ def service(tmp_path_factory, tiny_bge_dir, fatal_bge_dir):
                     },
                 ),
                 model("fatal", fatal_bge_dir, trust_remote_code=True),  # "volcano" kills its replica
+                # "volcano" poisons its replica's (pretend) CUDA context: the error CUDA raises, for good
+                model("cursed", poisoned_context_bge_dir, trust_remote_code=True),
             ],
         }
         url = serve_app(write_models_config(tmp_path_factory.mktemp("cfg") / "models.yaml", config))
@@ -215,3 +223,35 @@ def test_an_input_that_kills_replicas_is_found_and_refused_alone(service, tiny_b
     assert resp.status_code == 200, resp.text
     got = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
     assert ((got * reference.encode(safe)).sum(1)).min() >= 0.9999
+
+
+def test_a_replica_whose_device_failed_for_good_is_replaced_through_its_health_check(service, tiny_bge_dir):
+    """The first replica the input poisons fails its health check and Serve replaces it; the call waits for
+    the replacement (the faulted replica refuses at once, computing nothing), which the input poisons too:
+    two replicas lost, so the input is refused, naming it. A fresh replica then serves other texts."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("cursed", "embeddings")
+    first = handle.info.remote().result()["replica_id"]
+    body = {"input": ["a volcano erupts"], "model": "cursed"}
+    resp = httpx.post(f"{service['url']}/v1/embeddings", json=body, timeout=240)
+    assert resp.status_code == 500, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "model_error" and error["message"].startswith("input[0] was refused"), error
+    assert "device failed" in error["message"]
+
+    def replaced() -> bool:
+        if running_replicas("cursed") != 1:
+            return False
+        try:
+            return handle.info.remote().result(timeout_s=10)["replica_id"] != first
+        except Exception:  # noqa: BLE001 - a replica on its way out
+            return False
+
+    wait_for(replaced, 120, "a fresh replica in place of the faulted ones")
+    reference = SentenceTransformer(tiny_bge_dir, device="cpu")
+    body = {"input": ["Marie Curie", "Warsaw"], "model": "cursed"}
+    resp = httpx.post(f"{service['url']}/v1/embeddings", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    got = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
+    assert ((got * reference.encode(body["input"])).sum(1)).min() >= 0.9999

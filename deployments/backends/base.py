@@ -66,6 +66,15 @@ class EmbeddingBackend(ABC):
     def init_thread(self) -> None:  # noqa: B027 - a hook: most runtimes need nothing per thread
         """Called on each thread the engine tokenises or runs passes on (torch counts threads per thread)."""
 
+    def release_memory(self) -> None:
+        """After a pass ran out of device memory: hand the allocator's cached blocks back, so the smaller
+        passes that follow find room. On CUDA that is torch's cache; elsewhere there is nothing to free."""
+        if getattr(self.device, "type", self.device) != "cuda":
+            return
+        import torch
+
+        torch.cuda.empty_cache()
+
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype: the configured one on GPU; float32 on CPU, where a bf16 pass is run by autocast
