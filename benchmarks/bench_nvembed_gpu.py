@@ -8,9 +8,15 @@ length-sorted fixed-size padded batches), the engine padded, and the engine pack
 varlen on CUDA); the golden fixture's agreement is printed for each layout first. Without CUDA (or
 with --tiny) it runs the tiny fixture shape on CPU as a smoke check.
 
+Honest by construction: each path runs ``--repeats`` times, the paths alternating in order, and the table
+gives the min and median; passes, real and padded tokens are the engine's own counters for the run (not
+a plan recomputed beside it); a pass that fails (or ran out of memory and was split), and any row that is
+missing or not finite, fails the whole run with its reason and a non-zero exit, never a fast number.
+
     python benchmarks/bench_nvembed_gpu.py                      # full size on the GPU, bf16
     python benchmarks/bench_nvembed_gpu.py --tiny               # CPU smoke check
     python benchmarks/bench_nvembed_gpu.py --max-batch-tokens 32768
+    python benchmarks/bench_nvembed_gpu.py --tiny --inject-fault   # must fail: the check of the checks
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +34,6 @@ import torch
 
 from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, random_nvembed
-from deployments.batching import plan_micro_batches
 from deployments.config import Batching
 from deployments.embed_options import EmbedOptions
 from deployments.engine import EmbedCall, EmbeddingEngine
@@ -101,14 +108,70 @@ def fixture_agreement(device: torch.device) -> list[str]:
     return lines
 
 
-def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> list[list[int]]:
-    """The issue's reference: a plain loop over length-sorted, fixed-size, padded batches.
-    Returns the lengths in each batch it ran."""
+class BenchmarkFailed(RuntimeError):
+    """A timed run that did not compute what it was asked: its number would be a lie."""
+
+
+def check_vectors(vectors: np.ndarray, rows: int, dimension: int, what: str) -> None:
+    if vectors.shape != (rows, dimension):
+        raise BenchmarkFailed(f"{what}: {vectors.shape} vectors for {rows} texts of dimension {dimension}")
+    bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+    if bad:
+        raise BenchmarkFailed(f"{what}: {bad} of {rows} rows came back non-finite")
+
+
+def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> tuple[int, int, int]:
+    """The issue's reference: a plain loop over length-sorted, fixed-size, padded batches, every output
+    checked. Returns (passes, real tokens, padded tokens)."""
     items = sorted(backend.tokenize(texts, ""), key=lambda it: it.length)
     backend.packed = False
+    real = padded = 0
     for i in range(0, len(items), rows):
-        backend.forward(items[i : i + rows])
-    return [[it.length for it in items[i : i + rows]] for i in range(0, len(items), rows)]
+        batch = items[i : i + rows]
+        check_vectors(backend.forward(batch), len(batch), backend.dimension, "reference loop")
+        real += sum(it.length for it in batch)
+        padded += len(batch) * max(it.length for it in batch)
+    return -(-len(items) // rows), real, padded
+
+
+def engine_run(engine: EmbeddingEngine, texts: list[str]) -> tuple[int, int, int]:
+    """One call of every text through the engine, its answer checked; (passes, real, padded tokens) from
+    the engine's own counters."""
+    before = engine.stats()
+    (result,) = engine.run([EmbedCall(texts, EmbedOptions(normalize=True))])
+    after = engine.stats()
+    if isinstance(result, Exception):
+        raise BenchmarkFailed(f"engine: the call failed: {result!r}")
+    check_vectors(result.vectors, len(texts), engine.backend.dimension, "engine")
+    if after["out_of_memory_passes"] > before["out_of_memory_passes"]:
+        raise BenchmarkFailed("engine: a pass ran out of device memory and was run again split")
+    delta = {k: after[k] - before[k] for k in ("forward_passes", "real_tokens", "padded_tokens")}
+    return delta["forward_passes"], delta["real_tokens"], delta["padded_tokens"]
+
+
+def record_passes(backend: NVEmbedBackend) -> list[list[int]]:
+    """The lengths of every forward pass the backend actually runs, appended as they run (for FLOPs)."""
+    forward, passes = backend.forward, []
+
+    def recording(items):
+        passes.append([it.length for it in items])
+        return forward(items)
+
+    backend.forward = recording
+    return passes
+
+
+def inject_fault(backend: NVEmbedBackend, after_passes: int) -> None:
+    """From the ``after_passes``-th forward pass on, every pass fails (a device that went bad mid-run)."""
+    forward, calls = backend.forward, [0]
+
+    def failing(items):
+        calls[0] += 1
+        if calls[0] > after_passes:
+            raise RuntimeError("injected fault (--inject-fault)")
+        return forward(items)
+
+    backend.forward = failing
 
 
 def main() -> None:
@@ -123,6 +186,10 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=512)
     parser.add_argument(
         "--reference-rows", type=int, default=64, help="batch size of the plain sorted-loop reference"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path, alternating")
+    parser.add_argument(
+        "--inject-fault", action="store_true", help="every pass fails after the warm-up: the run must fail"
     )
     args = parser.parse_args()
 
@@ -158,46 +225,49 @@ def main() -> None:
     ceiling = matmul_ceiling(device, dtype, 256 if tiny else 8192)
     params = sum(p.numel() for p in model.parameters()) / 1e9
 
-    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], EmbedOptions(normalize=True))])  # warm-up
-    backend.packed = True
-    engine.run([EmbedCall(workloads["(a) kt_gen-like mix"][:64], EmbedOptions(normalize=True))])
+    warm = workloads["(a) kt_gen-like mix"][:64]
+    for packed in (False, True):
+        backend.packed = packed
+        engine_run(engine, warm)
+    if args.inject_fault:
+        inject_fault(backend, after_passes=2)
+    ran = record_passes(backend)
     rows = []
+    paths = ("reference", "padded", "packed")
     for name, texts in workloads.items():
-        lengths = [it.length for it in backend.tokenize(texts, "")]
-        reference_speed = None
-        for path in ("reference", "padded", "packed"):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            t0 = time.perf_counter()
-            if path == "reference":
-                batches = reference_loop(backend, texts, args.reference_rows)
-            else:
-                backend.packed = path == "packed"
-                engine.run([EmbedCall(texts, EmbedOptions(normalize=True))])
-            sync(device)
-            wall = time.perf_counter() - t0
-            if path != "reference":  # the engine's own plan, recomputed outside the timed region
-                plan = plan_micro_batches(
-                    lengths,
-                    batching.max_batch_tokens,
-                    batching.max_batch_size,
-                    batching.forward_overhead_tokens,
-                    packed=backend.packed,
-                )
-                batches = [[lengths[i] for i in b] for b in plan.batches]
-            real = sum(map(sum, batches))
-            padded = real if path == "packed" else sum(len(b) * max(b) for b in batches)
-            passes = len(batches)
-            plan_flops = sum(flops_per_pass(config, b, packed=path == "packed") for b in batches)
-            speed = real / wall
-            reference_speed = reference_speed or speed
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        walls: dict[str, list[float]] = {path: [] for path in paths}
+        counts: dict[str, tuple[int, int, int]] = {}
+        peaks: dict[str, float] = {}
+        flops: dict[str, float] = {}
+        for repeat in range(args.repeats):
+            for path in paths[repeat % 3 :] + paths[: repeat % 3]:  # each path first, middle and last
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(device)
+                ran.clear()
+                t0 = time.perf_counter()
+                if path == "reference":
+                    counts[path] = reference_loop(backend, texts, args.reference_rows)
+                else:
+                    backend.packed = path == "packed"
+                    counts[path] = engine_run(engine, texts)
+                sync(device)
+                walls[path].append(time.perf_counter() - t0)
+                flops[path] = sum(flops_per_pass(config, lens, packed=path == "packed") for lens in ran)
+                if len(ran) != counts[path][0]:
+                    raise BenchmarkFailed(f"{path}: {len(ran)} passes ran, counted {counts[path][0]}")
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                peaks[path] = max(peaks.get(path, 0.0), peak)
+        reference_speed = counts["reference"][1] / statistics.median(walls["reference"])
+        for path in paths:
+            passes, real, padded = counts[path]
+            best, median = real / min(walls[path]), real / statistics.median(walls[path])
             label = f"reference ({args.reference_rows} rows)" if path == "reference" else path
+            tflops = flops[path] / statistics.median(walls[path]) / 1e12
             rows.append(
-                f"| {name} | {label} | {len(texts)} | {real / len(texts):.1f} | {speed:,.0f} | "
-                f"{speed / reference_speed:.2f}x | {real / padded:.2f} | {passes} | "
-                f"{plan_flops / wall / 1e12:.1f} | {peak:.1f} |"
+                f"| {name} | {label} | {len(texts)} | {real / len(texts):.1f} | {median:,.0f} | "
+                f"{best:,.0f} | {median / reference_speed:.2f}x | {real / padded:.2f} | {passes} | "
+                f"{tflops:.1f} | {peaks[path]:.1f} |"
             )
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
@@ -208,12 +278,16 @@ def main() -> None:
         f"dense matmul ceiling {ceiling:.1f} TFLOP/s\n"
     )
     print(
-        "| workload | path | texts | mean tokens | real tokens/s | vs reference | padding eff. | passes "
-        "| TFLOP/s | peak GiB |"
+        f"| workload | path | texts | mean tokens | real tokens/s, median of {args.repeats} | best | "
+        "vs reference (medians) | padding eff. | passes (engine's own) | TFLOP/s (median) | peak GiB |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchmarkFailed as failure:
+        print(f"\nBENCHMARK FAILED: {failure}", file=sys.stderr)
+        raise SystemExit(1) from None
