@@ -128,7 +128,11 @@ def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> tupl
     real = padded = 0
     for i in range(0, len(items), rows):
         batch = items[i : i + rows]
-        check_vectors(backend.forward(batch), len(batch), backend.dimension, "reference loop")
+        try:
+            vectors = backend.forward(batch)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run, with its reason
+            raise BenchmarkFailed(f"reference loop: a pass failed: {exc!r}") from exc
+        check_vectors(vectors, len(batch), backend.dimension, "reference loop")
         real += sum(it.length for it in batch)
         padded += len(batch) * max(it.length for it in batch)
     return -(-len(items) // rows), real, padded
