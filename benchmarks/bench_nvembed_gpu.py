@@ -260,8 +260,8 @@ def main() -> None:
                 flops[path] = sum(flops_per_pass(config, lens, packed=path == "packed") for lens in ran)
                 if len(ran) != counts[path][0]:
                     raise BenchmarkFailed(f"{path}: {len(ran)} passes ran, counted {counts[path][0]}")
-                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-                peaks[path] = max(peaks.get(path, 0.0), peak)
+                if device.type == "cuda":
+                    peaks[path] = max(peaks.get(path, 0.0), torch.cuda.max_memory_allocated() / 2**30)
         reference_speed = counts["reference"][1] / statistics.median(walls["reference"])
         for path in paths:
             passes, real, padded = counts[path]
@@ -271,7 +271,7 @@ def main() -> None:
             rows.append(
                 f"| {name} | {label} | {len(texts)} | {real / len(texts):.1f} | {median:,.0f} | "
                 f"{best:,.0f} | {median / reference_speed:.2f}x | {real / padded:.2f} | {passes} | "
-                f"{tflops:.1f} | {peaks[path]:.1f} |"
+                f"{tflops:.1f} | {f'{peaks[path]:.1f}' if path in peaks else '-'} |"
             )
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
