@@ -25,6 +25,7 @@ from deployments.config import ModelEntry
 from deployments.embed_options import EmbedOptions, EmbedResult, resolve_options
 from deployments.engine import EmbedCall, EmbeddingEngine
 from deployments.errors import quiet_client_errors
+from deployments.gpu_share import prepare_gpu, warm_up
 from deployments.metrics import ModelMetrics
 
 HEALTH_TEXT = "health check"
@@ -35,6 +36,11 @@ def _cpu_threads() -> int:
     """The CPUs Ray gave this replica (at least 1): torch and OpenVINO would otherwise take every core."""
     assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     return max(1, int(assigned))
+
+
+def _gpu_fraction() -> float:
+    """The GPUs Ray gave this replica: a fraction of one on shared placements."""
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))
 
 
 class ModelServer:
@@ -50,12 +56,13 @@ class ModelServer:
             )
         else:
             log.info("%s: allocator %s", self.entry.name, self.allocator)
-        self.backend = load_backend(
-            self.entry,
-            use_gpu=bool(ray.get_gpu_ids()),
-            base_dir=Path(config_dir) if config_dir else None,
-            threads=_cpu_threads(),
-        )
+        use_gpu = bool(ray.get_gpu_ids())
+        base_dir = Path(config_dir) if config_dir else None
+        if use_gpu:  # its share of the GPU checked and capped before the weights load
+            prepare_gpu(self.entry, _gpu_fraction(), base_dir)
+        self.backend = load_backend(self.entry, use_gpu=use_gpu, base_dir=base_dir, threads=_cpu_threads())
+        if getattr(self.backend.device, "type", None) == "cuda":  # an out-of-memory shows now, not in traffic
+            warm_up(self.backend, self.entry.batching, self.entry.name)
         self.engine = EmbeddingEngine(
             self.backend,
             self.entry.batching,

@@ -133,3 +133,27 @@ def test_a_poisoned_context_fails_open_calls_refuses_new_ones_and_fails_the_heal
     assert isinstance(later[0], DeviceFault)
     assert engine.stats()["device_fault"] == 1
     assert np.isfinite(first[0].vectors).all()
+
+
+def test_a_gpu_share_that_cannot_hold_the_model_is_refused_with_its_numbers():
+    from deployments.gpu_share import gpu_share_problem
+
+    assert gpu_share_problem("bge", need_gb=3.2, fraction=0.25, total_gb=24.0, free_gb=20.0) is None
+    short = gpu_share_problem("nv-embed", need_gb=19.5, fraction=0.5, total_gb=24.0, free_gb=23.0)
+    assert short is not None and "19.5 GB" in short and "0.5 of a 24.0 GB GPU (12.0 GB)" in short
+    taken = gpu_share_problem("bge", need_gb=3.2, fraction=0.25, total_gb=24.0, free_gb=2.0)
+    assert taken is not None and "only 2.0 GB" in taken and "other processes" in taken
+
+
+def test_the_warm_up_runs_the_largest_pass_the_budget_allows_and_an_oom_there_stops_the_start(minilm):
+    from deployments.gpu_share import warm_up, warmup_shape
+
+    batching = Batching(max_batch_tokens=4096, max_batch_size=256)
+    assert warmup_shape(batching, 256) == (16, 256)
+    assert warmup_shape(Batching(max_batch_tokens=4096, max_batch_size=8), 256) == (8, 256)
+    assert warmup_shape(Batching(max_batch_tokens=128, max_batch_size=8), 512) == (1, 128)
+    backend = MemoryLimitedBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
+    assert warm_up(backend, batching, "all-MiniLM-L6-v2") == (16, 256)  # 16 x 256 = the whole budget
+    backend.limit = 2048  # a "device" that holds half the budget
+    with pytest.raises(RuntimeError, match=r"16 inputs of 256 tokens, max_batch_tokens 4096\) does not fit"):
+        warm_up(backend, batching, "all-MiniLM-L6-v2")
