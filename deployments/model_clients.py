@@ -132,18 +132,18 @@ class RemoteModel:
             except ReplicaUnavailableError:  # no replica to take it yet (starting, replacing a lost one)
                 pass
             except Exception as exc:
-                if isinstance(original_error(exc), DeviceAlreadyFailed):  # refused before any work: wait
-                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-                    continue
-                if not _replica_lost(exc):
+                if isinstance(original_error(exc), DeviceAlreadyFailed):
+                    pass  # refused before any work by a replica being replaced: as above, wait
+                elif not _replica_lost(exc):
                     raise
-                losses += 1
-                logger.warning(
-                    "model %s: replica lost (%s) with a call of %d inputs on it (%d in a row)",
-                    self.deployment, _lost_how(exc), len(texts), losses,
-                )  # fmt: skip
-                if losses >= REPLICA_LOSSES_BEFORE_SPLIT:
-                    return await self._send_split(options, texts, first, losses)
+                else:
+                    losses += 1
+                    logger.warning(
+                        "model %s: replica lost (%s) with a call of %d inputs on it (%d in a row)",
+                        self.deployment, _lost_how(exc), len(texts), losses,
+                    )  # fmt: skip
+                    if losses >= REPLICA_LOSSES_BEFORE_SPLIT:
+                        return await self._send_split(options, texts, first, losses)
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
 
