@@ -105,6 +105,24 @@ def stop_local_service() -> None:
     ray.shutdown()
 
 
+def write_serve_config(path: Path, port: int, models_config: str) -> str:
+    """A Serve config file as operators write them (configs/serve.yaml's shape), on 127.0.0.1:``port``."""
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "embeddings",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "args": {"models_config": models_config},
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
 def config_with_cache(models_config: str, max_mb: float | None) -> str:
     """The models config with every model's cache set to ``max_mb`` (None: off), as a temp file."""
     data = yaml.safe_load(Path(models_config).read_text())

@@ -19,7 +19,7 @@ from deployments.config import (
 )
 from deployments.model_server import ModelDeployment
 from deployments.router import EmbeddingRouter
-from deployments.sizing import check_gpu_packing
+from deployments.sizing import check_cpu_memory, check_gpu_packing
 
 
 class AppArgs(BaseModel):
@@ -33,9 +33,9 @@ def build_app(args: AppArgs | dict) -> Application:
         args = AppArgs.model_validate(args)
     path = resolve_config_path(args.models_config)
     config = load_models_config(path)
-    packing = check_gpu_packing(config, path.parent)
-    if packing:
-        raise ConfigError(packing, str(path))
+    memory = check_gpu_packing(config, path.parent) + check_cpu_memory(config, path.parent)
+    if memory:
+        raise ConfigError(memory, str(path))
     check_backends(config, path.parent)
     local = config.in_process_entry
     embedders = {

@@ -47,6 +47,8 @@ class Placement(_Strict):
     label_selector: dict[str, str] | None = None  # Ray node labels (Ray 2.54+), e.g. {gpu-class: large}
     # Memory of one GPU of this class: fractions are bookkeeping only in Ray, so packing is checked here.
     gpu_memory_gb: float | None = Field(None, gt=0)
+    # Host memory each replica reserves (Ray's `memory` resource), checked against its model's size.
+    memory_gb: float | None = Field(None, gt=0)
 
 
 class Batching(_Strict):
@@ -57,7 +59,8 @@ class Batching(_Strict):
     # Coming out of idle, how long the model waits for more calls to share its first pass.
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     # What one extra forward pass costs, in padded tokens: the planner trades padding against passes.
-    forward_overhead_tokens: int = Field(64, ge=0)
+    # Unset: each replica measures it at load on its own model and hardware (deployments/pass_cost.py).
+    forward_overhead_tokens: int | None = Field(None, ge=0)
 
 
 class Autoscaling(_Strict):
@@ -373,6 +376,8 @@ def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]
     options: dict[str, Any] = {"num_gpus": placement.num_gpus}
     if placement.num_cpus is not None:
         options["num_cpus"] = placement.num_cpus
+    if placement.memory_gb is not None:
+        options["memory"] = int(placement.memory_gb * 1e9)
     if placement.resources:
         options["resources"] = dict(placement.resources)
     if placement.accelerator_type:

@@ -24,6 +24,7 @@ from deployments.backends.base import EmbeddingBackend, EncodedText
 from deployments.config import Batching
 from deployments.embed_options import EmbedOptions, EmbedResult
 from deployments.errors import ClientError, input_too_long
+from deployments.pass_cost import measure_backend_pass_cost
 from deployments.scheduler import Scheduler, SchedulerObserver
 
 __all__ = ["EmbedCall", "EmbedResult", "EmbeddingEngine", "cut_text", "tokenize_capped"]
@@ -92,6 +93,12 @@ class EmbeddingEngine:
         observer: SchedulerObserver | None = None,
     ):
         self.backend = backend
+        if batching.forward_overhead_tokens is None:  # measured here, on this model and this machine
+            cost = measure_backend_pass_cost(backend, batching)
+            batching = batching.model_copy(update={"forward_overhead_tokens": cost.overhead_tokens})
+            self.overhead_source = cost.describe()
+        else:
+            self.overhead_source = "config"
         self.batching = batching
         self.scheduler = Scheduler(backend, batching, observer=observer)
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize", initializer=thread_init)

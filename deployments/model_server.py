@@ -101,6 +101,8 @@ class ModelServer:
             "fidelity_worst_cosine": serving.worst_cosine,
             "serving_note": serving.note,
             "load_seconds": {k: round(v, 3) for k, v in self.backend.load_seconds.items()},
+            "forward_overhead_tokens": self.engine.batching.forward_overhead_tokens,
+            "forward_overhead_source": self.engine.overhead_source,
             "allocator": self.allocator,
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "node_id": context.get_node_id(),

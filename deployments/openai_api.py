@@ -185,7 +185,15 @@ def render_error(code: str, message: str, param: str | None = None, status: int 
 
 
 # What a replica's info() says computes its passes, repeated in /v1/models.
-SERVING_KEYS = ("runtime", "precision", "fidelity_worst_cosine", "serving_note", "allocator")
+SERVING_KEYS = (
+    "runtime",
+    "precision",
+    "fidelity_worst_cosine",
+    "serving_note",
+    "allocator",
+    "forward_overhead_tokens",
+    "forward_overhead_source",
+)
 
 
 def model_card(

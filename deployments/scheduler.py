@@ -352,6 +352,8 @@ class Scheduler:
         window_rows: int | None = None,
         observer: SchedulerObserver | None = None,
     ):
+        if batching.forward_overhead_tokens is None:
+            raise ValueError("batching.forward_overhead_tokens unresolved: EmbeddingEngine measures it")
         self.backend = backend
         self.observer: SchedulerObserver = observer or NoObserver()
         self._queued_inputs = 0  # totals over all calls, for the queue gauges

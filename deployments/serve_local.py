@@ -35,6 +35,8 @@ from pathlib import Path
 import yaml
 
 from deployments.allocator import allocator_env
+from deployments.config import ConfigError, load_models_config
+from deployments.sizing import OBJECT_STORE_PROPORTION_ENV, check_one_machine, this_machine
 
 DEFAULT_SERVE_CONFIG = "configs/local.yaml"
 # Serve's default HTTP host, where http_options does not say.
@@ -56,6 +58,10 @@ LOCAL_DRAINING_S = "2"
 # timeout (HAProxy's "timeout http-request"). An answer that takes longer is not cut: HAProxy does not
 # wait on the client then. An operator's own RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S wins.
 LOCAL_CLIENT_TIMEOUT_S = "30"
+# Ray gives its object store 30% of a node's memory by default and keeps that from the `memory` replicas
+# can reserve; this service moves only vectors through it (a full 2,048-input NV-Embed answer is 34 MB),
+# so one machine keeps 10% for it and the rest for models (NV-Embed-v2 needs 17.5 GB on a 24 GB host).
+LOCAL_OBJECT_STORE_PROPORTION = "0.1"
 
 
 def serving_env(host: str = DEFAULT_HOST) -> dict[str, str]:
@@ -66,6 +72,9 @@ def serving_env(host: str = DEFAULT_HOST) -> dict[str, str]:
     listeners on free ports of ``host``, the address the service listens on."""
     return {
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        OBJECT_STORE_PROPORTION_ENV: os.environ.get(
+            OBJECT_STORE_PROPORTION_ENV, LOCAL_OBJECT_STORE_PROPORTION
+        ),
         **allocator_env(),
         **side_ports_env(host),
         **haproxy_env(host=host),
@@ -174,10 +183,37 @@ def fill_compile_caches(serve_config: str | Path, env: dict[str, str]) -> None:
         )
 
 
+def one_machine_problems(serve_config: str | Path, env: dict[str, str]) -> list[str]:
+    """What no replica of the served models configs could get on this machine (``sizing.check_one_machine``),
+    with Ray's object store at the share ``env`` gives it; a models config that does not parse is left to
+    ``serve run``, which reports it."""
+    previous = os.environ.get(OBJECT_STORE_PROPORTION_ENV)
+    os.environ[OBJECT_STORE_PROPORTION_ENV] = env[OBJECT_STORE_PROPORTION_ENV]
+    try:
+        machine = this_machine()
+    finally:
+        if previous is None:
+            os.environ.pop(OBJECT_STORE_PROPORTION_ENV)
+        else:
+            os.environ[OBJECT_STORE_PROPORTION_ENV] = previous
+    problems = []
+    for path in models_configs(serve_config):
+        try:
+            config = load_models_config(path)
+        except ConfigError:
+            continue
+        problems += [f"{path}: {p}" for p in check_one_machine(config, machine)]
+    return problems
+
+
 def main(argv: list[str]) -> None:
     config = argv[0] if argv else DEFAULT_SERVE_CONFIG
     host = http_host(config)
     extra = serving_env(host)
+    problems = one_machine_problems(config, extra)
+    if problems:
+        print("cannot serve on this machine:\n  " + "\n  ".join(problems), file=sys.stderr, flush=True)
+        sys.exit(2)
     how = (
         "HAProxy ingress (direct to the replica)"
         if "RAY_SERVE_ENABLE_HA_PROXY" in extra

@@ -85,7 +85,7 @@ class MemoryLimitedBackend(SentenceTransformersBackend):
 def test_out_of_memory_splits_the_pass_shrinks_the_budget_and_fails_only_an_input_too_big_alone(minilm):
     backend = MemoryLimitedBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
     backend.limit = 200  # padded tokens: a 256-token input cannot fit even alone
-    engine = EmbeddingEngine(backend, Batching(max_batch_tokens=4096, max_batch_size=256))
+    engine = EmbeddingEngine(backend, Batching(max_batch_tokens=4096, forward_overhead_tokens=64))
     bulk, single, too_big = short_mix(60, seed=5), ["Marie Curie"], ["alpha " * 300]
     results = engine.run([EmbedCall(bulk, OPTIONS), EmbedCall(too_big, OPTIONS), EmbedCall(single, OPTIONS)])
     assert worst_cosine(results[0].vectors, minilm.encode(bulk)) >= 0.99999
@@ -120,7 +120,7 @@ class PoisoningBackend(SentenceTransformersBackend):
 
 def test_a_poisoned_context_fails_open_calls_refuses_new_ones_and_fails_the_health_check():
     backend = PoisoningBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
-    engine = EmbeddingEngine(backend, Batching(max_batch_tokens=4096, max_batch_size=256))
+    engine = EmbeddingEngine(backend, Batching(max_batch_tokens=4096, forward_overhead_tokens=64))
     assert engine.health() is None
     first = engine.run([EmbedCall(["Warsaw"], OPTIONS)])
     assert first[0].vectors.shape == (1, 384)

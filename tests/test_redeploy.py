@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 
+from benchmarks.common import write_serve_config
 from tests.conftest import (
     deploy_app,
     free_port,
@@ -102,24 +102,6 @@ def test_a_redeploy_under_load_answers_every_request_exactly(tmp_path_factory, t
         ray.shutdown()
 
 
-def serve_config(path: Path, port: int, models_config: str) -> str:
-    """A Serve config file as operators write them (configs/serve.yaml's shape)."""
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "embeddings",
-                "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "args": {"models_config": models_config},
-            }
-        ],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def test_serve_deploy_of_a_changed_config_answers_every_request(tmp_path_factory, tmp_path, minilm):
     """The same through the operator's command: ``serve deploy`` to the cluster's dashboard address."""
     from ray import serve
@@ -135,7 +117,7 @@ def test_serve_deploy_of_a_changed_config_answers_every_request(tmp_path_factory
         v2 = write_config(tmp_path / "v2.yaml", replicas=2, aliases=["semantic_dedup", "tree_comm"])
 
         def deploy(models_config: str, version: str) -> None:
-            config = serve_config(tmp_path / f"serve-{version}.yaml", port, models_config)
+            config = write_serve_config(tmp_path / f"serve-{version}.yaml", port, models_config)
             command = [serve_bin, "deploy", config, "--address", address]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stderr[-2000:]

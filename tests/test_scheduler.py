@@ -175,7 +175,7 @@ def test_without_newcomers_shortest_remaining_goes_first():
 
 def test_a_failing_row_fails_only_its_call_and_names_the_input():
     backend = CountingBackend(poison=5000)
-    s = Scheduler(backend, Batching(max_batch_tokens=1000, max_batch_size=64))
+    s = Scheduler(backend, Batching(max_batch_tokens=1000, max_batch_size=64, forward_overhead_tokens=64))
     good = Caller(s, [4, 6], first_id=10)
     bad = Caller(s, [5, 5, 5], first_id=4998)  # its third input (id 5000) poisons any pass it is in
     other = Caller(s, [7], first_id=20)
@@ -297,7 +297,8 @@ def test_the_queue_is_planned_as_one_request_would_be():
 
 def test_a_window_smaller_than_the_queue_still_keeps_the_budget():
     backend = CountingBackend()
-    s = Scheduler(backend, Batching(max_batch_tokens=64, max_batch_size=4), window_rows=6)
+    b = Batching(max_batch_tokens=64, max_batch_size=4, forward_overhead_tokens=64)
+    s = Scheduler(backend, b, window_rows=6)
     big, small = Caller(s, list(range(1, 31)), first_id=1000), Caller(s, [5, 6], first_id=1)
     drain(s)
     assert small.answered_after == 1

@@ -66,3 +66,47 @@ def test_the_service_address_comes_from_the_serve_config(tmp_path: Path):
     config.write_text("applications: []\n")
     assert http_host(config) == "127.0.0.1"  # Serve's default
     assert http_host(tmp_path / "missing.yaml") == "127.0.0.1"
+
+
+def test_a_config_this_machine_cannot_place_is_refused_before_ray_starts(tmp_path: Path):
+    """A model asking for more CPUs than any machine has: before, Serve started, the router answered
+    /v1/models and the replica waited forever; now `make serve` names the clash and exits. (The sum over
+    replicas, the case of the shipped 2-CPU placement twice on 2 cores: tests/test_sizing.py.)"""
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    data = yaml.safe_load((REPO / "configs" / "models.local.yaml").read_text())
+    data["placements"]["huge"] = {"num_cpus": 100000}
+    data["models"].append({**data["models"][0], "name": "second", "aliases": [], "placement": "huge"})
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump(data))
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(
+        yaml.safe_dump(
+            {
+                "http_options": {"host": "127.0.0.1", "port": 8000},
+                "applications": [
+                    {
+                        "name": "e",
+                        "import_path": "deployments.app:build_app",
+                        "args": {"models_config": str(models)},
+                    }
+                ],
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "deployments.serve_local", str(serve)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "EMBEDDINGS_HAPROXY": "0"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot serve on this machine" in done.stderr
+    assert "placements.huge.num_cpus: models[1] (second) asks for 100000 per replica" in done.stderr
+    assert "ray" not in done.stdout.lower()

@@ -86,7 +86,7 @@ def write_config(path: Path, tiny_bge_dir: str, in_process: bool) -> Path:
             "aliases": ["nvidia/NV-Embed-v2"],
             "source": str(NVEMBED_FIXTURE),
             "backend": "nvembed",
-            "dtype": "bfloat16",  # CPU runs float32 whatever the config says
+            "dtype": "float32",  # exactly the published reference (bf16 keeps 16-bit weights on CPU too)
             "max_seq_length": 4096,
             "prompts": {
                 "query": NV_CASES["query_instruction_batch"]["instruction"],

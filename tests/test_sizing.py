@@ -11,7 +11,15 @@ from deployments.config import (
     parse_models_config,
     router_options,
 )
-from deployments.sizing import check_gpu_packing, replica_gpu_memory_gb
+from deployments.sizing import (
+    Machine,
+    check_cpu_memory,
+    check_gpu_packing,
+    check_one_machine,
+    model_size,
+    replica_cpu_memory,
+    replica_gpu_memory_gb,
+)
 from tests.conftest import REPO
 
 BASE = {
@@ -96,3 +104,99 @@ def test_ray_options_carry_the_placement_and_backpressure():
     # more in and never refuses.
     assert router["max_ongoing_requests"] == 1024 + 2048 + ROUTER_HEADROOM
     assert router["max_queued_requests"] == -1 and "backpressure_config" not in router
+
+
+# ------------------------------------------------------------------------------- host memory, one machine
+
+NVEMBED_FIXTURE = REPO / "tests" / "fixtures" / "nvembed-tiny"
+GB_LAPTOP = Machine(cpus=2, gpus=0, memory_gb=20.0)
+
+
+def cpu_config(memory_gb=None, source=None, **model):
+    placement = {"num_cpus": 2, **({"memory_gb": memory_gb} if memory_gb is not None else {})}
+    entry = {
+        "name": "nv",
+        "source": source or str(NVEMBED_FIXTURE),
+        "backend": "nvembed",
+        "dtype": "bfloat16",
+        "max_seq_length": 4096,
+        "placement": "cpu",
+        "batching": {"max_batch_tokens": 4096},
+        **model,
+    }
+    return parse_models_config({"default_model": "nv", "placements": {"cpu": placement}, "models": [entry]})
+
+
+def test_sizes_come_from_safetensors_headers(tmp_path):
+    """Counted from the headers (every float tensor), not guessed from file sizes and a dtype."""
+    from safetensors.torch import load_file
+
+    expected = sum(t.numel() for t in load_file(NVEMBED_FIXTURE / "model.safetensors").values())
+    size = model_size(cpu_config().models[0])
+    assert size is not None and round(size.params_billion * 1e9) == expected and size.hidden_size == 64
+
+
+def test_full_size_nvembed_on_cpu_is_sized_in_bf16():
+    """The published NV-Embed-v2 on a CPU replica: bf16 weights (15.7 GB), never a float32 copy."""
+    config = cpu_config(source="nvidia/NV-Embed-v2")
+    need = replica_cpu_memory(config.models[0])
+    assert need is not None and need.dtype == "bfloat16"
+    assert 15.6 < need.weights < 15.8 and need.total == 17.5  # + 0.8 GB activations at 4096 tokens + 1 GB
+
+
+def test_a_cpu_placement_too_small_for_its_model_is_refused():
+    assert check_cpu_memory(cpu_config(memory_gb=17.5, source="nvidia/NV-Embed-v2")) == []
+    problems = check_cpu_memory(cpu_config(memory_gb=16, source="nvidia/NV-Embed-v2"))
+    assert problems == [
+        "placements.cpu.memory_gb: 16 GB per replica, but models[0] (nv) needs about 17.5 GB (weights "
+        "15.7 GB in bfloat16 + activations 0.8 GB at max_batch_tokens + 1 GB runtime); raise memory_gb or "
+        "lower the model's batching.max_batch_tokens"
+    ]
+    # Ray's memory resource carries the reservation.
+    config = cpu_config(memory_gb=17.5)
+    assert deployment_options(config, config.models[0])["ray_actor_options"]["memory"] == 17_500_000_000
+
+
+def test_unknown_models_on_a_memory_checked_cpu_placement_must_be_local():
+    problems = check_cpu_memory(cpu_config(memory_gb=4, source="someone/unknown-model"))
+    assert problems and problems[0].startswith("models[0] (nv).source: cannot size 'someone/unknown-model'")
+
+
+def test_one_machine_refuses_a_replica_it_cannot_place():
+    """The case a user met: a second model with the shipped 2-CPU placement beside the in-process one."""
+    config = load_models_config(REPO / "configs" / "models.local.yaml")
+    assert check_one_machine(config, GB_LAPTOP) == []
+    data = config.model_dump(exclude_unset=True)
+    second = {**data["models"][0], "name": "second", "aliases": []}
+    data["models"].append(second)
+    problems = check_one_machine(parse_models_config(data), GB_LAPTOP)
+    assert problems == [
+        "placements: the replicas ask for 4 of CPUs in all (models[1] (second) 1 x 2 + router (runs "
+        "all-MiniLM-L6-v2) 1 x 2), this machine has 2: some would wait forever; lower num_cpus / "
+        "num_replicas or serve on a cluster"
+    ]
+
+
+def test_one_machine_refuses_more_than_it_has_of_anything():
+    big = check_one_machine(cpu_config(memory_gb=30), GB_LAPTOP)
+    assert big == [
+        "placements.cpu.memory_gb: models[0] (nv) asks for 30 GB per replica, Ray offers 20 GB for replicas "
+        "on this machine (available memory less the object store's share, "
+        "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION)"
+    ]
+    cpus = check_one_machine(cpu_config(), Machine(cpus=1, gpus=0, memory_gb=20))
+    assert cpus == ["placements.cpu.num_cpus: models[0] (nv) asks for 2 per replica, this machine has 1"]
+    production = check_one_machine(load_models_config(REPO / "configs" / "models.yaml"), GB_LAPTOP)
+    assert (
+        "placements.large_gpu.num_gpus: models[0] (NV-Embed-v2) asks for 1 per replica, this machine has 0"
+        in (production)
+    )
+    assert any(p.startswith("placements.small_gpu.resources.small_gpu:") for p in production)
+
+
+def test_the_shipped_configs_pass_the_memory_checks():
+    for name in ("models.local.yaml", "models.local-exact.yaml", "models.yaml"):
+        config = load_models_config(REPO / "configs" / name)
+        assert check_cpu_memory(config) == [] and check_gpu_packing(config) == [], name
+    for name in ("models.local.yaml", "models.local-exact.yaml"):
+        assert check_one_machine(load_models_config(REPO / "configs" / name), GB_LAPTOP) == [], name

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from deployments.backends.base import EmbeddingBackend, EncodedText, pad_right, torch_dtype
+from deployments.backends.base import EmbeddingBackend, EncodedText, ServingPath, pad_right
 from deployments.backends.fidelity import worst_cosine
 from deployments.backends.nvembed_model import NVEmbedModel, build_nvembed, flash_varlen_supported
+from deployments.backends.precision import cpu_bf16
 from deployments.errors import ClientError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,25 @@ def load_nvembed_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     tokenizer.pad_token = tokenizer.eos_token  # the published code pads with EOS, on the right
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def nvembed_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """NV-Embed's weights are held in the configured dtype on every device, CPU included: unlike the small
+    models (float32 weights, bf16 autocast: ``precision.py``), 7.85B parameters in float32 (31.4 GB) do
+    not fit the hosts it runs on beside their 16-bit copy, and a 16-bit copy is all a pass reads. On a CPU
+    without bf16 or fp16 instructions the matmuls are emulated (slow); the note says so."""
+    weights = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if device.type != "cpu" or dtype == "float32":
+        return weights, ""
+    has_bf16, evidence = cpu_bf16()
+    if dtype == "bfloat16" and has_bf16:
+        return weights, ""
+    if dtype == "bfloat16":
+        return weights, f"bfloat16 weights on a CPU without bf16 instructions ({evidence}): emulated, slow"
+    return (
+        weights,
+        "float16 weights on a CPU: its matmuls are emulated (slow); bfloat16 is the CPU's 16-bit type",
+    )
 
 
 class InstructionLengths:
@@ -153,8 +173,13 @@ class NVEmbedBackend(EmbeddingBackend):
         problems = InstructionLengths(tokenizer).check_room(prompts or {}, max_seq_length)
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
-        model = build_nvembed(path, device, torch_dtype(dtype, device))
-        return cls(model, tokenizer, max_seq_length=max_seq_length, packed=packed, threads=threads)
+        weights, note = nvembed_dtype(dtype, device)
+        if note:
+            log.warning("%s: %s", source, note)
+        model = build_nvembed(path, device, weights)
+        backend = cls(model, tokenizer, max_seq_length=max_seq_length, packed=packed, threads=threads)
+        backend.serving = ServingPath("torch", str(weights).removeprefix("torch."), note=note)
+        return backend
 
     def init_thread(self) -> None:
         torch.set_num_threads(self.threads)

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from transformers import AttentionInterface, MistralConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -42,6 +41,8 @@ from transformers.models.mistral.modeling_mistral import (
     MistralRMSNorm,
     MistralRotaryEmbedding,
 )
+
+from deployments.backends.safetensors_files import checkpoint_shards, iter_tensors
 
 _TEXT_CONFIG_IGNORED = {"model_type", "_name_or_path", "architectures", "torch_dtype", "dtype", "auto_map"}
 
@@ -330,43 +331,30 @@ class NVEmbedModel(nn.Module):
         return self.latent_attention_model.forward_packed(hidden, pool_mask, text_index, len(cu_seqlens) - 1)
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-
-
 def load_nvembed_weights(
     model: NVEmbedModel, path: str | Path, device: torch.device, dtype: torch.dtype
 ) -> None:
-    """Load every checkpoint tensor straight onto ``device`` in ``dtype``, one tensor at a time.
+    """Load every checkpoint tensor onto ``device`` in ``dtype``, one tensor at a time.
 
     The model is expected on the meta device (no memory); parameters are replaced, not copied into, so
-    no float32 copy of the weights ever exists. Names and shapes are checked both ways.
+    the weights exist once, in ``dtype``: no float32 copy, no memory-mapped file held beside them
+    (``safetensors_files``). Names and shapes are checked both ways.
     """
     expected = dict(model.named_parameters())
     seen: set[str] = set()
     problems: list[str] = []
-    for file in _checkpoint_files(Path(path)):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                if name not in expected:
-                    problems.append(f"unexpected tensor {name!r} in {file.name}")
-                    continue
-                tensor = f.get_tensor(name)
-                want = tuple(expected[name].shape)
-                if tuple(tensor.shape) != want:
-                    problems.append(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {want}")
-                    continue
-                module_name, _, leaf = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                setattr(module, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))
-                seen.add(name)
+    for file in checkpoint_shards(path):
+        for name, tensor in iter_tensors(file, device, dtype):
+            if name not in expected:
+                problems.append(f"unexpected tensor {name!r} in {file.name}")
+                continue
+            want = tuple(expected[name].shape)
+            if tuple(tensor.shape) != want:
+                problems.append(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {want}")
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+            seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
