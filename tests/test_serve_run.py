@@ -64,6 +64,9 @@ def test_serve_run_serves_the_packaged_minilm(served, minilm):
     assert (models[0]["runtime"], models[0]["precision"]) == ("openvino", "bfloat16" if bf16 else "float32")
     assert models[0]["fidelity_worst_cosine"] >= 0.9999
     assert (CPU_BF16_ENV in models[0]["serving_note"]) == (served == "no-bf16")
+    # The per-pass fixed cost: configs/models.local.yaml leaves it to the replica, which measured it.
+    assert models[0]["forward_overhead_source"].startswith("measured at load: ")
+    assert 0 <= models[0]["forward_overhead_tokens"] < 4096
     jemalloc = find_jemalloc()
     assert models[0]["allocator"] == (f"jemalloc ({jemalloc})" if jemalloc else "glibc malloc")
     assert httpx.get(f"{URL}/health", timeout=30).json()["status"] == "ok"

@@ -92,7 +92,7 @@ class OpenVINOBackend(EmbeddingBackend):
 
     def worst_probe_cosine(self) -> float:
         """The fidelity gate's figure: this graph at this precision against the stored float32 vectors."""
-        items = self.tokenize(probe_texts(self.max_seq_length), "")
+        items = self.tokenize(self.pipeline.probes, "")
         reference = self.pipeline.reference
         return probe_worst_cosine(
             lambda rows: self.forward([items[i] for i in rows]),
@@ -133,27 +133,41 @@ def load_openvino(
             log.warning("%s: %s", source, note)
             exact.serving = ServingPath("torch", "float32", None, note)
             return exact
-    compiling = time.perf_counter()
-    backend = OpenVINOBackend(pipeline, precision=precision, threads=threads, how=how)
-    load_seconds["openvino"] = time.perf_counter() - compiling
-    log.info("%s: %s", source, backend.serving_how)
-    gating = time.perf_counter()
-    worst = backend.worst_probe_cosine()
-    load_seconds["fidelity gate"] = time.perf_counter() - gating
-    if worst >= fidelity_min_cosine:
-        log.info("%s: serving openvino %s (worst probe cosine %.7f) after %.2f s", source, precision.compute,
-                 worst, time.perf_counter() - started)  # fmt: skip
-        backend.serving = ServingPath("openvino", precision.compute, worst, precision.note)
-        backend.load_seconds = load_seconds
-        return backend
-    note = (
-        f"openvino {precision.compute} gave worst cosine {worst:.6f} to torch float32 on the fidelity "
-        f"probes, below fidelity_min_cosine {fidelity_min_cosine}: serving torch float32"
-    )
+    # The fastest path that holds the bound: OpenVINO at the configured precision, OpenVINO float32, then
+    # torch float32 (the reference itself).
+    tries = [precision]
+    if precision.compute != "float32":
+        tries.append(Precision("float32", precision.note))
+    misses: list[str] = []
+    first_worst = None
+    for attempt in tries:
+        compiling = time.perf_counter()
+        backend = OpenVINOBackend(pipeline, precision=attempt, threads=threads, how=how)
+        load_seconds[f"openvino {attempt.compute}"] = time.perf_counter() - compiling
+        log.info("%s: %s", source, backend.serving_how)
+        gating = time.perf_counter()
+        worst = backend.worst_probe_cosine()
+        load_seconds[f"fidelity gate {attempt.compute}"] = time.perf_counter() - gating
+        first_worst = worst if first_worst is None else first_worst
+        if worst >= fidelity_min_cosine:
+            log.info("%s: serving openvino %s (worst probe cosine %.7f) after %.2f s", source,
+                     attempt.compute, worst, time.perf_counter() - started)  # fmt: skip
+            note = attempt.note
+            if misses:
+                note = "; ".join(misses) + f": serving openvino {attempt.compute}"
+                log.warning("%s: %s", source, note)
+            backend.serving = ServingPath("openvino", attempt.compute, worst, note)
+            backend.load_seconds = load_seconds
+            return backend
+        misses.append(
+            f"openvino {attempt.compute} gave worst cosine {worst:.6f} to torch float32 on the "
+            f"{len(pipeline.probes)} fidelity probes, below fidelity_min_cosine {fidelity_min_cosine}"
+        )
+    note = "; ".join(misses) + ": serving torch float32"
     log.warning("%s: %s", source, note)
     if exact is None:
         exact = _exact(source, max_seq_length, threads, trust_remote_code)
-    exact.serving = ServingPath("torch", "float32", worst, note)
+    exact.serving = ServingPath("torch", "float32", first_worst, note)
     return exact
 
 
@@ -230,7 +244,7 @@ def _pipeline_of(model: SentenceTransformersBackend) -> OpenVINOPipeline | None:
     if tokenizer is None:
         return None
     example = pad_arrays(model.tokenize(probe_texts(8)[:3], ""), model.pad_values)
-    probes = probe_texts(model.max_seq_length)
+    probes = model.probes
     reference = np.concatenate([model.forward(model.tokenize([text], "")) for text in probes])
     return OpenVINOPipeline(
         model=convert(model.model, example),
@@ -239,5 +253,6 @@ def _pipeline_of(model: SentenceTransformersBackend) -> OpenVINOPipeline | None:
         pad_token_id=int(model.pad_values["input_ids"]),
         dimension=model.dimension,
         max_seq_length=model.max_seq_length,
+        probes=probes,
         reference=reference.astype(np.float32),
     )

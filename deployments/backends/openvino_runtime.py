@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bumped whenever what an entry holds or how the graph is traced changes: older entries are not read.
-ENTRY_FORMAT = 2
+ENTRY_FORMAT = 3  # 3: the probes (fidelity.PROBE_COUNT drawn ones) stored beside their reference
 # The libraries whose versions an entry depends on: the graph's tracer and what ran the traced code.
 KEY_PACKAGES = ("openvino", "torch", "transformers", "sentence-transformers", "tokenizers")
 # Files up to this size (configs, tokenizers) are keyed by content; larger ones (weights) by size and
@@ -64,7 +64,8 @@ class OpenVINOPipeline:
     pad_token_id: int
     dimension: int
     max_seq_length: int
-    reference: np.ndarray  # float32 [probes, dimension]: torch float32 on fidelity.probe_texts, each alone
+    probes: list[str]  # the fidelity probes (fidelity.probe_texts on the model's vocabulary) at conversion
+    reference: np.ndarray  # float32 [probes, dimension]: torch float32 on ``probes``, each alone
 
 
 # ---- where a model's files are, and the key of its entry ---------------------------------------------
@@ -163,6 +164,7 @@ def save_pipeline(pipeline: OpenVINOPipeline, entry: Path) -> None:
         ov.save_model(pipeline.model, str(staging / "model.xml"), compress_to_fp16=False)
         (staging / "tokenizer.json").write_text(pipeline.tokenizer_json)
         np.save(staging / "reference.npy", pipeline.reference)
+        (staging / "probes.json").write_text(json.dumps(pipeline.probes, ensure_ascii=False))
         meta = {
             "input_names": pipeline.input_names,
             "pad_token_id": pipeline.pad_token_id,
@@ -191,6 +193,7 @@ def read_pipeline(entry: Path) -> OpenVINOPipeline | None:
             pad_token_id=int(meta["pad_token_id"]),
             dimension=int(meta["dimension"]),
             max_seq_length=int(meta["max_seq_length"]),
+            probes=json.loads((entry / "probes.json").read_text()),
             reference=np.load(entry / "reference.npy"),
         )
     except Exception as exc:  # noqa: BLE001 - a damaged entry is converted again

@@ -20,7 +20,7 @@ from sentence_transformers import SentenceTransformer
 
 from deployments.backends.base import EmbeddingBackend, EncodedText, ServingPath, pad_arrays, torch_dtype
 from deployments.backends.fast_tokenizer import DirectTokenizer
-from deployments.backends.fidelity import probe_texts, probe_worst_cosine
+from deployments.backends.fidelity import probe_texts, probe_vocabulary, probe_worst_cosine
 from deployments.backends.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class SentenceTransformersBackend(EmbeddingBackend):
         tokenizer = self.model.tokenizer
         tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
         self.pad_values = {"input_ids": tokenizer.pad_token_id or 0}
+        # The fidelity probes, drawn from this model's own vocabulary (deployments/backends/fidelity.py).
+        vocabulary = probe_vocabulary(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else []
+        self.probes = probe_texts(self.max_seq_length, vocabulary)
         self.direct_tokenizer = self._direct_tokenizer()
         self.tokenizer_path = "direct" if self.direct_tokenizer is not None else "preprocess"
         # Seconds each load step took (start-up is part of the service: benchmarks/bench_startup.py).
@@ -94,7 +97,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         return candidate, ServingPath("torch", precision.compute, worst, precision.note)
 
     def _probe(self, candidate: Pass, reference: Pass) -> float:
-        items = self.tokenize(probe_texts(self.max_seq_length), "")
+        items = self.tokenize(self.probes, "")
 
         def run(path: Pass) -> Callable[[Sequence[int]], np.ndarray]:
             return lambda rows: path(self._batch([items[i] for i in rows]))
@@ -119,7 +122,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
-        texts = [*probe_texts(self.max_seq_length), " Leading and trailing spaces ", "MiXeD CaSe ÀÉÎ"]
+        texts = [*self.probes, " Leading and trailing spaces ", "MiXeD CaSe ÀÉÎ"]
         try:
             direct = DirectTokenizer(
                 backend.to_str(), list(getattr(tokenizer, "model_input_names", ())), self.max_seq_length

