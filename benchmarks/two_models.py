@@ -14,6 +14,7 @@ texts from 4 clients a model: MiniLM alone, bge-large alone, both at once. Print
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import threading
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="per model")
     parser.add_argument("--work", type=Path, default=None, help="where the shape is built (reused)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through the finally: the service stops too
     work = args.work or Path(tempfile.mkdtemp(prefix="two-models-"))
     work.mkdir(parents=True, exist_ok=True)
     bge_dir = build_shape("bge-large", work / "bge-large")
@@ -76,9 +78,10 @@ def main() -> None:
     try:
         with httpx.Client(timeout=120) as client:
 
-            def both_ready() -> bool:
-                models = client.get(f"{url}/v1/models").json()["data"]
-                return all(m["state"] == "ready" for m in models)
+            def both_ready() -> bool:  # HAProxy answers 503 (not JSON) until the ingress is up
+                response = client.get(f"{url}/v1/models")
+                ready = response.status_code == 200
+                return ready and all(m["state"] == "ready" for m in response.json()["data"])
 
             started = service.wait_for(both_ready, 900)
             models = {m["id"]: m for m in client.get(f"{url}/v1/models").json()["data"]}

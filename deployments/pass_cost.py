@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Padded tokens per timed shape, as fractions of the budget (capped): small passes pin the fixed cost,
-# large ones the per-token slope.
-SHAPE_TOKENS = (8, 64, 256, 1024)
+# Timed shapes as (rows, tokens each), capped by the budget and max_seq_length: a single short row pins the
+# fixed cost, the others are the padded multi-row passes of short texts the planner weighs against it.
+SHAPES = ((1, 8), (4, 16), (8, 32), (16, 64))
 REPEATS = 3
 # A shape whose passes took this long is timed no more (and no larger one once three are in): a 7.85B
 # model on a CPU has its slope after three shapes, and its start should not wait a minute for more.
 SLOW_S = 2.0
+MIN_TIMED_S = 0.15
+MAX_TIMED = 40
 
 
 @dataclass(frozen=True)
@@ -49,37 +51,40 @@ class PassCost:
 
 
 def fit_pass_cost(samples: list[tuple[int, float]]) -> PassCost:
-    """Least squares of seconds on padded tokens. A negative intercept (noise on a tiny fixed cost) counts
-    as none; a non-positive slope (timings that do not grow with tokens) leaves the slope at the mean cost
-    per token so the overhead stays finite."""
+    """Least squares of seconds on padded tokens, weighted by 1/seconds: timing noise grows with a pass's
+    length, and unweighted the longest pass's noise sets the intercept (measured on MiniLM: 9-228 tokens
+    over four runs, against 28-39 weighted). A negative intercept (noise on a tiny fixed cost) counts as
+    none; a non-positive slope (timings that do not grow with tokens) leaves the slope at the mean cost per
+    token so the overhead stays finite."""
     tokens = np.array([t for t, _ in samples], dtype=np.float64)
     seconds = np.array([s for _, s in samples], dtype=np.float64)
-    slope, intercept = np.polyfit(tokens, seconds, 1)
+    slope, intercept = np.polyfit(tokens, seconds, 1, w=1.0 / seconds)
     if slope <= 0:
         slope = float((seconds / tokens).mean())
     return PassCost(max(0.0, float(intercept)), float(slope), tuple(samples))
 
 
 def timing_shapes(max_batch_tokens: int, max_seq_length: int) -> list[tuple[int, int]]:
-    """(rows, tokens each) per timed pass: one row up to ``max_seq_length``, more rows of it beyond."""
+    """(rows, tokens each) per timed pass, within ``max_seq_length`` and the token budget."""
     shapes = []
-    for tokens in SHAPE_TOKENS:
-        tokens = min(tokens, max_batch_tokens)
-        length = min(tokens, max_seq_length)
-        shape = (max(1, tokens // length), length)
-        if shape not in shapes:
-            shapes.append(shape)
+    for rows, length in SHAPES:
+        length = min(length, max_seq_length, max_batch_tokens)
+        rows = max(1, min(rows, max_batch_tokens // length))
+        if (rows, length) not in shapes:
+            shapes.append((rows, length))
     return shapes
 
 
 def measure_backend_pass_cost(backend, batching) -> PassCost:
-    """``measure_pass_cost`` on a backend's own passes (``EmbeddingBackend.tokenize`` / ``forward``): rows
-    of one ordinary text truncated to each length."""
+    """``measure_pass_cost`` on a backend's own passes (``forward`` only: the engine tokenises on another
+    thread): rows of one ordinary text truncated to each length."""
     text = "measuring what one forward pass costs on this replica " * 64
+    items = {}
 
     def run_pass(rows: int, length: int) -> None:
-        item = backend.tokenize([text], "", max_length=length)[0]
-        backend.forward([item] * rows)
+        if length not in items:
+            items[length] = backend.tokenize([text], "", max_length=length)[0]
+        backend.forward([items[length]] * rows)
 
     return measure_pass_cost(run_pass, batching.max_batch_tokens, backend.max_seq_length)
 
@@ -91,17 +96,25 @@ def measure_pass_cost(
     repeats: int = REPEATS,
     slow_s: float = SLOW_S,
 ) -> PassCost:
-    """Times ``run_pass(rows, length)`` on each shape (after one untimed pass), best of ``repeats`` (fewer
-    for slow passes: ``slow_s``), and fits the cost. Best, not mean: a CPU shared with Ray's own processes
-    only ever adds time."""
+    """Times ``run_pass(rows, length)`` on each shape (after one untimed pass of it, which counts when it was
+    slow already), best of ``repeats`` (fewer for slow passes: ``slow_s``), and fits the cost. Best, not
+    mean: a CPU shared with Ray's own processes only ever adds time."""
     shapes = timing_shapes(max_batch_tokens, max_seq_length)
-    run_pass(*shapes[0])  # first-call costs (kernel selection, page faults) are not the pass's
     samples: list[tuple[int, float]] = []
     for rows, length in shapes:
         if len(samples) >= 3 and samples[-1][1] > slow_s:
             break
-        times: list[float] = []
-        while len(times) < repeats and sum(times) < slow_s:
+        start = time.perf_counter()
+        run_pass(rows, length)  # a new shape's first pass compiles or selects kernels: not the pass's cost
+        first = time.perf_counter() - start
+        times: list[float] = [] if first < slow_s else [first]
+        # At least ``repeats`` passes and MIN_TIMED_S of them (a millisecond pass is noisy: best of dozens),
+        # at most MAX_TIMED passes, and none more once they add up to ``slow_s``.
+        while (
+            (len(times) < repeats or sum(times) < MIN_TIMED_S)
+            and len(times) < MAX_TIMED
+            and sum(times) < slow_s
+        ):
             start = time.perf_counter()
             run_pass(rows, length)
             times.append(time.perf_counter() - start)

@@ -55,11 +55,13 @@ KNOWN_SIZES = {
 
 def _local_size(path: Path) -> ModelSize | None:
     """From a local checkpoint: parameters counted from its safetensors headers, hidden size from
-    config.json (top level or a sentence-transformers module folder)."""
+    config.json (top level or a sentence-transformers module folder). The weights at the top level when
+    there are any (a subfolder may hold another copy, e.g. the Hugging Face model a sentence-transformers
+    folder was built from), else those one folder down (``0_Transformer/``)."""
     from deployments.backends.safetensors_files import parameter_count
 
     configs = list(path.glob("config.json")) + list(path.glob("*/config.json"))
-    files = list(path.glob("*.safetensors")) + list(path.glob("*/*.safetensors"))
+    files = list(path.glob("*.safetensors")) or list(path.glob("*/*.safetensors"))
     if not configs or not files:
         return None
     raw = json.loads(configs[0].read_text())

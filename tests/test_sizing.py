@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from deployments.config import (
     ROUTER_HEADROOM,
@@ -200,3 +201,14 @@ def test_the_shipped_configs_pass_the_memory_checks():
         assert check_cpu_memory(config) == [] and check_gpu_packing(config) == [], name
     for name in ("models.local.yaml", "models.local-exact.yaml"):
         assert check_one_machine(load_models_config(REPO / "configs" / name), GB_LAPTOP) == [], name
+
+
+def test_weights_a_folder_holds_twice_are_counted_once(tiny_bge_dir):
+    """A sentence-transformers folder built from a Hugging Face one keeps both (`hf/` below the top
+    level): the top-level weights are the model's."""
+    from safetensors.torch import load_file
+
+    top = sum(t.numel() for t in load_file(f"{tiny_bge_dir}/model.safetensors").values())
+    assert list(Path(tiny_bge_dir).glob("*/*.safetensors"))  # the second copy is there
+    size = model_size(config_with(source=tiny_bge_dir).models[0])
+    assert size is not None and round(size.params_billion * 1e9) == top
