@@ -187,15 +187,7 @@ def one_machine_problems(serve_config: str | Path, env: dict[str, str]) -> list[
     """What no replica of the served models configs could get on this machine (``sizing.check_one_machine``),
     with Ray's object store at the share ``env`` gives it; a models config that does not parse is left to
     ``serve run``, which reports it."""
-    previous = os.environ.get(OBJECT_STORE_PROPORTION_ENV)
-    os.environ[OBJECT_STORE_PROPORTION_ENV] = env[OBJECT_STORE_PROPORTION_ENV]
-    try:
-        machine = this_machine()
-    finally:
-        if previous is None:
-            os.environ.pop(OBJECT_STORE_PROPORTION_ENV)
-        else:
-            os.environ[OBJECT_STORE_PROPORTION_ENV] = previous
+    machine = this_machine(float(env[OBJECT_STORE_PROPORTION_ENV]))
     problems = []
     for path in models_configs(serve_config):
         try:

@@ -168,9 +168,10 @@ class Machine:
 OBJECT_STORE_PROPORTION_ENV = "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"
 
 
-def this_machine() -> Machine:
+def this_machine(object_store_share: float | None = None) -> Machine:
     """What ``serve run`` will find here when it starts Ray: every CPU, the NVIDIA GPUs the driver lists
-    (narrowed by CUDA_VISIBLE_DEVICES), and available memory less the object store's share."""
+    (narrowed by CUDA_VISIBLE_DEVICES), and available memory less the object store's share (None: this
+    process's ``OBJECT_STORE_PROPORTION_ENV``, else Ray's default 0.3)."""
     cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     gpus_dir = Path("/proc/driver/nvidia/gpus")
     gpus = float(len(list(gpus_dir.iterdir()))) if gpus_dir.is_dir() else 0.0
@@ -179,7 +180,9 @@ def this_machine() -> Machine:
         gpus = min(gpus, float(len([d for d in visible.split(",") if d.strip()])))
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
     available_gb = int(info["MemAvailable"].split()[0]) * 1024 / 1e9
-    share = float(os.environ.get(OBJECT_STORE_PROPORTION_ENV, "0.3"))
+    share = object_store_share
+    if share is None:
+        share = float(os.environ.get(OBJECT_STORE_PROPORTION_ENV, "0.3"))
     return Machine(cpus, gpus, round(available_gb * (1 - share), 1))
 
 
