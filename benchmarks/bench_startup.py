@@ -1,7 +1,7 @@
 """``make serve`` start-up: seconds from the command to the first embedding answered, with OpenVINO's
 compile cache empty (the conversion included, as on a fresh machine) and then filled.
 
-Runs the same command as ``make serve`` (``python -m deployments.serve_local``) on a copy of
+Runs the same command as ``make serve`` (``python -m deployments.tools.serve_local``) on a copy of
 ``configs/local.yaml`` whose models config points ``compile_cache_dir`` at a new temporary folder, on a
 private Ray (``RAY_TMPDIR``), and stops it with SIGTERM after each start.
 
@@ -45,7 +45,7 @@ def first_answer_s(serve_config: Path, port: int, timeout_s: float = 300) -> tup
     log = open(Path(env["RAY_TMPDIR"]) / "serve.log", "w")  # noqa: SIM115 - closed below
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
+        [sys.executable, "-m", "deployments.tools.serve_local", str(serve_config)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -81,9 +81,9 @@ def start_local_service(models_config: str, port: int, haproxy: bool = False) ->
     import ray
     from ray import serve
 
-    from deployments.allocator import allocator_env
     from deployments.app import AppArgs, build_app
-    from deployments.serve_local import serving_env
+    from deployments.engine.allocator import allocator_env
+    from deployments.tools.serve_local import serving_env
 
     os.environ.update(allocator_env())  # jemalloc as under make serve (EMBEDDINGS_ALLOCATOR=system: not)
     if haproxy:
@@ -125,8 +125,8 @@ def write_serve_config(path: Path, port: int, models_config: str) -> str:
 
 
 class ServeLocal:
-    """``python -m deployments.serve_local SERVE_CONFIG`` (``make serve``'s path) as a user starts it, under
-    a private Ray temp dir, its output in ``log_path``; ``stop()`` sends SIGTERM, on which ``serve run``
+    """``python -m deployments.tools.serve_local SERVE_CONFIG`` (``make serve``'s path) as a user starts it,
+    under a private Ray temp dir, its output in ``log_path``; ``stop()`` sends SIGTERM, on which ``serve run``
     shuts its own Ray and HAProxy down."""
 
     def __init__(self, serve_config: str | Path, log_path: Path, env: dict[str, str] | None = None):
@@ -140,7 +140,7 @@ class ServeLocal:
         env.pop("RAY_ADDRESS", None)
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deployments.serve_local", str(serve_config)],
+            [sys.executable, "-m", "deployments.tools.serve_local", str(serve_config)],
             cwd=Path(__file__).resolve().parent.parent,
             env=env,
             stdout=self._log,

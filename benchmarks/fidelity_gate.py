@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import kt_gen_mix, short_mix  # noqa: E402
 from benchmarks.model_shapes import SHAPES, build_shape  # noqa: E402
-from deployments.backends.base import EmbeddingBackend  # noqa: E402
-from deployments.backends.fidelity import probe_vocabulary, worst_cosine  # noqa: E402
-from deployments.backends.registry import load_sentence_transformers  # noqa: E402
+from deployments.engine.backends.base import EmbeddingBackend  # noqa: E402
+from deployments.engine.backends.fidelity import probe_vocabulary, worst_cosine  # noqa: E402
+from deployments.engine.backends.registry import load_sentence_transformers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MISTRAL_TOKENIZER = REPO / "tests" / "fixtures" / "nvembed-tiny" / "tokenizer.json"

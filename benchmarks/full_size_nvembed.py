@@ -8,7 +8,7 @@
    published tensor names and dtype (float16), ``model.safetensors.index.json``, and Mistral's tokenizer
    files (the golden fixture's, which are the release's). 7,851,016,192 parameters, 15.7 GB.
    Weights are seeded random: how they are scaled is in ``weight_std``.
-2. Serves that folder with ``python -m deployments.serve_local`` (``make serve``'s path: ``serve run``
+2. Serves that folder with ``python -m deployments.tools.serve_local`` (``make serve``'s path: ``serve run``
    with a models config: backend ``nvembed``, dtype bfloat16, a CPU placement).
 3. Prints one table (copied into docs/nvembed.md and docs/performance.md): checkpoint bytes, start to
    first answer, the replica's peak RSS during load and after the traffic, an instructed query and a
@@ -49,9 +49,9 @@ from benchmarks.common import (  # noqa: E402
     vocabulary,
     write_serve_config,
 )
-from deployments.backends.nvembed import load_nvembed_tokenizer  # noqa: E402
-from deployments.backends.nvembed_model import NVEmbedConfig, NVEmbedModel  # noqa: E402
-from deployments.backends.safetensors_files import read_header  # noqa: E402
+from deployments.engine.backends.nvembed import load_nvembed_tokenizer  # noqa: E402
+from deployments.engine.backends.nvembed_model import NVEmbedConfig, NVEmbedModel  # noqa: E402
+from deployments.engine.backends.safetensors_files import read_header  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_SOURCE = REPO / "tests" / "fixtures" / "nvembed-tiny"

@@ -119,7 +119,7 @@ def top_k(index: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray], graph, topics: int) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from deployments.backends.fidelity import worst_cosine
+    from deployments.engine.backends.fidelity import worst_cosine
 
     ari_comm = adjusted_rand_score(
         communities(reference["triples"], topics), communities(other["triples"], topics)

@@ -6,7 +6,7 @@
 A bge-large-shape model (24 layers, hidden 1024, CLS pooling; random weights: ``model_shapes.py``) gets its
 own placement beside all-MiniLM-L6-v2 (run by the ingress, as ``configs/models.local.yaml`` does), one CPU
 each on this 2-core machine, both on the default CPU path (OpenVINO, bf16 where the CPU has it, behind the
-fidelity gate). The service is started with ``python -m deployments.serve_local`` as a user starts it
+fidelity gate). The service is started with ``python -m deployments.tools.serve_local`` as a user starts it
 (the one-machine check and ``memory_gb`` sizing included). Three phases, HTTP, kt_gen-mix requests of 8
 texts from 4 clients a model: MiniLM alone, bge-large alone, both at once. Prints one table.
 """

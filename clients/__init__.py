@@ -8,20 +8,21 @@
 
 ``install()`` does the same for every ``SentenceTransformer(...)`` of the process at once (one line at the
 pipeline's entry point; see ``clients/stand_in.py``).
+
+The HTTP client needs numpy and httpx only (``pip install ./clients``: ``clients/pyproject.toml``);
+``ServeEmbedder`` needs Ray and the server's modules, so it is imported only when asked for.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder
 from clients.http import HTTPEmbedder
-from clients.serve import ServeEmbedder
 from clients.stand_in import (
     ServiceSentenceTransformer,
+    get_embedder,
     install,
-    real_sentence_transformer,
     served_name,
     uninstall,
 )
@@ -39,17 +40,9 @@ __all__ = [
 ]
 
 
-def get_embedder(model_name: str | None, **kwargs: Any) -> Any:
-    """The service's client for ``model_name`` (None: the service's default model), or an in-process
-    ``SentenceTransformer`` when ``EMBEDDING_SERVICE`` is unset."""
-    service = os.environ.get("EMBEDDING_SERVICE", "").strip()
-    if service.startswith("ray://"):
-        app = os.environ.get("EMBEDDING_APP", "embeddings")
-        return ServeEmbedder(model_name, address=service[len("ray://") :] or "auto", app_name=app, **kwargs)
-    if service.startswith(("http://", "https://")):
-        return HTTPEmbedder(
-            model_name, base_url=service, api_key=os.environ.get("EMBEDDING_API_KEY"), **kwargs
-        )
-    if service:
-        raise ValueError(f"EMBEDDING_SERVICE={service!r}: expected ray://<address>, http(s)://<url> or unset")
-    return real_sentence_transformer()(model_name, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name == "ServeEmbedder":  # Ray and the server's modules: only for the caller who asks
+        from clients.serve import ServeEmbedder
+
+        return ServeEmbedder
+    raise AttributeError(f"module 'clients' has no attribute {name!r}")

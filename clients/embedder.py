@@ -19,13 +19,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from deployments.errors import ClientError, model_not_found
-from deployments.openai_api import check_items
+from clients.contract import ClientError, check_items, model_not_found
+
+if TYPE_CHECKING:  # torch is imported only where a caller asks for tensors
+    import torch
 
 # Text bytes per request: bounds one request's work (and body) whatever the texts' lengths.
 MAX_REQUEST_BYTES = 1 << 20
@@ -83,6 +84,8 @@ def check_encode_arguments(
 
 def cosine_similarity(a: Any, b: Any) -> torch.Tensor:
     """Cosine similarity matrix [len(a), len(b)] of two arrays or tensors of vectors."""
+    import torch
+
     a_t = torch.as_tensor(np.asarray(a, dtype=np.float32)) if not isinstance(a, torch.Tensor) else a
     b_t = torch.as_tensor(np.asarray(b, dtype=np.float32)) if not isinstance(b, torch.Tensor) else b
     a_t, b_t = torch.atleast_2d(a_t).float(), torch.atleast_2d(b_t).float()
@@ -127,7 +130,7 @@ class RemoteEmbedder(ABC):
         device: str | torch.device | None = None,
     ):
         self.deadline_s = deadline_s
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device: str | torch.device = device if device is not None else "cpu"
         models = call_with_retries(self._fetch_models, time.monotonic() + deadline_s, deadline_s)
         names: dict[str, dict[str, Any]] = {}
         for info in models:
@@ -136,7 +139,7 @@ class RemoteEmbedder(ABC):
         default = next((m for m in models if m.get("default")), models[0])
         if model is not None and model not in names:
             error = model_not_found(model, sorted(names))
-            raise ClientError(f"{error.message} (asked {self.where()})", error.code, error.param)
+            raise ClientError(f"{error.reason} (asked {self.where()})", error.code, error.param)
         self.model_name = model if model is not None else default["id"]
         self.info = names[self.model_name]
         self.max_seq_length: int = self.info["max_seq_length"]
@@ -182,10 +185,12 @@ class RemoteEmbedder(ABC):
     @property
     def device(self) -> torch.device:
         """Where ``convert_to_tensor`` results land (the model itself runs on the server)."""
-        return self._device
+        import torch
+
+        return torch.device(self._device)
 
     def to(self, device: str | torch.device) -> RemoteEmbedder:
-        self._device = torch.device(device)
+        self._device = device
         return self
 
     def eval(self) -> RemoteEmbedder:
@@ -236,13 +241,15 @@ class RemoteEmbedder(ABC):
             )
         check_items(texts)  # the server's own check, on the whole list: errors name the caller's index
         vectors = self._embed_all(texts, prompt_name, normalize_embeddings, bool(show_progress_bar))
+        if convert_to_numpy and not convert_to_tensor:
+            return vectors[0] if single else vectors
+        import torch  # only a caller that asks for tensors needs torch installed
+
         if convert_to_tensor:
             out: Any = torch.from_numpy(vectors).to(device or self._device)
             return out[0] if single else out
-        if not convert_to_numpy:
-            rows = [torch.from_numpy(v) for v in vectors]
-            return rows[0] if single else rows
-        return vectors[0] if single else vectors
+        rows = [torch.from_numpy(v) for v in vectors]
+        return rows[0] if single else rows
 
     def encode_query(self, sentences: str | list[str], **kwargs: Any) -> Any:
         """``encode`` with the model's ``query`` prompt, when it has one (sentence-transformers 5)."""
@@ -277,7 +284,6 @@ class RemoteEmbedder(ABC):
         slices = plan_requests(
             texts, self.max_inputs_per_request, self.max_request_bytes, min_requests=2 * self.replicas
         )
-        chunks = [texts[s] for s in slices]
         deadline = time.monotonic() + self.deadline_s
         bar = None
         if progress:
@@ -285,21 +291,28 @@ class RemoteEmbedder(ABC):
 
             bar = tqdm(total=len(texts), desc="Embedding", unit="text")
 
-        def run(chunk: list[str]) -> np.ndarray:
+        def run(part: slice) -> np.ndarray:
+            chunk = texts[part]
+
             def send() -> np.ndarray:
                 return self._embed_chunk(chunk, prompt_name, normalize, max(0.1, deadline - time.monotonic()))
 
-            result = call_with_retries(send, deadline, self.deadline_s)
+            try:
+                result = call_with_retries(send, deadline, self.deadline_s)
+            except ClientError as error:  # placed in this request: place it in the caller's list
+                if error.index is None:
+                    raise
+                raise error.at(part.start + error.index) from None
             if bar is not None:
                 bar.update(len(chunk))
             return result
 
         try:
-            if len(chunks) == 1:
-                parts = [run(chunks[0])]
+            if len(slices) == 1:
+                parts = [run(slices[0])]
             else:
-                with ThreadPoolExecutor(min(self.max_concurrency, len(chunks))) as pool:
-                    parts = list(pool.map(run, chunks))
+                with ThreadPoolExecutor(min(self.max_concurrency, len(slices))) as pool:
+                    parts = list(pool.map(run, slices))
         finally:
             if bar is not None:
                 bar.close()

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-import torch
 
+from clients.contract import ClientError, error_kind
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
-from deployments.errors import ClientError, error_kind
 
-# The service's own errors are retried as its table says (overloaded, timeout: deployments/errors.py); a
+if TYPE_CHECKING:
+    import torch
+
+# The service's own errors are retried as its table says (overloaded, timeout: clients/contract.py); a
 # 500 from it is a fault the same request would meet again (model_error: the model fails on an input).
 # What answers from in front of the service (a proxy, a gateway: no JSON error) is retried on overload and
 # gateway statuses, and on a plain 500 (Serve's HAProxy ingress answers a replica lost mid-request, a 502,
@@ -72,6 +74,10 @@ class HTTPEmbedder(RemoteEmbedder):
         if status >= 500:
             raise EmbeddingServiceError(f"HTTP {status} ({code}): {error.get('message')}")
         # the caller's mistake, raised as the server said it (a ClientError is a ValueError)
+        index = error.get("index")
+        if isinstance(index, int):  # the reason without the "input[i]: " the message leads with
+            reason = str(error.get("message")).removeprefix(f"input[{index}]: ")
+            raise ClientError(reason, code, error.get("param"), status, index)
         raise ClientError(str(error.get("message")), code, error.get("param"), status)
 
     def _fetch_models(self) -> list[dict[str, Any]]:

@@ -17,8 +17,8 @@ import torch
 from ray.exceptions import RayTaskError
 
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
-from deployments.device_faults import DeviceFault
-from deployments.errors import ClientError, original_error
+from deployments.engine.device_faults import DeviceFault
+from deployments.protocol.errors import ClientError, original_error
 
 
 def unreachable(address: str, timeout_s: float = 3.0) -> str | None:
@@ -38,7 +38,7 @@ def plain_client_error(error: ClientError) -> ClientError:
     original = original_error(error)
     if not isinstance(original, ClientError):
         original = error
-    return ClientError(original.message, original.code, original.param, original.status)
+    return ClientError(original.reason, original.code, original.param, original.status, original.index)
 
 
 class ServeEmbedder(RemoteEmbedder):

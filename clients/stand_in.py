@@ -6,7 +6,8 @@ service:
 ``install()`` replaces ``sentence_transformers.SentenceTransformer`` with ``ServiceSentenceTransformer``, and
 the same name in every module already imported that took it with ``from sentence_transformers import
 SentenceTransformer`` (upstream youtu-graphrag does at import time, the fork's kt_gen inside a function:
-both are covered). Constructing it returns the service's client for that model (``clients.get_embedder``).
+both are covered). Constructing it returns the service's client for that model
+(``get_embedder``, below).
 
 Model names resolve on the service (names and aliases of the models config). A local path resolves to the
 model it holds: a Hugging Face cache snapshot (``.../models--sentence-transformers--all-MiniLM-L6-v2/
@@ -23,6 +24,8 @@ import os
 import re
 import sys
 from typing import Any
+
+from clients.http import HTTPEmbedder
 
 # SentenceTransformer(...) options that only say how or where to load the model in process.
 LOADING_OPTIONS = frozenset(
@@ -61,8 +64,6 @@ class ServiceSentenceTransformer:
     """Stands in for ``SentenceTransformer``: construction returns the service's client for the model."""
 
     def __new__(cls, model_name_or_path: str | None = None, *args: Any, **kwargs: Any) -> Any:
-        from clients import get_embedder
-
         if args:
             raise ValueError(
                 "the embedding service's SentenceTransformer stand-in takes the model name and keyword "
@@ -76,6 +77,24 @@ class ServiceSentenceTransformer:
             )
         name = served_name(model_name_or_path) if model_name_or_path is not None else None
         return get_embedder(name, device=kwargs.get("device"))
+
+
+def get_embedder(model_name: str | None, **kwargs: Any) -> Any:
+    """The service's client for ``model_name`` (None: the service's default model), or an in-process
+    ``SentenceTransformer`` when ``EMBEDDING_SERVICE`` is unset."""
+    service = os.environ.get("EMBEDDING_SERVICE", "").strip()
+    if service.startswith("ray://"):
+        from clients.serve import ServeEmbedder
+
+        app = os.environ.get("EMBEDDING_APP", "embeddings")
+        return ServeEmbedder(model_name, address=service[len("ray://") :] or "auto", app_name=app, **kwargs)
+    if service.startswith(("http://", "https://")):
+        return HTTPEmbedder(
+            model_name, base_url=service, api_key=os.environ.get("EMBEDDING_API_KEY"), **kwargs
+        )
+    if service:
+        raise ValueError(f"EMBEDDING_SERVICE={service!r}: expected ray://<address>, http(s)://<url> or unset")
+    return real_sentence_transformer()(model_name, **kwargs)
 
 
 def real_sentence_transformer() -> Any:

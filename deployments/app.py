@@ -9,17 +9,16 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
-from deployments.backends import check_backends
 from deployments.config import (
     ConfigError,
-    deployment_options,
     load_models_config,
     resolve_config_path,
-    router_options,
 )
-from deployments.model_server import ModelDeployment
-from deployments.router import EmbeddingRouter
-from deployments.sizing import check_cpu_memory, check_gpu_packing
+from deployments.engine.backends import check_backends
+from deployments.engine.model_server import ModelDeployment
+from deployments.engine.sizing import check_cpu_memory, check_gpu_packing
+from deployments.ingress.router import EmbeddingRouter
+from deployments.serve_options import deployment_options, router_options
 
 
 class AppArgs(BaseModel):

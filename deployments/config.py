@@ -1,8 +1,9 @@
 """The models config: the YAML file users edit to say which models are served, where and how.
 
 It is an interface, so its names are stable and every mistake is reported with the key path that
-holds it (``models[1] (bge-large-en-v1.5).placement: ...``). Nothing here knows Ray: ``ray_options``
-turns an entry into the plain dict that the Ray shell hands to ``Deployment.options``.
+holds it (``models[1] (bge-large-en-v1.5).placement: ...``). Nothing here knows Ray or loads a model: the
+app builder (``deployments/app.py``) turns entries into ``Deployment.options``, and the backend registry
+(``deployments/engine/backends/registry.py``) loads the families named in ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +19,27 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deployments.backends.registry import BACKENDS, DEFAULT_COMPILE_CACHE_DIR
+from deployments.protocol.errors import ClientError
+from deployments.protocol.options import EmbedOptions
+
+# Where a compiled runtime's converted model is kept between starts unless an entry says otherwise.
+DEFAULT_COMPILE_CACHE_DIR = "~/.cache/graphrag-embeddings/openvino"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family the service runs (its loader: ``registry.LOADERS``). ``runtimes``: what may compute
+    its passes (the first is the default); ``cpu_only_runtimes``: those that run only on CPU placements."""
+
+    runtimes: tuple[str, ...] = ("torch",)
+    cpu_only_runtimes: tuple[str, ...] = ()
+
+
+# Every family by its config name (``backend:``); a new family is one entry here and one loader.
+FAMILIES: dict[str, Family] = {
+    "sentence-transformers": Family(runtimes=("torch", "openvino"), cpu_only_runtimes=("openvino",)),
+    "nvembed": Family(),
+}
 
 PACKAGE_SOURCE_PREFIX = "pkg:"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +74,15 @@ class Placement(_Strict):
 
 
 class Batching(_Strict):
-    """What one forward pass may hold: a token budget and a row cap (see ``deployments/scheduler.py``)."""
+    """What one forward pass may hold: a token budget and a row cap (see
+``deployments/engine/scheduler.py``)."""
 
     max_batch_tokens: int = Field(16384, gt=0)
     max_batch_size: int = Field(256, gt=0)  # rows per forward pass
     # Coming out of idle, how long the model waits for more calls to share its first pass.
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     # What one extra forward pass costs, in padded tokens: the planner trades padding against passes.
-    # Unset: each replica measures it at load on its own model and hardware (deployments/pass_cost.py).
+    # Unset: each replica measures it at load on its own model and hardware (deployments/engine/pass_cost.py).
     forward_overhead_tokens: int | None = Field(None, ge=0)
 
 
@@ -80,7 +103,7 @@ class Autoscaling(_Strict):
 
 
 class Cache(_Strict):
-    """The ingress's embedding cache for one model (``deployments/cache.py``), per ingress replica."""
+    """The ingress's embedding cache for one model (``deployments/ingress/cache.py``), per ingress replica."""
 
     max_mb: float = Field(gt=0)
 
@@ -92,14 +115,15 @@ class ModelEntry(_Strict):
     aliases: list[str] = Field(default_factory=list)
     source: str = Field(min_length=1)
     backend: str
-    # What computes the passes (the backend's runtimes, deployments/backends/registry.py): torch, or
+    # What computes the passes (the family's runtimes, FAMILIES): torch, or
     # openvino for sentence-transformers models on CPU placements.
     runtime: str = "torch"
     # On GPU the weights' dtype; on CPU bfloat16 runs the matmuls in bf16 where the CPU has it (else
-    # float32, logged) and float16 runs float32 (deployments/backends/precision.py).
+    # float32, logged) and float16 runs float32 (deployments/engine/backends/precision.py).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # A CPU fast path (bf16, openvino) serves only if its worst cosine to torch float32 on the fidelity
-    # probes is at least this; otherwise the replica serves torch float32 (deployments/backends/fidelity.py).
+    # probes is at least this; otherwise the replica serves torch float32
+    # (deployments/engine/backends/fidelity.py).
     fidelity_min_cosine: float = Field(0.9999, ge=0, le=1)
     # Where runtime openvino keeps the converted model between starts (relative: to the config's folder);
     # null: convert at every start.
@@ -128,10 +152,10 @@ class ModelEntry(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
         problems = []
-        if self.backend not in BACKENDS:
-            problems.append(f"backend: unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
-        elif self.runtime not in BACKENDS[self.backend].runtimes:
-            known = ", ".join(BACKENDS[self.backend].runtimes)
+        if self.backend not in FAMILIES:
+            problems.append(f"backend: unknown backend {self.backend!r}; known: {', '.join(FAMILIES)}")
+        elif self.runtime not in FAMILIES[self.backend].runtimes:
+            known = ", ".join(FAMILIES[self.backend].runtimes)
             problems.append(f"runtime: {self.backend!r} has no runtime {self.runtime!r}; known: {known}")
         if self.default_prompt is not None and self.default_prompt not in self.prompts:
             problems.append(
@@ -160,6 +184,24 @@ class ModelEntry(_Strict):
         name = prompt_name if prompt_name is not None else self.default_prompt
         return "" if name is None else self.prompts[name]
 
+    def request_options(
+        self, prompt_name: str | None = None, normalize: bool | None = None, truncate: bool = True
+    ) -> EmbedOptions:
+        """A request's options: its own values, else this model's defaults (``default_prompt``,
+        ``normalize``). An unknown ``prompt_name`` is a 400 listing the model's prompts."""
+        if prompt_name is not None and prompt_name not in self.prompts:
+            raise ClientError(
+                f"prompt_name {prompt_name!r} is not defined for model {self.name!r}; "
+                f"defined: {', '.join(sorted(self.prompts)) or 'none'}",
+                "prompt_not_found",
+                "prompt_name",
+            )
+        return EmbedOptions(
+            prompt=self.prompt_text(prompt_name),
+            normalize=self.normalize if normalize is None else normalize,
+            truncate=truncate,
+        )
+
 
 class RouterOptions(_Strict):
     num_replicas: int = Field(1, ge=1)
@@ -170,7 +212,7 @@ class RouterOptions(_Strict):
     access_log: bool = False
     # HTTP embedding requests each router replica works on at once; up to max_queued_requests more are
     # still sending their body or wait for a slot, and the next gets the service's own 503 (JSON,
-    # Retry-After) at once (deployments/admission.py).
+    # Retry-After) at once (deployments/ingress/admission.py).
     max_ongoing_requests: int = Field(1024, gt=0)
     max_queued_requests: int = Field(2048, gt=0)
     retry_after_s: float = Field(1.0, ge=0)
@@ -208,7 +250,7 @@ class ModelsConfig(_Strict):
                     f"({', '.join(sorted(self.placements)) or 'none'})"
                 )
             elif (
-                entry.runtime in BACKENDS[entry.backend].cpu_only_runtimes
+                entry.runtime in FAMILIES[entry.backend].cpu_only_runtimes
                 and self.placements[entry.placement].num_gpus > 0
             ):
                 problems.append(
@@ -368,66 +410,3 @@ def resolve_model_source(source: str, base_dir: Path | None = None) -> str:
     if candidate.is_dir():
         return str(candidate.resolve())
     return source
-
-
-def ray_actor_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:
-    """The ``ray_actor_options`` of an entry's deployment, from its placement class."""
-    placement = config.placements[entry.placement]
-    options: dict[str, Any] = {"num_gpus": placement.num_gpus}
-    if placement.num_cpus is not None:
-        options["num_cpus"] = placement.num_cpus
-    if placement.memory_gb is not None:
-        options["memory"] = int(placement.memory_gb * 1e9)
-    if placement.resources:
-        options["resources"] = dict(placement.resources)
-    if placement.accelerator_type:
-        options["accelerator_type"] = placement.accelerator_type
-    if placement.label_selector:
-        options["label_selector"] = dict(placement.label_selector)
-    return options
-
-
-# Calls a router replica takes beyond its own admission limits: refusals on their way out, health checks,
-# /v1/models, Python-handle calls.
-ROUTER_HEADROOM = 64
-
-
-def router_options(config: ModelsConfig) -> dict[str, Any]:
-    """``Deployment.options`` of the ingress. The router admits HTTP requests itself (``Admission``: its
-    503 is JSON), so Serve lets more in (by ``ROUTER_HEADROOM``) and never refuses: Serve's refusal is
-    plain text, and its queue (the callers' line for a replica, which every request passes while Serve
-    picks one) only holds requests on their way to a quick answer. With ``router.in_process_model`` its
-    resources, replicas and autoscaling are that model's."""
-    router = config.router
-    options: dict[str, Any] = {
-        "num_replicas": router.num_replicas,
-        "ray_actor_options": {"num_cpus": router.num_cpus},
-        "max_ongoing_requests": router.max_ongoing_requests + router.max_queued_requests + ROUTER_HEADROOM,
-        "max_queued_requests": -1,
-        "logging_config": {"enable_access_log": router.access_log},
-    }
-    entry = config.in_process_entry
-    if entry is not None:
-        model = deployment_options(config, entry)
-        options["ray_actor_options"] = model["ray_actor_options"]
-        options.pop("num_replicas")
-        for key in ("num_replicas", "autoscaling_config"):
-            if key in model:
-                options[key] = model[key]
-    return options
-
-
-def deployment_options(config: ModelsConfig, entry: ModelEntry) -> dict[str, Any]:
-    """Everything ``Deployment.options`` needs for an entry."""
-    options: dict[str, Any] = {
-        "name": entry.name,
-        "ray_actor_options": ray_actor_options(config, entry),
-        "max_ongoing_requests": entry.max_ongoing_requests,
-        "max_queued_requests": entry.max_queued_requests,
-        "logging_config": {"enable_access_log": config.router.access_log},
-    }
-    if entry.autoscaling is not None:
-        options["autoscaling_config"] = entry.autoscaling.model_dump(exclude_none=True)
-    else:
-        options["num_replicas"] = entry.num_replicas
-    return options

@@ -23,8 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # on for a new cluster wherever ~/.ray/auth_token exists, and a driver caches its mode per process.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # The suite's services run on jemalloc as make serve's do: every Ray and subprocess started from here
-# inherits the preload (deployments/allocator.py).
-from deployments.allocator import allocator_env  # noqa: E402
+# inherits the preload (deployments/engine/allocator.py).
+from deployments.engine.allocator import allocator_env  # noqa: E402
 
 os.environ.update(allocator_env())
 
@@ -120,7 +120,7 @@ def tiny_bge_dir(tmp_path_factory) -> str:
 def minilm_compile_cache(tmp_path_factory) -> Path:
     """A compile cache holding MiniLM's OpenVINO entry (max_seq_length 256), converted once per session
     for the tests that serve from it rather than test the conversion."""
-    from deployments.backends.openvino_backend import fill_cache
+    from deployments.engine.backends.openvino_backend import fill_cache
 
     cache = tmp_path_factory.mktemp("minilm-openvino")
     fill_cache(MINILM_DIR, max_seq_length=256, cache_dir=cache, threads=2)
@@ -227,7 +227,7 @@ def assert_same(got, expected, where: str) -> None:
         if where == "similarity":
             np.testing.assert_allclose(got, expected, atol=1e-4)
             return
-        from deployments.backends.fidelity import worst_cosine
+        from deployments.engine.backends.fidelity import worst_cosine
 
         assert worst_cosine(got, expected) >= 0.9999, where
         return

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.admission import Admission, Overloaded
+from deployments.ingress.admission import Admission, Overloaded
 
 
 async def _hold(admission: Admission, name: str, release: asyncio.Event, log: list[str]) -> float:

@@ -1,4 +1,4 @@
-"""The replica's allocator (deployments/allocator.py): jemalloc preloaded wherever it is installed, an
+"""The replica's allocator (deployments/engine/allocator.py): jemalloc preloaded wherever it is installed, an
 operator's own preloads kept, and what a process really runs with read from its own memory maps."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from deployments.allocator import (
+from deployments.engine.allocator import (
     ALLOCATOR_ENV,
     TBB_WITH_PRELOAD,
     active_allocator,
     allocator_env,
     find_jemalloc,
 )
-from deployments.serve_local import serving_env
+from deployments.tools.serve_local import serving_env
 
 JEMALLOC = find_jemalloc()
 
@@ -44,7 +44,7 @@ def test_a_process_started_with_make_serves_env_runs_on_jemalloc(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)  # the suite's own preload (tests/conftest.py)
     monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
     env = dict(os.environ)
-    code = "from deployments.allocator import active_allocator; print(active_allocator())"
+    code = "from deployments.engine.allocator import active_allocator; print(active_allocator())"
     run = lambda extra: subprocess.run(  # noqa: E731
         [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True
     ).stdout.strip()

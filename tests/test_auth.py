@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from clients import HTTPEmbedder, get_embedder
-from deployments.auth import ApiKeys, exposure_problem
+from deployments.ingress.auth import ApiKeys, exposure_problem
 from tests.conftest import (
     model_entry,
     models_config,

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from deployments.batching import plan_micro_batches
+from deployments.engine.planner import plan_micro_batches
 
 
 def brute_force_cost(lengths, budget, rows_cap, overhead, packed=False):

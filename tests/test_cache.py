@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.cache import ENTRY_OVERHEAD_BYTES, EmbeddingCache, cache_key, fill, look_up
+from deployments.ingress.cache import ENTRY_OVERHEAD_BYTES, EmbeddingCache, assemble, cache_key, look_up
 
 
 def vec(i: int, dim: int = 4) -> np.ndarray:
@@ -62,10 +62,10 @@ def test_a_request_gets_cached_rows_and_computes_each_missing_text_once():
     texts = ["a", "b", "a", "c", "b"]
     lookup = look_up(cache, [t.encode() for t in texts], texts)
     assert lookup.missing == ["a", "c"] and lookup.where == [[0, 2], [3]]
-    vectors, tokens = fill(cache, lookup, np.stack([vec(1), vec(3)]), np.array([10, 30]))
+    vectors, tokens = assemble(cache, lookup, np.stack([vec(1), vec(3)]), np.array([10, 30]))
     assert vectors[:, 0].tolist() == [1, 2, 1, 3, 2] and tokens.tolist() == [10, 20, 10, 30, 20]
     again = look_up(cache, [t.encode() for t in texts], texts)
     assert again.complete
-    vectors_again, tokens_again = fill(cache, again, None, None)
+    vectors_again, tokens_again = assemble(cache, again, None, None)
     assert vectors_again.tobytes() == vectors.tobytes() and tokens_again.tolist() == tokens.tolist()
     assert (cache.stats.hits, cache.stats.misses) == (2 + 5, 2)

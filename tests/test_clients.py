@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from clients import EmbeddingServiceError, HTTPEmbedder, ServeEmbedder, get_embedder
-from deployments.errors import ClientError
+from deployments.protocol.errors import ClientError
 from tests.conftest import (
     MINILM_DIR,
     REPO,
@@ -239,3 +241,91 @@ def test_get_embedder_follows_the_environment(service, monkeypatch):
     monkeypatch.setenv("EMBEDDING_SERVICE", "grpc://x")
     with pytest.raises(ValueError, match="expected ray://"):
         get_embedder(MODEL)
+
+
+class RefusingProxy(FlakyProxy):
+    """Forwards everything, except that a POST whose inputs hold ``marker`` is refused as the service
+    refuses an input: a 400 naming the marker's place in that request's ``input``."""
+
+    def __init__(self, upstream: str, marker: str):
+        super().__init__(upstream, failures=0, retry_after=0)
+        forward_post = self.server.RequestHandlerClass.do_POST
+
+        def do_post(handler):
+            body = handler.rfile.read(int(handler.headers["content-length"]))
+            texts = json.loads(body)["input"]
+            if marker not in texts:
+                handler.rfile = io.BytesIO(body)
+                return forward_post(handler)
+            index = texts.index(marker)
+            error = {"message": f"input[{index}]: refused", "type": "invalid_request_error",
+                     "param": "input", "code": "invalid_request", "index": index}  # fmt: skip
+            payload = json.dumps({"error": error}).encode()
+            handler.send_response(400)
+            handler.send_header("content-length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload)
+
+        self.server.RequestHandlerClass.do_POST = do_post
+
+
+def test_a_refused_input_is_named_by_its_place_in_the_callers_list(service):
+    """The client cuts a call into requests; the server names an input by its place in its request, and
+    the client re-places it in the caller's list."""
+    proxy = RefusingProxy(service, marker="the refused one")
+    texts = [f"entity {i}" for i in range(300)]
+    texts[250] = "the refused one"
+    try:
+        client = HTTPEmbedder(MODEL, base_url=proxy.url)
+        with pytest.raises(ClientError) as refused:
+            client.encode(texts)
+    finally:
+        proxy.close()
+    assert refused.value.index == 250 and str(refused.value) == "input[250]: refused"
+
+
+CLIENT_ALONE = """
+import json, sys
+from clients import HTTPEmbedder
+client = HTTPEmbedder({model!r}, base_url={url!r})
+vectors = client.encode({texts!r}, normalize_embeddings=True)
+try:
+    client.encode(["fine", 7])
+    refused = None
+except ValueError as error:
+    refused = [type(error).__name__, error.index, str(error)]
+heavy = ("ray", "torch", "transformers", "sentence_transformers", "openvino", "deployments")
+print(json.dumps({{"vectors": vectors.tolist(), "refused": refused,
+                  "imported": [m for m in heavy if m in sys.modules]}}))
+"""
+
+
+def test_the_client_installs_and_runs_alone(service, reference, tmp_path):
+    """A fresh virtualenv with only the client distribution (clients/pyproject.toml): numpy and httpx
+    come with it; Ray, torch, transformers, sentence-transformers and OpenVINO neither come nor load."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO / "clients", source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+    )
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
+        check=True, timeout=600, capture_output=True,
+    )  # fmt: skip
+    installed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=json"], check=True, capture_output=True, text=True
+    ).stdout
+    names = {p["name"].lower() for p in json.loads(installed)}
+    assert {"numpy", "httpx", "graphrag-embeddings-client"} <= names
+    assert not names & {"ray", "torch", "transformers", "sentence-transformers", "openvino"}, names
+    script = CLIENT_ALONE.format(model=MODEL, url=service, texts=TEXTS)
+    out = subprocess.run(
+        [python, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["imported"] == []
+    assert result["refused"] == ["ClientError", 1, "input[1]: must be a string, got int"]
+    got = np.array(result["vectors"], dtype=np.float32)
+    assert ((got * reference.encode(TEXTS, normalize_embeddings=True)).sum(1)).min() >= 0.9999

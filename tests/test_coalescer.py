@@ -3,55 +3,68 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import numpy as np
 import pytest
 
-from deployments.coalescer import Coalescer
-from deployments.embed_options import EmbedResult
-from deployments.errors import ClientError, ModelError
+from deployments.ingress.coalescer import Coalescer
+from deployments.protocol.errors import ClientError, ModelError
+from deployments.protocol.options import EmbedOptions, EmbedRequest, EmbedResult
+
+
+def request(*texts: str, normalize: bool = True) -> EmbedRequest:
+    return EmbedRequest(list(texts), EmbedOptions(normalize=normalize))
+
+
+def code(text: str) -> float:
+    """A number that differs between texts, so a row handed to the wrong request shows."""
+    return float(zlib.crc32(text.encode()) % 100_003)
 
 
 class Downstream:
-    """A stand-in model deployment: vectors encode the text, a text 'bad' is refused as a client mistake,
-    a text 'nan' fails its call as a model failing on an input would, a text 'overload' as an overloaded
-    model would."""
+    """A stand-in model deployment answering each request of a call on its own, as ``ModelServer`` does:
+    a vector per text ``[code(text), normalize]``; a text 'bad' is refused as a client mistake and 'nan'
+    fails as a model failing on an input would (each naming its index in its own request); a text
+    'overload' fails the whole call, as an overloaded model would."""
 
     def __init__(self, delay: float = 0.01):
-        self.calls: list[list[str]] = []
+        self.calls: list[list[list[str]]] = []  # per call, the texts of each request
         self.delay = delay
 
-    async def __call__(self, key, texts):
-        self.calls.append(list(texts))
+    async def __call__(self, requests: list[EmbedRequest]):
+        self.calls.append([list(r.texts) for r in requests])
         await asyncio.sleep(self.delay)
-        if "bad" in texts:
-            raise ClientError("bad input")
-        if "overload" in texts:
+        if any("overload" in r.texts for r in requests):
             raise RuntimeError("overloaded")
-        if "nan" in texts:
-            raise ModelError("the model produced non-finite values")
-        vectors = np.array([[len(t), hash(key) % 7] for t in texts], dtype=np.float32)
-        return EmbedResult(vectors, np.array([len(t) for t in texts], dtype=np.int32), 0.5, 0.25)
+        return [self.answer(r) for r in requests]
+
+    @staticmethod
+    def answer(r: EmbedRequest):
+        if "bad" in r.texts:
+            return ClientError("bad input", "invalid_request", "input", index=r.texts.index("bad"))
+        if "nan" in r.texts:
+            return ModelError("the model produced non-finite values", index=r.texts.index("nan"))
+        vectors = np.array([[code(t), float(r.options.normalize)] for t in r.texts], dtype=np.float32)
+        tokens = np.array([len(t) for t in r.texts], dtype=np.int32)
+        return EmbedResult(vectors, tokens, 0.5, 0.25)
 
 
-def test_concurrent_requests_merge_and_results_keep_their_order():
+def test_concurrent_requests_merge_and_each_keeps_its_own_rows_and_options():
     async def main():
         down = Downstream()
         co = Coalescer(down, max_in_flight=2)
-        texts = ["x" * i for i in range(1, 41)]
-        results = await asyncio.gather(*(co.submit("k", [t]) for t in texts))
-        return down, results
+        requests = [request(f"text {i}", f"and {i * 7}", normalize=i % 2 == 0) for i in range(40)]
+        return down, requests, await asyncio.gather(*(co.submit(r) for r in requests))
 
-    down, results = asyncio.run(main())
-    assert len(down.calls) <= 4  # 2 sent at once, then the queue leaves together
+    down, requests, results = asyncio.run(main())
+    assert len(down.calls) <= 4  # 2 sent at once, then the queue leaves together, options mixed
     assert sum(len(c) for c in down.calls) == 40
-    for i, result in enumerate(results, start=1):
-        assert (
-            result.vectors.shape == (1, 2)
-            and result.vectors[0, 0] == i
-            and result.token_counts.tolist() == [i]
-        )
-        assert (result.queue_seconds, result.compute_seconds) == (0.5, 0.25)  # the merged call's timings
+    for r, result in zip(requests, results, strict=True):
+        expected = [[code(t), float(r.options.normalize)] for t in r.texts]
+        assert result.vectors.tolist() == expected
+        assert result.token_counts.tolist() == [len(t) for t in r.texts]
+        assert (result.queue_seconds, result.compute_seconds) == (0.5, 0.25)  # its own timings
 
 
 def test_a_lone_request_is_sent_at_once():
@@ -60,18 +73,18 @@ def test_a_lone_request_is_sent_at_once():
         co = Coalescer(down, max_in_flight=1)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        await co.submit("k", ["a"])
+        await co.submit(request("a"))
         return loop.time() - t0, down
 
     elapsed, down = asyncio.run(main())
-    assert down.calls == [["a"]] and elapsed < 0.05
+    assert down.calls == [[["a"]]] and elapsed < 0.05
 
 
-def test_keys_never_mix_and_the_call_size_is_capped():
+def test_the_call_size_is_capped():
     async def main():
         down = Downstream()
         co = Coalescer(down, max_in_flight=1, max_inputs_per_call=3)
-        await asyncio.gather(*(co.submit(k, ["t"]) for k in ("a", "b") for _ in range(8)))
+        await asyncio.gather(*(co.submit(request(f"t{i}")) for i in range(16)))
         return down
 
     down = asyncio.run(main())
@@ -79,53 +92,51 @@ def test_keys_never_mix_and_the_call_size_is_capped():
     assert sum(len(c) for c in down.calls) == 16
 
 
-def merged_group(texts: tuple[str, ...]) -> tuple[Downstream, list]:
-    """A call in flight ("warm"), then one request per text queued behind it: they leave merged."""
+def merged_group(*requests: EmbedRequest) -> tuple[Downstream, list]:
+    """A call in flight ("warm"), then the requests queued behind it: they leave merged."""
 
     async def main():
         down = Downstream()
         co = Coalescer(down, max_in_flight=1)
-        first = asyncio.ensure_future(co.submit("k", ["warm"]))
+        first = asyncio.ensure_future(co.submit(request("warm")))
         await asyncio.sleep(0)
-        rest = [co.submit("k", [t]) for t in texts]
+        rest = [co.submit(r) for r in requests]
         return down, await asyncio.gather(first, *rest, return_exceptions=True)
 
     return asyncio.run(main())
 
 
-def test_one_failing_request_fails_alone():
-    _, results = merged_group(("ok1", "bad", "ok2"))
-    assert isinstance(results[2], ClientError)
-    assert all(isinstance(r, EmbedResult) for i, r in enumerate(results) if i != 2)
-
-
-def test_a_model_fault_on_one_input_fails_only_its_request():
-    _, results = merged_group(("ok1", "nan", "ok2"))
-    assert isinstance(results[2], ModelError)
-    assert all(isinstance(r, EmbedResult) for i, r in enumerate(results) if i != 2)
+@pytest.mark.parametrize(("poison", "error"), [("bad", ClientError), ("nan", ModelError)])
+def test_one_failing_request_fails_alone_and_nothing_is_sent_twice(poison, error):
+    down, results = merged_group(request("ok1", "ok one"), request("fine", poison), request("ok2"))
+    assert isinstance(results[2], error) and results[2].index == 1
+    assert results[2].message.startswith("input[1]: ")
+    assert results[1].vectors.tolist() == [[code("ok1"), 1.0], [code("ok one"), 1.0]]
+    assert results[3].vectors.tolist() == [[code("ok2"), 1.0]]
+    assert down.calls == [[["warm"]], [["ok1", "ok one"], ["fine", poison], ["ok2"]]]
 
 
 def test_any_other_failure_goes_to_the_whole_group_without_resending():
-    down, results = merged_group(("ok1", "overload", "ok2"))
+    down, results = merged_group(request("ok1"), request("overload"), request("ok2"))
     assert isinstance(results[0], EmbedResult)
     assert all(isinstance(r, RuntimeError) and str(r) == "overloaded" for r in results[1:])
-    assert down.calls == [["warm"], ["ok1", "overload", "ok2"]]  # one merged call, not one per request
+    assert down.calls == [[["warm"]], [["ok1"], ["overload"], ["ok2"]]]  # one merged call, not one each
 
 
 def test_a_caller_that_gives_up_does_not_block_the_others():
     async def main():
         down = Downstream(delay=0.05)
         co = Coalescer(down, max_in_flight=1)
-        first = asyncio.ensure_future(co.submit("k", ["a"]))
+        first = asyncio.ensure_future(co.submit(request("a")))
         await asyncio.sleep(0)
-        quitter = asyncio.ensure_future(co.submit("k", ["b"]))
-        stayer = asyncio.ensure_future(co.submit("k", ["c"]))
+        quitter = asyncio.ensure_future(co.submit(request("b")))
+        stayer = asyncio.ensure_future(co.submit(request("c")))
         await asyncio.sleep(0.01)
         quitter.cancel()
         return await asyncio.gather(first, stayer)
 
     first, stayer = asyncio.run(main())
-    assert stayer.vectors[0, 0] == 1
+    assert stayer.vectors[0, 0] == code("c")
 
 
 @pytest.mark.parametrize("in_flight", [1, 3])
@@ -133,10 +144,14 @@ def test_no_request_is_lost_under_load(in_flight):
     async def main():
         down = Downstream(delay=0.001)
         co = Coalescer(down, max_in_flight=in_flight)
-        return await asyncio.gather(*(co.submit(i % 3, ["t"] * (i % 4 + 1)) for i in range(200)))
+        requests = [
+            request(*(f"r{i}t{j}" for j in range(i % 4 + 1)), normalize=i % 3 == 0) for i in range(200)
+        ]
+        return requests, await asyncio.gather(*(co.submit(r) for r in requests))
 
-    results = asyncio.run(main())
-    assert [len(r.vectors) for r in results] == [i % 4 + 1 for i in range(200)]
+    requests, results = asyncio.run(main())
+    for r, result in zip(requests, results, strict=True):
+        assert result.vectors.tolist() == [[code(t), float(r.options.normalize)] for t in r.texts]
 
 
 class CancellableDownstream(Downstream):
@@ -146,11 +161,11 @@ class CancellableDownstream(Downstream):
         super().__init__(delay)
         self.cancelled: list[list[str]] = []
 
-    async def __call__(self, key, texts):
+    async def __call__(self, requests):
         try:
-            return await super().__call__(key, texts)
+            return await super().__call__(requests)
         except asyncio.CancelledError:
-            self.cancelled.append(list(texts))
+            self.cancelled.append([t for r in requests for t in r.texts])
             raise
 
 
@@ -158,43 +173,43 @@ def test_a_merged_call_runs_on_for_the_callers_still_waiting():
     async def main():
         down = CancellableDownstream(delay=0.2)
         co = Coalescer(down, max_in_flight=1)
-        first = asyncio.ensure_future(co.submit("k", ["a"]))
+        first = asyncio.ensure_future(co.submit(request("a")))
         await asyncio.sleep(0)
-        leaver = asyncio.ensure_future(co.submit("k", ["bb"]))
-        stayer = asyncio.ensure_future(co.submit("k", ["ccc"]))
+        leaver = asyncio.ensure_future(co.submit(request("bb")))
+        stayer = asyncio.ensure_future(co.submit(request("ccc")))
         await asyncio.sleep(0.25)  # the first call is done; "bb" and "ccc" now travel merged
-        assert down.calls[-1] == ["bb", "ccc"]
+        assert down.calls[-1] == [["bb"], ["ccc"]]
         leaver.cancel()
         return down, await stayer, await first
 
     down, result, _ = asyncio.run(main())
-    assert down.cancelled == [] and result.vectors[0, 0] == 3
+    assert down.cancelled == [] and result.vectors[0, 0] == code("ccc")
 
 
 def test_a_merged_call_is_cancelled_when_all_its_callers_left():
     async def main():
         down = CancellableDownstream(delay=0.2)
         co = Coalescer(down, max_in_flight=1)
-        first = asyncio.ensure_future(co.submit("k", ["a"]))
+        first = asyncio.ensure_future(co.submit(request("a")))
         await asyncio.sleep(0)
-        group = [asyncio.ensure_future(co.submit("k", [t])) for t in ("bb", "ccc")]
+        group = [asyncio.ensure_future(co.submit(request(t))) for t in ("bb", "ccc")]
         await asyncio.sleep(0.25)
         for task in group:
             task.cancel()
         await asyncio.sleep(0.01)
-        after = await co.submit("k", ["dddd"])  # the lane is free again
+        after = await co.submit(request("dddd"))  # the slot is free again
         return down, co, await first, after
 
     down, co, _, after = asyncio.run(main())
     assert down.cancelled == [["bb", "ccc"]] and co.calls_cancelled == 1
-    assert after.vectors[0, 0] == 4
+    assert after.vectors[0, 0] == code("dddd")
 
 
 def test_a_lone_call_is_cancelled_with_its_caller():
     async def main():
         down = CancellableDownstream(delay=0.5)
         co = Coalescer(down, max_in_flight=2)
-        task = asyncio.ensure_future(co.submit("k", ["a"]))
+        task = asyncio.ensure_future(co.submit(request("a")))
         await asyncio.sleep(0.05)
         task.cancel()
         await asyncio.sleep(0.01)
@@ -208,14 +223,14 @@ def test_a_bulk_request_does_not_hold_a_slot_small_requests_need():
         down = Downstream(delay=0.5)
         co = Coalescer(down, max_in_flight=1, direct_min_inputs=64)
         loop = asyncio.get_running_loop()
-        bulk = asyncio.ensure_future(co.submit("k", ["x"] * 64))
+        bulk = asyncio.ensure_future(co.submit(request(*(f"x{i}" for i in range(64)))))
         await asyncio.sleep(0)
         t0 = loop.time()
-        await co.submit("k", ["small"])
+        await co.submit(request("small"))
         small_s = loop.time() - t0
         await bulk
         return small_s, down
 
     small_s, down = asyncio.run(main())
     assert small_s < 0.9  # sent at once beside the bulk call, not after it (0.5 s each)
-    assert sorted(len(c) for c in down.calls) == [1, 64]
+    assert sorted(len(c[0]) for c in down.calls) == [1, 64]

@@ -9,12 +9,11 @@ import yaml
 
 from deployments.config import (
     ConfigError,
-    deployment_options,
     load_models_config,
     parse_models_config,
     resolve_model_source,
-    router_options,
 )
+from deployments.serve_options import deployment_options, router_options
 from tests.conftest import MINILM_DIR, REPO
 
 VALID = {
@@ -211,7 +210,7 @@ def test_deployment_options_come_from_the_placement_class():
 def test_a_gpu_placement_without_usable_cuda_fails_at_start(monkeypatch):
     import torch
 
-    from deployments.backends.base import pick_device
+    from deployments.engine.backends.base import pick_device
 
     assert not torch.cuda.is_available()  # this machine: no usable CUDA
     monkeypatch.delenv("EMBEDDINGS_FAKE_GPUS", raising=False)

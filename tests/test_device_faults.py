@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from benchmarks.common import short_mix
-from deployments.backends.fidelity import worst_cosine
-from deployments.backends.sentence_transformers import SentenceTransformersBackend
 from deployments.config import Batching
-from deployments.device_faults import (
+from deployments.engine.backends.fidelity import worst_cosine
+from deployments.engine.backends.sentence_transformers import SentenceTransformersBackend
+from deployments.engine.device_faults import (
     DeviceFault,
     TokenBudget,
     is_out_of_memory,
     is_poisoned_context,
 )
-from deployments.embed_options import EmbedOptions
-from deployments.engine import EmbedCall, EmbeddingEngine
-from deployments.errors import ModelError
+from deployments.engine.embedding_engine import EmbeddingEngine
+from deployments.protocol.errors import ModelError
+from deployments.protocol.options import EmbedOptions, EmbedRequest
 from tests.conftest import MINILM_DIR
 from tests.fatal_module import POISONED_CONTEXT
 
@@ -87,7 +87,9 @@ def test_out_of_memory_splits_the_pass_shrinks_the_budget_and_fails_only_an_inpu
     backend.limit = 200  # padded tokens: a 256-token input cannot fit even alone
     engine = EmbeddingEngine(backend, Batching(max_batch_tokens=4096, forward_overhead_tokens=64))
     bulk, single, too_big = short_mix(60, seed=5), ["Marie Curie"], ["alpha " * 300]
-    results = engine.run([EmbedCall(bulk, OPTIONS), EmbedCall(too_big, OPTIONS), EmbedCall(single, OPTIONS)])
+    results = engine.run(
+        [EmbedRequest(bulk, OPTIONS), EmbedRequest(too_big, OPTIONS), EmbedRequest(single, OPTIONS)]
+    )
     assert worst_cosine(results[0].vectors, minilm.encode(bulk)) >= 0.99999
     assert worst_cosine(results[2].vectors, minilm.encode(single)) >= 0.99999
     refused = results[1]
@@ -101,7 +103,7 @@ def test_out_of_memory_splits_the_pass_shrinks_the_budget_and_fails_only_an_inpu
     backend.limit = None
     budgets = []
     for _ in range(400):
-        engine.run([EmbedCall(["Pierre Curie"], OPTIONS)])
+        engine.run([EmbedRequest(["Pierre Curie"], OPTIONS)])
         budgets.append(engine.stats()["max_batch_tokens_now"])
         if budgets[-1] == 4096:
             break
@@ -122,21 +124,25 @@ def test_a_poisoned_context_fails_open_calls_refuses_new_ones_and_fails_the_heal
     backend = PoisoningBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
     engine = EmbeddingEngine(backend, Batching(max_batch_tokens=4096, forward_overhead_tokens=64))
     assert engine.health() is None
-    first = engine.run([EmbedCall(["Warsaw"], OPTIONS)])
+    first = engine.run([EmbedRequest(["Warsaw"], OPTIONS)])
     assert first[0].vectors.shape == (1, 384)
-    results = engine.run([EmbedCall(["Marie Curie"], OPTIONS), EmbedCall(["a volcano erupts"], OPTIONS)])
+    results = engine.run(
+        [EmbedRequest(["Marie Curie"], OPTIONS), EmbedRequest(["a volcano erupts"], OPTIONS)]
+    )
     assert all(isinstance(r, DeviceFault) for r in results), results
     assert "illegal memory access" in str(results[0])
     with pytest.raises(DeviceFault):
         engine.health()
-    later = engine.run([EmbedCall(["Pierre Curie"], OPTIONS)])  # refused at once: nothing runs here any more
+    later = engine.run(
+        [EmbedRequest(["Pierre Curie"], OPTIONS)]
+    )  # refused at once: nothing runs here any more
     assert isinstance(later[0], DeviceFault)
     assert engine.stats()["device_fault"] == 1
     assert np.isfinite(first[0].vectors).all()
 
 
 def test_a_gpu_share_that_cannot_hold_the_model_is_refused_with_its_numbers():
-    from deployments.gpu_share import gpu_share_problem
+    from deployments.engine.gpu_share import gpu_share_problem
 
     assert gpu_share_problem("bge", need_gb=3.2, fraction=0.25, total_gb=24.0, free_gb=20.0) is None
     short = gpu_share_problem("nv-embed", need_gb=19.5, fraction=0.5, total_gb=24.0, free_gb=23.0)
@@ -146,7 +152,7 @@ def test_a_gpu_share_that_cannot_hold_the_model_is_refused_with_its_numbers():
 
 
 def test_the_warm_up_runs_the_largest_pass_the_budget_allows_and_an_oom_there_stops_the_start(minilm):
-    from deployments.gpu_share import warm_up, warmup_shape
+    from deployments.engine.gpu_share import warm_up, warmup_shape
 
     batching = Batching(max_batch_tokens=4096, max_batch_size=256)
     assert warmup_shape(batching, 256) == (16, 256)

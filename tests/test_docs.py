@@ -66,8 +66,8 @@ def test_the_reference_lists_every_key_of_the_schema_and_no_other():
 
 
 def test_the_api_reference_lists_every_error_code_with_its_status():
-    """docs/api.md's error table is ``deployments.errors.ERRORS``, row for row."""
-    from deployments.errors import ERRORS
+    """docs/api.md's error table is ``deployments.protocol.errors.ERRORS``, row for row."""
+    from deployments.protocol.errors import ERRORS
 
     text = (REPO / "docs" / "api.md").read_text()
     rows = {

@@ -13,20 +13,19 @@ import pytest
 import torch
 
 from benchmarks.common import kt_gen_mix
-from deployments.backends.fidelity import worst_cosine
-from deployments.backends.registry import load_sentence_transformers
-from deployments.backends.sentence_transformers import SentenceTransformersBackend, _features
 from deployments.config import Batching
-from deployments.embed_options import EmbedOptions
-from deployments.engine import (
+from deployments.engine.backends.fidelity import worst_cosine
+from deployments.engine.backends.registry import load_sentence_transformers
+from deployments.engine.backends.sentence_transformers import SentenceTransformersBackend, _features
+from deployments.engine.embedding_engine import (
     CHARS_PER_TOKEN_CEILING,
     CHARS_PER_TOKEN_FIRST,
-    EmbedCall,
     EmbeddingEngine,
     cut_text,
     tokenize_capped,
 )
-from deployments.errors import ClientError
+from deployments.protocol.errors import ClientError
+from deployments.protocol.options import EmbedOptions, EmbedRequest
 from tests.conftest import MINILM_DIR
 
 TEXTS = [
@@ -61,8 +60,8 @@ def backend(request, minilm_compile_cache):
 def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget):
     engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
     expected = minilm.encode(TEXTS)
-    together = engine.run([EmbedCall(TEXTS)])[0]
-    one_by_one = engine.run([EmbedCall([t]) for t in TEXTS])
+    together = engine.run([EmbedRequest(TEXTS)])[0]
+    one_by_one = engine.run([EmbedRequest([t]) for t in TEXTS])
     assert together.vectors.dtype == np.float32 and together.vectors.shape == (5, 384)
     assert worst_cosine(together.vectors, expected) >= 0.9999
     assert worst_cosine(np.concatenate([r.vectors for r in one_by_one]), expected) >= 0.9999
@@ -72,7 +71,7 @@ def test_equal_to_sentence_transformers_in_any_grouping(backend, minilm, budget)
 
 def test_prompts_are_prepended_as_sentence_transformers_does(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
-    got = engine.run([EmbedCall(TEXTS, EmbedOptions(prompt="query: "))])[0].vectors
+    got = engine.run([EmbedRequest(TEXTS, EmbedOptions(prompt="query: "))])[0].vectors
     assert worst_cosine(got, minilm.encode(TEXTS, prompt="query: ")) >= 0.9999
     assert worst_cosine(got, minilm.encode(TEXTS)) < 0.999  # the prompt did change something
 
@@ -81,7 +80,7 @@ def test_truncation_and_its_refusal(backend, minilm):
     engine = EmbeddingEngine(backend, Batching())
     long_text = "word " * 400
     ok, refused = engine.run(
-        [EmbedCall([long_text]), EmbedCall(["fine", long_text], EmbedOptions(truncate=False))]
+        [EmbedRequest([long_text]), EmbedRequest(["fine", long_text], EmbedOptions(truncate=False))]
     )
     assert ok.token_counts.tolist() == [256]
     assert worst_cosine(ok.vectors, minilm.encode([long_text])) >= 0.9999
@@ -115,7 +114,7 @@ def test_the_direct_tokenizer_gives_exactly_the_token_ids_of_preprocess(tiny_bge
                 _features(b) for b in backend._tokenize_preprocess(texts, prompt, 65)
             ]
             assert max(item.length for item in fast) == 65  # some are longer: the engine refuses those
-        with pytest.raises(ClientError, match=r"input\[1\] has more than 64 tokens") as refused:
+        with pytest.raises(ClientError, match=r"input\[1\]: more than 64 tokens") as refused:
             tokenize_capped(backend, ["fine", "word " * 200], "", truncate=False)
         assert (refused.value.status, refused.value.code) == (400, "input_too_long")
 
@@ -123,7 +122,7 @@ def test_the_direct_tokenizer_gives_exactly_the_token_ids_of_preprocess(tiny_bge
 def test_one_failing_input_fails_only_its_call(minilm):
     backend = FlakyBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=256)
     engine = EmbeddingEngine(backend, Batching(max_batch_size=256))
-    calls = [EmbedCall(["alpha", "beta"]), EmbedCall(["gamma poison"]), EmbedCall(["delta"])]
+    calls = [EmbedRequest(["alpha", "beta"]), EmbedRequest(["gamma poison"]), EmbedRequest(["delta"])]
     good1, bad, good2 = engine.run(calls)
     assert isinstance(bad, RuntimeError) and "injected fault" in str(bad)
     assert worst_cosine(good1.vectors, minilm.encode(["alpha", "beta"])) >= 0.9999
@@ -136,8 +135,8 @@ def test_normalize_flag(backend):
     engine = EmbeddingEngine(backend, Batching())
     plain, normed = engine.run(
         [
-            EmbedCall(["x y z"], EmbedOptions(normalize=False)),
-            EmbedCall(["x y z"], EmbedOptions(normalize=True)),
+            EmbedRequest(["x y z"], EmbedOptions(normalize=False)),
+            EmbedRequest(["x y z"], EmbedOptions(normalize=True)),
         ]
     )
     assert abs(np.linalg.norm(normed.vectors[0]) - 1) < 1e-5
@@ -151,9 +150,9 @@ class RecordingBackend(SentenceTransformersBackend):
         super().__init__(*args, **kwargs)
         self.read: list[int] = []
 
-    def tokenize(self, texts, prompt, max_length=None, first_index=0):
+    def tokenize(self, texts, prompt, max_length=None):
         self.read += [len(t) for t in texts]
-        return super().tokenize(texts, prompt, max_length, first_index)
+        return super().tokenize(texts, prompt, max_length)
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +189,12 @@ def test_cut_text_ends_at_a_whitespace():
 def test_truncate_false_refuses_beyond_the_ceiling_and_names_the_input(recording):
     too_long = "a " * (CHARS_PER_TOKEN_CEILING * 256)
     with pytest.raises(ClientError) as err:
-        tokenize_capped(recording, ["fine", too_long], "", False, first_index=300)
-    assert err.value.status == 400 and "input[301]" in err.value.message and "characters" in err.value.message
+        tokenize_capped(recording, ["fine", too_long], "", False)
+    assert err.value.status == 400 and err.value.index == 1
+    assert err.value.message.startswith("input[1]: ") and "characters" in err.value.message
     with pytest.raises(ClientError) as err:
-        tokenize_capped(recording, ["fine", "word " * 300], "", False, first_index=300)
-    assert "input[301]" in err.value.message and "256 tokens" in err.value.message
+        tokenize_capped(recording, ["fine", "word " * 300], "", False)
+    assert err.value.index == 1 and "input[1]" in err.value.message and "256 tokens" in err.value.message
 
 
 def test_engine_answers_a_small_call_during_a_bulk_one_and_drops_a_cancelled_one(minilm):
@@ -203,19 +203,19 @@ def test_engine_answers_a_small_call_during_a_bulk_one_and_drops_a_cancelled_one
     engine = EmbeddingEngine(backend, Batching(max_batch_tokens=1024, max_batch_size=64))
 
     async def main():
-        bulk = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
+        bulk = asyncio.ensure_future(engine.embed(EmbedRequest(bulk_texts)))
         await asyncio.sleep(0.3)
         t0 = time.perf_counter()
-        small = await engine.embed(EmbedCall(["Marie Curie"]))
+        small = await engine.embed(EmbedRequest(["Marie Curie"]))
         small_s = time.perf_counter() - t0
         bulk_done_when_small_answered = bulk.done()
         await bulk
-        leaver = asyncio.ensure_future(engine.embed(EmbedCall(bulk_texts)))
+        leaver = asyncio.ensure_future(engine.embed(EmbedRequest(bulk_texts)))
         await asyncio.sleep(0.3)
         leaver.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leaver
-        after = await engine.embed(EmbedCall(["Warsaw"]))
+        after = await engine.embed(EmbedRequest(["Warsaw"]))
         return small, small_s, bulk_done_when_small_answered, bulk.result(), after
 
     try:

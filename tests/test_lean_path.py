@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
-from deployments.serve_local import serving_env
+from deployments.tools.serve_local import serving_env
 from tests.bad_clients import open_tricklers, status_lines, storm_then_hang_up, trickle_while
 from tests.conftest import (
     MINILM_DIR,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deployments.backends import check_backends
-from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.config import Batching, ConfigError, parse_models_config
-from deployments.embed_options import EmbedOptions
-from deployments.engine import EmbedCall, EmbeddingEngine, tokenize_capped
-from deployments.errors import ClientError
+from deployments.engine.backends import check_backends
+from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
+from deployments.engine.embedding_engine import EmbeddingEngine, tokenize_capped
+from deployments.protocol.errors import ClientError
+from deployments.protocol.options import EmbedOptions, EmbedRequest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
 CASES = {c["name"]: c for c in json.loads((FIXTURE / "expected.json").read_text())["cases"]}
@@ -85,7 +86,7 @@ def test_embeddings_match_the_reference(backends, packed_backends, name, groupin
         budget = longest if backend.packed else 2 * longest  # packed: a budget of token sums
         engine = EmbeddingEngine(backend, Batching(max_batch_tokens=budget, max_batch_size=3))
         results = engine.run(
-            [EmbedCall([t], EmbedOptions(prompt=instruction, normalize=False)) for t in texts]
+            [EmbedRequest([t], EmbedOptions(prompt=instruction, normalize=False)) for t in texts]
         )
         got = np.concatenate([r.vectors for r in results])
         assert engine.stats()["forward_passes"] > 1
@@ -181,7 +182,7 @@ def test_sharded_checkpoints_load(tmp_path):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_weights_load_straight_into_the_requested_dtype(layout):
     """No float32 copy: every parameter arrives in bf16, and the bf16 model still tracks the reference."""
-    from deployments.backends.nvembed_model import build_nvembed
+    from deployments.engine.backends.nvembed_model import build_nvembed
 
     model = build_nvembed(FIXTURE, torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -211,7 +212,7 @@ def test_a_packed_layout_that_fails_or_disagrees_is_not_served(monkeypatch):
 
 def test_packing_is_chosen_only_where_flash_attention_serves_it():
     """CPU (and float32 anywhere) stays padded by default; the packed engine pays no padding."""
-    from deployments.backends.nvembed_model import flash_varlen_supported
+    from deployments.engine.backends.nvembed_model import flash_varlen_supported
 
     assert not flash_varlen_supported(torch.device("cpu"), torch.bfloat16)
     default = NVEmbedBackend.load(str(FIXTURE), device=torch.device("cpu"), dtype="float32")
@@ -220,7 +221,7 @@ def test_packing_is_chosen_only_where_flash_attention_serves_it():
     packed = backend_for({"max_length": 64}, "packed")
     texts = CASES["query_instruction_batch"]["texts"] * 5
     engine = EmbeddingEngine(packed, Batching(max_batch_tokens=64, max_batch_size=8))
-    [result] = engine.run([EmbedCall(texts)])
+    [result] = engine.run([EmbedRequest(texts)])
     stats = engine.stats()
     assert stats["padded_tokens"] == stats["real_tokens"] == int(result.token_counts.sum())
     assert stats["forward_passes"] >= -(-stats["real_tokens"] // 64)
@@ -228,7 +229,8 @@ def test_packing_is_chosen_only_where_flash_attention_serves_it():
 
 def test_full_size_architecture_has_nv_embed_v2s_parameter_count():
     """Built on the meta device (no memory): 7.85B parameters, 0.74B of them in the latent block."""
-    from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, NVEmbedModel
+    from benchmarks.nvembed_random import FULL_SIZE
+    from deployments.engine.backends.nvembed_model import NVEmbedConfig, NVEmbedModel
 
     raw = json.loads((FIXTURE / "config.json").read_text())
     for section, values in FULL_SIZE.items():
@@ -243,7 +245,8 @@ def test_full_size_architecture_has_nv_embed_v2s_parameter_count():
 def test_full_width_layers_run_in_both_layouts_and_agree():
     """NV-Embed-v2's real widths (4096 hidden, 32 query / 8 key-value heads of 128, 8 latent heads of
     4096, 512 latents) with one decoder layer, random bf16 weights on CPU: both layouts run and agree."""
-    from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, random_nvembed
+    from benchmarks.nvembed_random import FULL_SIZE, random_nvembed
+    from deployments.engine.backends.nvembed_model import NVEmbedConfig
 
     raw = json.loads((FIXTURE / "config.json").read_text())
     for section, values in FULL_SIZE.items():
@@ -287,7 +290,7 @@ def test_a_16_bit_checkpoint_is_served_in_bf16_on_a_cpu_without_a_float32_copy(t
 
 def test_the_latent_block_runs_long_inputs_in_chunks_with_the_same_result(monkeypatch):
     """Chunking the per-token latent block bounds a long pass's memory and changes no vector."""
-    from deployments.backends import nvembed_model
+    from deployments.engine.backends import nvembed_model
 
     backend = NVEmbedBackend.load(str(FIXTURE), device=torch.device("cpu"), dtype="float32")
     items = backend.tokenize(["knowledge tree " * 700, "Marie Curie", "a third text of a few words"], "")
@@ -296,3 +299,17 @@ def test_the_latent_block_runs_long_inputs_in_chunks_with_the_same_result(monkey
     monkeypatch.setattr(nvembed_model, "LATENT_TOKEN_CHUNK", 1 << 20)
     whole = backend.forward(items)
     assert np.abs(chunked - whole).max() <= 1e-6
+
+
+def test_a_cpu_replica_caps_the_matmul_librarys_primitive_cache(monkeypatch):
+    """oneDNN's cache of compiled primitives (one set per pass shape, ~14 MB each at full size) is capped
+    before the first pass of a CPU replica; an operator's own value is kept. Its effect on memory and speed
+    at full size: benchmarks/full_size_nvembed.py, docs/nvembed.md."""
+    from deployments.engine.backends.nvembed import CPU_PRIMITIVE_CACHE, ONEDNN_CACHE_ENV
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    NVEmbedBackend.load(str(FIXTURE), device=torch.device("cpu"), dtype="float32")
+    assert os.environ[ONEDNN_CACHE_ENV] == str(CPU_PRIMITIVE_CACHE)
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "64")
+    NVEmbedBackend.load(str(FIXTURE), device=torch.device("cpu"), dtype="float32")
+    assert os.environ[ONEDNN_CACHE_ENV] == "64"

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deployments.backends import nvembed_model
-from deployments.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
-from deployments.backends.nvembed_model import FULL_SIZE, NVEmbedConfig, NVEmbedModel, build_nvembed
+from benchmarks.nvembed_random import FULL_SIZE
 from deployments.config import load_models_config
-from deployments.sizing import BYTES, KNOWN_SIZES, replica_gpu_memory_gb
+from deployments.engine.backends import nvembed_model
+from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
+from deployments.engine.backends.nvembed_model import NVEmbedConfig, NVEmbedModel, build_nvembed
+from deployments.engine.sizing import BYTES, KNOWN_SIZES, replica_gpu_memory_gb
 from tests.conftest import REPO
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"

@@ -8,8 +8,13 @@ import numpy as np
 import orjson
 import pytest
 
-from deployments.errors import ClientError
-from deployments.openai_api import check_dimensions, parse_embeddings_request, render_embeddings, shorten
+from deployments.ingress.openai_api import (
+    check_dimensions,
+    parse_embeddings_request,
+    render_embeddings,
+    shorten,
+)
+from deployments.protocol.errors import ClientError
 
 
 def parse(body) -> object:
@@ -48,7 +53,7 @@ def test_valid_requests():
         ({"input": []}, 400, "empty list"),
         ({"input": [1, 2, 3]}, 400, "token arrays are not supported"),
         ({"input": [[1, 2], [3]]}, 400, "token arrays are not supported"),
-        ({"input": ["a", None]}, 400, "input[1] must be a string, got NoneType"),
+        ({"input": ["a", None]}, 400, "input[1]: must be a string, got NoneType"),
         ({"input": 5.5}, 400, "must be a string or a list of strings"),
         ({"input": ["a"] * 5}, 413, "at most 4"),
         ({"input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be"),

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from deployments.backends.registry import load_sentence_transformers
 from deployments.config import Batching
-from deployments.engine import EmbeddingEngine
-from deployments.pass_cost import fit_pass_cost, measure_pass_cost, timing_shapes
+from deployments.engine.backends.registry import load_sentence_transformers
+from deployments.engine.embedding_engine import EmbeddingEngine
+from deployments.engine.pass_cost import fit_pass_cost, measure_pass_cost, timing_shapes
 from tests.conftest import MINILM_DIR
 
 

@@ -23,7 +23,7 @@ import torch
 import clients
 from clients import EmbeddingServiceError, HTTPEmbedder, RemoteEmbedder, ServeEmbedder
 from clients.embedder import plan_requests
-from deployments.errors import ClientError
+from deployments.protocol.errors import ClientError
 from examples.kt_gen_semantic_dedup import DESCRIPTIONS, THRESHOLD, cluster_candidate_tails, dedup_embedder
 from examples.tree_comm_communities import COMMUNITIES, TRIPLES, communities, triple_embeddings
 from tests import pipeline_shapes as shapes
@@ -154,7 +154,7 @@ def test_client_mistakes_are_value_errors_with_the_servers_message(service, tran
     assert in_process_error.type is ValueError
     with pytest.raises(ValueError) as error:
         client.encode(["fine", None])
-    assert type(error.value) is ClientError and str(error.value) == "input[1] must be a string, got NoneType"
+    assert type(error.value) is ClientError and str(error.value) == "input[1]: must be a string, got NoneType"
     with pytest.raises(ValueError) as error:
         client.encode(None)
     assert str(error.value) == "'input' must be a string or a list of strings, got NoneType"

@@ -215,7 +215,8 @@ def test_an_input_that_kills_replicas_is_found_and_refused_alone(service, tiny_b
     elapsed = time.monotonic() - t0
     assert resp.status_code == 500, resp.text
     error = resp.json()["error"]
-    assert error["code"] == "model_error" and error["message"].startswith("input[2] was refused"), error
+    assert error["code"] == "model_error" and error["message"].startswith("input[2]: refused"), error
+    assert error["index"] == 2 and error["param"] == "input"
     assert elapsed < 120  # split in halves: a few replica restarts, not one per retry forever
     safe = [t for t in texts if "volcano" not in t]
     wait_for(lambda: running_replicas("fatal") == 1, 60, "the replica replaced")
@@ -237,7 +238,7 @@ def test_a_replica_whose_device_failed_for_good_is_replaced_through_its_health_c
     resp = httpx.post(f"{service['url']}/v1/embeddings", json=body, timeout=240)
     assert resp.status_code == 500, resp.text
     error = resp.json()["error"]
-    assert error["code"] == "model_error" and error["message"].startswith("input[0] was refused"), error
+    assert error["code"] == "model_error" and error["message"].startswith("input[0]: refused"), error
     assert "device failed" in error["message"]
 
     def replaced() -> bool:

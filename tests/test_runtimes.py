@@ -1,6 +1,6 @@
-"""CPU runtimes and precisions (deployments/backends/): bf16 only where the CPU has it, OpenVINO compiled
-once and cached, and the fidelity gate that serves torch float32 when a fast path is not exact enough.
-Real MiniLM and a bge-shaped tiny BERT, no Ray."""
+"""CPU runtimes and precisions (deployments/engine/backends/): bf16 only where the CPU has it, OpenVINO
+compiled once and cached, and the fidelity gate that serves torch float32 when a fast path is not exact
+enough. Real MiniLM and a bge-shaped tiny BERT, no Ray."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from benchmarks.common import kt_gen_mix
-from deployments.backends.base import EmbeddingBackend
-from deployments.backends.fidelity import (
+from deployments.config import ConfigError, parse_models_config
+from deployments.engine.backends.base import EmbeddingBackend
+from deployments.engine.backends.fidelity import (
     PROBE_COUNT,
     PROBE_GROUP,
     probe_groups,
@@ -26,10 +27,15 @@ from deployments.backends.fidelity import (
     probe_worst_cosine,
     worst_cosine,
 )
-from deployments.backends.precision import CPU_BF16_ENV, Precision, bf16_flags, cpu_bf16, resolve_precision
-from deployments.backends.registry import load_backend, load_sentence_transformers
-from deployments.backends.sentence_transformers import SentenceTransformersBackend
-from deployments.config import ConfigError, parse_models_config
+from deployments.engine.backends.precision import (
+    CPU_BF16_ENV,
+    Precision,
+    bf16_flags,
+    cpu_bf16,
+    resolve_precision,
+)
+from deployments.engine.backends.registry import load_backend, load_sentence_transformers
+from deployments.engine.backends.sentence_transformers import SentenceTransformersBackend
 from tests.conftest import MINILM_DIR, REPO
 
 HAS_BF16 = cpu_bf16()[0]
@@ -222,7 +228,7 @@ def test_the_cache_entry_follows_the_model_files_and_max_seq_length(tmp_path, ti
     assert len(entries(cache)) == 3
     entry = Path(changed.serving_how.rpartition("cached in ")[2])
     (entry / "model.bin").unlink()  # a damaged entry is a log line, then converted again
-    with caplog.at_level(logging.WARNING, logger="deployments.backends.openvino_runtime"):
+    with caplog.at_level(logging.WARNING, logger="deployments.engine.backends.openvino_runtime"):
         again = load(str(model), runtime="openvino", compile_cache_dir=cache)
     assert f"OpenVINO cache entry {entry} unreadable" in caplog.text
     assert "converted" in again.serving_how and (entry / "model.bin").exists()
@@ -253,7 +259,7 @@ def test_a_cached_openvino_model_is_served_without_torch(tmp_path, minilm_compil
     script = f"""
 import sys, numpy as np
 from deployments.config import parse_models_config
-from deployments.backends import load_backend
+from deployments.engine.backends import load_backend
 entry = parse_models_config({config!r}).models[0]
 backend = load_backend(entry, use_gpu=False, threads=2)
 assert backend.serving_how.startswith("OpenVINO model read from"), backend.serving_how
@@ -275,7 +281,7 @@ print(sorted(m for m in ("torch", "transformers", "sentence_transformers") if m 
 def test_an_unwritable_cache_is_a_log_line_not_a_failure(tmp_path, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
-    with caplog.at_level(logging.WARNING, logger="deployments.backends.openvino_backend"):
+    with caplog.at_level(logging.WARNING, logger="deployments.engine.backends.openvino_backend"):
         backend = load(runtime="openvino", compile_cache_dir=blocked / "cache")
     assert backend.serving.runtime == "openvino" and "not cached" in backend.serving_how
     assert "converted at every start" in caplog.text
@@ -317,12 +323,12 @@ def test_config_accepts_openvino_on_cpu():
 
 
 def test_compile_cache_converts_each_openvino_model_once(tmp_path):
-    """``python -m deployments.compile_cache`` (what ``make serve`` starts beside Ray) fills the cache that
-    a replica then reads; torch models are left alone."""
+    """``python -m deployments.tools.compile_cache`` (what ``make serve`` starts beside Ray) fills the cache
+    that a replica then reads; torch models are left alone."""
     import yaml
 
-    from deployments import compile_cache
-    from deployments.serve_local import models_configs
+    from deployments.tools import compile_cache
+    from deployments.tools.serve_local import models_configs
 
     assert models_configs(REPO / "configs/local.yaml") == ["configs/models.local.yaml"]
     config = _config(runtime="openvino", dtype="bfloat16", compile_cache_dir=str(tmp_path / "cache"))
@@ -330,19 +336,19 @@ def test_compile_cache_converts_each_openvino_model_once(tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text(yaml.safe_dump(config))
 
-    def fill(*extra: str) -> str:
+    def run_command(*extra: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "deployments.compile_cache", str(models), *extra],
+            [sys.executable, "-m", "deployments.tools.compile_cache", str(models), *extra],
             capture_output=True, text=True, timeout=180, cwd=REPO,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         return "\n".join(line for line in done.stderr.splitlines() if line.startswith("compile cache:"))
 
-    assert fill("--parent", "999999999") == ""  # its parent is gone: it stops before converting
+    assert run_command("--parent", "999999999") == ""  # its parent is gone: it stops before converting
     assert not (tmp_path / "cache").exists()
-    [converted] = compile_cache.fill(models)  # what the command does, here, where torch is imported already
+    [converted] = compile_cache.compile_all(models)  # what the command does, here (torch imported already)
     assert converted.startswith("compile cache: m: converted in")
-    assert fill().startswith("compile cache: m: cached already in")
+    assert run_command().startswith("compile cache: m: cached already in")
     entry = parse_models_config(config).models[0]
     backend = load_backend(entry, use_gpu=False, threads=2)
     assert backend.serving_how.startswith("OpenVINO model read from")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.backends.base import EmbeddingBackend, EncodedText
-from deployments.batching import batch_cost, plan_micro_batches
 from deployments.config import Batching
-from deployments.embed_options import EmbedResult
-from deployments.scheduler import Scheduler
+from deployments.engine.backends.base import EmbeddingBackend, EncodedText
+from deployments.engine.planner import batch_cost, plan_micro_batches
+from deployments.engine.scheduler import Scheduler
+from deployments.protocol.options import EmbedResult
 
 
 class CountingBackend(EmbeddingBackend):
@@ -34,7 +34,7 @@ class CountingBackend(EmbeddingBackend):
         self.pass_ids: list[list[int]] = []  # first token id of each row, per pass
         self.hook = None
 
-    def tokenize(self, texts, prompt, max_length=None, first_index=0):
+    def tokenize(self, texts, prompt, max_length=None):
         raise NotImplementedError  # items are built by the tests
 
     def forward(self, items):

@@ -1,6 +1,6 @@
-"""`python -m deployments.serve_local`'s set-up, without starting anything: HAProxy's side listeners moved to
-the service's address by the wrapper, free side ports per service, the operator's own values kept. The
-services themselves: tests/test_two_services.py and tests/test_serve_run.py."""
+"""`python -m deployments.tools.serve_local`'s set-up, without starting anything: HAProxy's side listeners
+moved to the service's address by the wrapper, free side ports per service, the operator's own values kept.
+The services themselves: tests/test_two_services.py and tests/test_serve_run.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from deployments.serve_local import SIDE_PORTS, haproxy_wrapper, http_host, side_ports_env
+from deployments.tools.serve_local import SIDE_PORTS, haproxy_wrapper, http_host, side_ports_env
 
 # The three bind lines as Ray 2.60's template renders them (ray/serve/_private/haproxy_templates.py).
 RENDERED = """frontend prometheus
@@ -99,7 +99,7 @@ def test_a_config_this_machine_cannot_place_is_refused_before_ray_starts(tmp_pat
         )
     )
     done = subprocess.run(
-        [sys.executable, "-m", "deployments.serve_local", str(serve)],
+        [sys.executable, "-m", "deployments.tools.serve_local", str(serve)],
         cwd=REPO,
         capture_output=True,
         text=True,

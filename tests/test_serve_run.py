@@ -1,4 +1,4 @@
-"""The README's service command (`make serve`: `python -m deployments.serve_local`, which is `serve run
+"""The README's service command (`make serve`: `python -m deployments.tools.serve_local`, which is `serve run
 configs/local.yaml` behind HAProxy when it is installed) answers on 127.0.0.1:8000 offline, both ways."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from benchmarks.common import kt_gen_mix
-from deployments.allocator import find_jemalloc
-from deployments.backends.fidelity import probe_texts, worst_cosine
-from deployments.backends.precision import CPU_BF16_ENV, cpu_bf16
+from deployments.engine.allocator import find_jemalloc
+from deployments.engine.backends.fidelity import probe_texts, worst_cosine
+from deployments.engine.backends.precision import CPU_BF16_ENV, cpu_bf16
 from tests.conftest import LocalService
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
@@ -89,7 +89,7 @@ def test_every_served_vector_is_within_the_fidelity_bound(served, minilm):
 def test_make_serve_closes_silent_connections_after_30_s_unless_told_otherwise(monkeypatch):
     """HAProxy's client timeout (behaviour tested in test_lean_path) is 30 s under make serve, not Serve's
     hour; an operator's own RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S is kept."""
-    from deployments.serve_local import haproxy_env
+    from deployments.tools.serve_local import haproxy_env
 
     monkeypatch.delenv("EMBEDDINGS_HAPROXY", raising=False)
     monkeypatch.delenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", raising=False)

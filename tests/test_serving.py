@@ -21,9 +21,9 @@ import pytest
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from deployments.backends.fidelity import worst_cosine
-from deployments.errors import ClientError
-from deployments.serve_local import serving_env
+from deployments.engine.backends.fidelity import worst_cosine
+from deployments.protocol.errors import ClientError
+from deployments.tools.serve_local import serving_env
 from tests.bad_clients import open_tricklers, status_lines, trickle_while
 from tests.conftest import (
     serve_app,
@@ -240,7 +240,7 @@ def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
             "available: BAAI/bge-large-en-v1.5, all-MiniLM-L6-v2, bge-tiny, nvembed-tiny",
         ),
         ({"input": []}, 400, "empty list"),
-        ({"input": ["a", 3]}, 400, "input[1] must be a string"),
+        ({"input": ["a", 3]}, 400, "input[1]: must be a string"),
         ({"input": [101, 2023, 102]}, 400, "token arrays are not supported"),
         ({"input": "x", "prompt_name": "document"}, 400, "prompt_name 'document' is not defined"),
         ({"input": "x", "dimensions": 385}, 400, "more than this model gives (384)"),
@@ -358,12 +358,50 @@ def test_a_refused_request_does_not_disturb_concurrent_ones(service, minilm):
                 *(client.post("/v1/embeddings", json=b) for b in [*bodies[:3], bad, *bodies[3:]])
             )
 
+    before = stats(service, "all-MiniLM-L6-v2")
     responses = asyncio.run(fire())
+    after = stats(service, "all-MiniLM-L6-v2")
     assert [r.status_code for r in responses] == [200, 200, 200, 400, 200, 200, 200]
+    error = responses[3].json()["error"]
+    assert error["index"] == 1 and error["param"] == "input" and error["code"] == "input_too_long"
+    assert error["message"].startswith("input[1]: ")
     good = np.array(
         [r.json()["data"][0]["embedding"] for i, r in enumerate(responses) if i != 3], dtype=np.float32
     )
     assert worst_cosine(good, minilm.encode([f"good {i}" for i in range(6)])) >= 0.9999
+    # each good request reached the model once, merged or not: nothing was sent again
+    assert after["calls"] - before["calls"] == 6, (before["calls"], after["calls"])
+
+
+def test_a_merged_call_answers_each_request_whole(service, tiny_bge):
+    """The model deployment takes requests whole: one holding a bad input fails alone, naming the input by
+    its place in its own request, and the others get the vectors they get when sent alone."""
+    from ray import serve
+
+    from deployments.protocol.options import EmbedOptions, EmbedRequest, EmbedResult
+
+    passage, refuse = EmbedOptions(), EmbedOptions(truncate=False)
+    requests = [
+        EmbedRequest(["Marie Curie", "Warsaw is the capital of Poland", ""], passage),
+        EmbedRequest(["fine", "word " * 600, "also fine"], refuse),
+        EmbedRequest(["radioactivity", "Paris laboratories"], EmbedOptions(normalize=False)),
+    ]
+    model = serve.get_deployment_handle("bge-tiny", "embeddings")
+    before = model.stats.remote().result()
+    answers = model.embed_requests.remote(requests).result()
+    after = model.stats.remote().result()
+    alone = [model.embed_requests.remote([r]).result()[0] for r in (requests[0], requests[2])]
+    assert isinstance(answers[1], ClientError) and answers[1].index == 1
+    assert answers[1].code == "input_too_long" and answers[1].message.startswith("input[1]: ")
+    pairs = zip((answers[0], answers[2]), alone, (requests[0], requests[2]), strict=True)
+    for answer, single, request in pairs:
+        assert isinstance(answer, EmbedResult) and answer.vectors.shape == (len(request.texts), 32)
+        np.testing.assert_allclose(answer.vectors, single.vectors, rtol=0, atol=1e-6)
+        assert answer.token_counts.tolist() == single.token_counts.tolist()
+        assert answer.compute_seconds > 0  # each request's own timings
+    expected = tiny_bge.encode(requests[2].texts, normalize_embeddings=False)
+    assert worst_cosine(answers[2].vectors, expected) >= 0.9999  # its own options (not normalised)
+    assert after["calls"] - before["calls"] == 2  # the two good requests, each admitted once
 
 
 def test_truncation_by_default_dimensions_and_base64(service, minilm):

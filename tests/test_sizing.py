@@ -6,13 +6,10 @@ import copy
 from pathlib import Path
 
 from deployments.config import (
-    ROUTER_HEADROOM,
-    deployment_options,
     load_models_config,
     parse_models_config,
-    router_options,
 )
-from deployments.sizing import (
+from deployments.engine.sizing import (
     Machine,
     check_cpu_memory,
     check_gpu_packing,
@@ -21,6 +18,7 @@ from deployments.sizing import (
     replica_cpu_memory,
     replica_gpu_memory_gb,
 )
+from deployments.serve_options import ROUTER_HEADROOM, deployment_options, router_options
 from tests.conftest import REPO
 
 BASE = {

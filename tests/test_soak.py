@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from deployments.allocator import find_jemalloc
+from deployments.engine.allocator import find_jemalloc
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast

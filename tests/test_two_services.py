@@ -1,5 +1,5 @@
-"""Two services on one machine, as a user starts them (`python -m deployments.serve_local`, each with its own
-models config and port): both answer; each one's side listeners (HAProxy's stats page and Prometheus
+"""Two services on one machine, as a user starts them (`python -m deployments.tools.serve_local`, each with
+its own models config and port): both answer; each one's side listeners (HAProxy's stats page and Prometheus
 exporter, Serve's fallback proxy) sit on their own free ports of the service's address, never on every
 interface; stopping one leaves the other serving and no HAProxy behind. The second service is the shipped
 fast-and-exact config, whose exact path must give in-process sentence-transformers' vectors to 1e-6."""
@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from benchmarks.common import kt_gen_mix, short_mix
-from deployments.backends.fidelity import probe_texts, worst_cosine
+from deployments.engine.backends.fidelity import probe_texts, worst_cosine
 from tests.conftest import REPO, LocalService, free_port
 
 pytestmark = pytest.mark.ray  # starts services: not in make test-fast

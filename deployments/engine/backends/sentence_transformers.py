@@ -1,0 +1,176 @@
+"""sentence-transformers models (bge, e5, mpnet, m3e, MiniLM), computed exactly as ``encode`` does.
+
+Per micro-batch the pipeline is the model's own: its input module tokenises ``prompt + text`` with
+truncation at ``max_seq_length``, the model's modules run (transformer, pooling, optional Normalize), and
+``sentence_embedding`` is returned. Only the grouping into batches is ours, and, on a CPU with bf16, the
+pass under bf16 autocast, which serves only once the fidelity gate
+(``deployments/engine/backends/fidelity.py``) finds it within ``fidelity_min_cosine`` of torch float32. This
+is also the reference, and the fallback, of the OpenVINO runtime
+(``deployments/engine/backends/openvino_backend.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from deployments.engine.backends.base import (
+    EmbeddingBackend,
+    EncodedText,
+    ServingPath,
+    pad_arrays,
+    torch_dtype,
+)
+from deployments.engine.backends.fast_tokenizer import DirectTokenizer
+from deployments.engine.backends.fidelity import probe_texts, probe_vocabulary, probe_worst_cosine
+from deployments.engine.backends.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+
+Pass = Callable[[dict[str, torch.Tensor]], np.ndarray]
+
+
+class SentenceTransformersBackend(EmbeddingBackend):
+    def __init__(
+        self,
+        source: str,
+        *,
+        device: torch.device | None = None,
+        dtype: str = "float32",
+        max_seq_length: int | None = None,
+        trust_remote_code: bool = False,
+        threads: int = 1,
+        fidelity_min_cosine: float = 0.9999,
+    ):
+        started = time.perf_counter()
+        self.device = device if device is not None else torch.device("cpu")
+        self.threads = threads
+        self.init_thread()
+        self.model = SentenceTransformer(source, device=str(self.device), trust_remote_code=trust_remote_code)
+        self.model.to(torch_dtype(dtype, self.device))
+        self.model.eval()
+        for module in self.model:
+            if getattr(module, "include_prompt", True) is False:
+                raise ValueError(f"{source}: pooling with include_prompt=False is not supported")
+        if max_seq_length is not None:
+            self.model.max_seq_length = max_seq_length
+        self.max_seq_length = int(self.model.max_seq_length)
+        self.dimension = int(self.model.get_embedding_dimension())
+        tokenizer = self.model.tokenizer
+        tokenizer.padding_side = "right"  # pooling follows the attention mask; slicing needs right padding
+        self.pad_values = {"input_ids": tokenizer.pad_token_id or 0}
+        # The fidelity probes, drawn from this model's own vocabulary (backends/fidelity.py).
+        vocabulary = probe_vocabulary(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else []
+        self.probes = probe_texts(self.max_seq_length, vocabulary)
+        self.direct_tokenizer = self._direct_tokenizer()
+        self.tokenizer_path = "direct" if self.direct_tokenizer is not None else "preprocess"
+        # Seconds each load step took (start-up is part of the service: benchmarks/bench_startup.py).
+        self.load_seconds: dict[str, float] = {"weights": time.perf_counter() - started}
+        self._pass, self.serving = self._choose_pass(source, dtype, fidelity_min_cosine)
+        steps = ", ".join(f"{k} {v:.2f} s" for k, v in self.load_seconds.items())
+        log.info("%s loaded in %.2f s (%s)", source, time.perf_counter() - started, steps)
+
+    def init_thread(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    # ---- which path computes the passes -------------------------------------------------------------
+    def _choose_pass(self, source: str, dtype: str, min_cosine: float) -> tuple[Pass, ServingPath]:
+        """torch float32, or on a CPU with bf16 the pass under bf16 autocast if it passes the fidelity
+        gate (OpenVINO is ``deployments/engine/backends/openvino_backend.py``)."""
+        on_gpu = self.device.type == "cuda"
+        precision = resolve_precision(dtype, on_gpu)
+        if precision.note:
+            log.info("%s: %s", source, precision.note)
+        reference = self._torch_pass(autocast=False)
+        if on_gpu or precision.compute == "float32":
+            return reference, ServingPath("torch", precision.compute, None, precision.note)
+        candidate = self._torch_pass(autocast=True)
+        started = time.perf_counter()
+        worst = self._probe(candidate, reference)
+        self.load_seconds["fidelity gate"] = time.perf_counter() - started
+        if worst < min_cosine:
+            note = (
+                f"torch {precision.compute} gave worst cosine {worst:.6f} to torch float32 on the "
+                f"fidelity probes, below fidelity_min_cosine {min_cosine}: serving torch float32"
+            )
+            log.warning("%s: %s", source, note)
+            return reference, ServingPath("torch", "float32", worst, note)
+        log.info("%s: serving torch %s (worst probe cosine %.7f)", source, precision.compute, worst)
+        return candidate, ServingPath("torch", precision.compute, worst, precision.note)
+
+    def _probe(self, candidate: Pass, reference: Pass) -> float:
+        items = self.tokenize(self.probes, "")
+
+        def run(path: Pass) -> Callable[[Sequence[int]], np.ndarray]:
+            return lambda rows: path(self._batch([items[i] for i in rows]))
+
+        return probe_worst_cosine(run(candidate), run(reference), len(items))
+
+    def _torch_pass(self, autocast: bool) -> Pass:
+        @torch.inference_mode()
+        def run(batch: dict[str, torch.Tensor]) -> np.ndarray:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = self.model(batch)["sentence_embedding"]
+            return out.float().cpu().numpy()
+
+        return run
+
+    # ---- tokenisation ---------------------------------------------------------------------------------
+    def _direct_tokenizer(self) -> DirectTokenizer | None:
+        """The model's own fast tokenizer called directly, in place of sentence-transformers'
+        ``preprocess``, where it gives exactly what ``preprocess`` gives on the probes, with and without a
+        prompt, truncating and not; otherwise None, and ``preprocess`` stays."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        texts = [*self.probes, " Leading and trailing spaces ", "MiXeD CaSe ÀÉÎ"]
+        try:
+            direct = DirectTokenizer(
+                backend.to_str(), list(getattr(tokenizer, "model_input_names", ())), self.max_seq_length
+            )
+            for prompt in ("", "Represent this sentence for searching relevant passages: "):
+                for length in (self.max_seq_length, self.max_seq_length + 1):
+                    fast = direct.encode(texts, prompt, length)
+                    slow = self._tokenize_preprocess(texts, prompt, length)
+                    if any(_features(a) != _features(b) for a, b in zip(fast, slow, strict=True)):
+                        raise ValueError("token ids differ from preprocess")
+        except Exception as exc:  # noqa: BLE001 - any difference: keep the model's own path
+            log.info("tokenising through sentence-transformers' preprocess (%s)", exc)
+            return None
+        return direct
+
+    def _tokenize_preprocess(self, texts: list[str], prompt: str, max_length: int) -> list[EncodedText]:
+        kwargs = {}
+        if max_length != self.max_seq_length:
+            kwargs["processing_kwargs"] = {"text": {"max_length": max_length}}
+        features = self.model.preprocess(texts, prompt=prompt or None, **kwargs)
+        lengths = features["attention_mask"].sum(dim=1).tolist()
+        arrays = {
+            k: v.to(torch.int64).numpy()
+            for k, v in features.items()
+            if isinstance(v, torch.Tensor) and v.dim() == 2
+        }
+        return [EncodedText({k: v[i, :n] for k, v in arrays.items()}, int(n)) for i, n in enumerate(lengths)]
+
+    # ---- the backend API ----------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], prompt: str, max_length: int | None = None) -> list[EncodedText]:
+        if self.direct_tokenizer is not None:
+            return self.direct_tokenizer.encode(texts, prompt, max_length)
+        return self._tokenize_preprocess(texts, prompt, max_length or self.max_seq_length)
+
+    def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(self.device) for k, v in pad_arrays(items, self.pad_values).items()}
+
+    def forward(self, items: list[EncodedText]) -> np.ndarray:
+        return self._pass(self._batch(items))
+
+
+def _features(item: EncodedText) -> tuple:
+    """An input's token features as plain lists, for comparing two tokenisations exactly."""
+    return item.length, {k: v.tolist() for k, v in item.features.items()}

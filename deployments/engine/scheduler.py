@@ -1,0 +1,613 @@
+"""The replica's scheduler: one queue of tokenised inputs, one decision per forward pass.
+
+Calls arrive tokenised (the engine tokenises on its own thread, so tokenising overlaps the forward pass).
+The scheduler owns every queued input and, before each forward pass, decides which inputs run together.
+Each call is answered the moment its last row is done; a cancelled call's queued rows leave the queue
+and no later pass includes them.
+
+Policy: **shortest remaining work first, aged by the work done for others.** A call's key is
+
+    key = tokens of its queued inputs - 2 x tokens run in passes it sat out while it had queued inputs
+
+and the call with the lowest key (then the oldest) goes first. Why this one:
+
+- A small call that arrives during a bulk call has a tiny key, so its rows lead the very next pass: it
+  waits for at most the pass in progress and its own. Shortest-first also minimises mean response time.
+- Ageing bounds starvation without a clock: a waiting call's key falls by twice the tokens of every pass
+  it sits out, so once others have run half as many tokens as it has left, its key is <= 0 and no call
+  that arrives later (key = its size > 0) overtakes it. A bulk call under a stream of small ones is
+  delayed by at most half its own remaining work.
+- Twice, not once: a running call's key falls by the tokens it is served, a waiting call's by twice
+  what it sits out, so a waiting call overtakes a running one within a few passes. Two bulk calls share
+  the model; a small call that arrives while an aged bulk call leads still goes within a few passes.
+
+Planning: the queue's inputs are planned jointly, as one request's would be (``plan_micro_batches``: sort
+by length, cut optimally under the token budget and row cap, trading padding against the per-pass
+overhead). The plan covers a window of the queue, filled in key order (each call's inputs shortest
+first) up to ``window_rows``, which bounds the planner's cost, and its micro-batches run in key order of
+their most urgent call. It is reused pass after pass until a call arrives, leaves or fails; then the
+window is planned again, so a newcomer's rows join the next pass, riding along with others' rows where
+the optimal cut puts them.
+
+Deficit round-robin was the other candidate: it shares passes equally between calls, which makes a
+one-text call wait for a turn behind every active call, and it needs a quantum tuned per model.
+
+Failure isolation: a pass that raises is run again row by row; a failing row fails only its own call
+(naming the input), whose remaining rows then leave the queue. Non-finite output fails its call.
+
+Device faults (``deployments/engine/device_faults.py``): a pass that runs out of device memory frees the
+allocator's cache and runs again split in two, down to single inputs (one that does not fit alone fails
+its own call); the planner's token budget drops to half of that pass and is earned back while passes
+succeed. A poisoned CUDA context fails every open call with ``DeviceFault`` (retryable elsewhere) and
+marks the scheduler faulted: later calls are refused at once and the replica's health check fails, so
+Serve replaces it.
+
+Thread model: ``admit`` and ``cancel`` come from the event loop, passes run on one model thread
+(``run_forever`` or ``step``); queue state is guarded by one lock and the forward pass runs outside it.
+Callbacks are invoked on the model thread, outside the lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from deployments.config import Batching
+from deployments.engine.backends.base import EmbeddingBackend, EncodedText
+from deployments.engine.device_faults import (
+    DeviceAlreadyFailed,
+    DeviceFault,
+    DeviceMemoryError,
+    TokenBudget,
+    is_out_of_memory,
+    is_poisoned_context,
+)
+from deployments.engine.planner import batch_cost, plan_micro_batches
+from deployments.protocol.errors import ModelError
+from deployments.protocol.options import EmbedResult
+from deployments.protocol.vectors import l2_normalize
+
+log = logging.getLogger(__name__)
+
+# How much faster a waiting call ages than a running one is served (see the policy above).
+AGEING_RATE = 2
+# Queue waits kept for the percentiles ``stats()`` reports.
+RECENT_WAITS = 1024
+
+
+OnDone = Callable[["EmbedResult | Exception"], None]
+
+
+class SchedulerObserver(Protocol):
+    """Told at each decision (metrics export in the Ray shell); called on the scheduler's threads."""
+
+    def queue(self, inputs: int, tokens: int) -> None: ...
+    def admitted(self, inputs: int) -> None: ...
+    def waited(self, seconds: float) -> None: ...
+    def ran_pass(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
+    def dropped(self, inputs: int) -> None: ...
+
+
+class NoObserver:
+    def queue(self, inputs: int, tokens: int) -> None:
+        pass
+
+    def admitted(self, inputs: int) -> None:
+        pass
+
+    def waited(self, seconds: float) -> None:
+        pass
+
+    def ran_pass(self, rows: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        pass
+
+    def dropped(self, inputs: int) -> None:
+        pass
+
+
+class Ticket(NamedTuple):
+    """What ``admit`` hands back: the handle a caller cancels with."""
+
+    seq: int
+
+
+@dataclass(eq=False)
+class _Call:
+    seq: int
+    items: list[EncodedText]
+    lengths: np.ndarray
+    by_length: np.ndarray  # row indices, shortest first
+    queued: np.ndarray  # bool per row: not yet in a pass
+    queued_rows: int
+    queued_tokens: int
+    normalize: bool
+    on_done: OnDone
+    admitted_at: float
+    vectors: np.ndarray
+    rows_left: int  # rows not yet computed: queued or in the running pass
+    aged: int = 0  # AGEING_RATE x tokens of the passes it sat out with queued rows
+    started_at: float | None = None
+    closed: bool = False  # answered, failed or cancelled: nothing more is computed for it
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.queued_tokens - self.aged, self.seq)
+
+    @classmethod
+    def new(cls, seq: int, items: list[EncodedText], normalize: bool, on_done: OnDone, now: float, dim: int):
+        lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
+        return cls(
+            seq=seq,
+            items=items,
+            lengths=lengths,
+            by_length=np.argsort(lengths, kind="stable"),
+            queued=np.ones(len(items), dtype=bool),
+            queued_rows=len(items),
+            queued_tokens=int(lengths.sum()),
+            normalize=normalize,
+            on_done=on_done,
+            admitted_at=now,
+            vectors=np.zeros((len(items), dim), dtype=np.float32),
+            rows_left=len(items),
+        )
+
+    def queued_by_length(self) -> np.ndarray:
+        return self.by_length[self.queued[self.by_length]]
+
+    def take(self, rows: np.ndarray) -> int:
+        """Rows leave the queue for a pass; returns their tokens."""
+        tokens = int(self.lengths[rows].sum())
+        self.queued[rows] = False
+        self.queued_rows -= len(rows)
+        self.queued_tokens -= tokens
+        return tokens
+
+    def receive(
+        self, rows: np.ndarray, vectors: np.ndarray, failure: tuple[int, Exception] | None, now: float
+    ) -> EmbedResult | Exception | None:
+        """A pass's rows for this call (``failure``: the first failing one's place in ``rows``, and why):
+        its error, or its answer once every row is in; None while rows remain."""
+        if failure is not None:
+            offset, error = failure
+            return ModelError(f"embedding failed: {error!r}", index=int(rows[offset]))
+        self.vectors[rows] = vectors
+        return _finish(self, now) if self.rows_left == 0 else None
+
+    def drop_queued(self) -> tuple[int, int]:
+        """Every queued row leaves without being computed; returns (rows, tokens) dropped."""
+        dropped = (self.queued_rows, self.queued_tokens)
+        self.queued[:] = False
+        self.queued_rows = self.queued_tokens = 0
+        self.rows_left -= dropped[0]
+        return dropped
+
+
+@dataclass
+class _Pass:
+    parts: list[tuple[_Call, np.ndarray]]  # (call, its rows in this pass)
+    items: list[EncodedText]
+    real_tokens: int
+    padded_tokens: int
+
+
+@dataclass
+class SchedulerStats:
+    """Counters at the decision point; ``stats()`` adds the gauges and the derived figures."""
+
+    calls: int = 0  # admitted
+    inputs: int = 0  # admitted
+    answered_calls: int = 0
+    failed_calls: int = 0
+    cancelled_calls: int = 0
+    dropped_inputs: int = 0  # queued rows removed because their caller left
+    abandoned_inputs: int = 0  # rows computed in a pass whose caller left while it ran
+    forward_passes: int = 0
+    rows: int = 0  # rows computed (retries of a failed pass included)
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    max_pass_rows: int = 0
+    max_pass_tokens: int = 0
+    forward_seconds: float = 0.0
+    out_of_memory_passes: int = 0  # planned passes that ran out of device memory (and ran again split)
+    queue_wait_seconds_sum: float = 0.0  # admission -> first row in a pass, per call
+    queue_wait_seconds_max: float = 0.0
+    recent_waits: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WAITS))
+
+    def record_wait(self, wait: float) -> None:
+        self.queue_wait_seconds_sum += wait
+        self.queue_wait_seconds_max = max(self.queue_wait_seconds_max, wait)
+        self.recent_waits.append(wait)
+
+    def record_pass(
+        self, rows: int, passes: int, real_tokens: int, padded_tokens: int, seconds: float
+    ) -> None:
+        """One planned pass: ``passes`` > 1 when it failed and ran again (split, or row by row)."""
+        self.forward_passes += passes
+        self.rows += rows * (1 if passes == 1 else 2)
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.max_pass_rows = max(self.max_pass_rows, rows)
+        self.max_pass_tokens = max(self.max_pass_tokens, padded_tokens)
+        self.forward_seconds += seconds
+
+    def report(self) -> dict[str, float | int]:
+        """The counters and what they imply (padding efficiency, rows per pass, wait percentiles)."""
+        out: dict[str, float | int] = {k: v for k, v in vars(self).items() if k != "recent_waits"}
+        waits = sorted(self.recent_waits)
+        out["padding_efficiency"] = self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+        out["rows_per_pass"] = self.rows / self.forward_passes if self.forward_passes else 0.0
+        out["queue_wait_seconds_p50"] = _percentile(waits, 0.50)
+        out["queue_wait_seconds_p99"] = _percentile(waits, 0.99)
+        return out
+
+
+def plan_window(
+    calls: list[_Call], window_rows: int, batching: Batching, packed: bool
+) -> list[list[tuple[_Call, np.ndarray]]]:
+    """The passes for the queue's most urgent ``window_rows`` inputs, planned jointly as one request's
+    would be; each pass as (call, its rows), most urgent call first, the passes in order of urgency."""
+    owners: list[_Call] = []
+    rows: list[np.ndarray] = []
+    room = window_rows
+    for call in sorted((c for c in calls if c.queued_rows), key=lambda c: c.key):
+        if room <= 0:
+            break
+        take = call.queued_by_length()[:room]
+        owners.append(call)
+        rows.append(take)
+        room -= len(take)
+    if not owners:
+        return []
+    owner_of = np.repeat(np.arange(len(owners)), [len(r) for r in rows])
+    row_of = np.concatenate(rows)
+    lengths = np.concatenate([c.lengths[r] for c, r in zip(owners, rows, strict=True)])
+    b = batching
+    plan = plan_micro_batches(
+        lengths, b.max_batch_tokens, b.max_batch_size, b.forward_overhead_tokens, packed
+    )
+    passes = []
+    for batch in plan.batches:
+        who = owner_of[batch]
+        parts = [(owners[k], row_of[batch[who == k]]) for k in np.unique(who)]
+        passes.append(parts)  # np.unique: in key order, so parts[0] is the most urgent call
+    passes.sort(key=lambda parts: parts[0][0].key)  # stable: equal urgency stays shortest first
+    return passes
+
+
+@dataclass
+class PassOutcome:
+    """What running one planned pass gave: a vector per row, the rows that failed (and why), the forward
+    passes that took, and whether the device ran out of memory on the way."""
+
+    vectors: np.ndarray
+    failures: dict[int, Exception]
+    passes: int
+    out_of_memory: bool = False
+
+
+def forward_isolating(backend: EmbeddingBackend, items: list[EncodedText]) -> PassOutcome:
+    """Vectors for a pass. A pass that raises is run again: split in two after an out-of-memory error
+    (cached device memory freed first), else row by row, so only the failing rows fail. A poisoned device
+    context raises ``DeviceFault``: nothing more can run in this process."""
+    try:
+        return PassOutcome(_checked_forward(backend, items), {}, 1)
+    except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
+        if is_poisoned_context(exc):
+            raise DeviceFault(f"the device failed and cannot recover in this replica: {exc}") from exc
+        if is_out_of_memory(exc):
+            backend.release_memory()
+            return _split_after_oom(backend, items, exc)
+        if len(items) == 1:
+            return PassOutcome(np.zeros((1, backend.dimension), np.float32), {0: exc}, 1)
+    out = np.zeros((len(items), backend.dimension), dtype=np.float32)
+    failures: dict[int, Exception] = {}
+    for i, item in enumerate(items):
+        try:
+            out[i] = _checked_forward(backend, [item])[0]
+        except Exception as exc:  # noqa: BLE001
+            if is_poisoned_context(exc):
+                raise DeviceFault(f"the device failed and cannot recover in this replica: {exc}") from exc
+            failures[i] = exc
+    return PassOutcome(out, failures, 1 + len(items))
+
+
+def _split_after_oom(backend: EmbeddingBackend, items: list[EncodedText], error: Exception) -> PassOutcome:
+    """The pass again as two halves (each split further while it does not fit); an input that does not
+    fit alone fails on its own."""
+    if len(items) == 1:
+        too_big = DeviceMemoryError(
+            f"it needs more device memory than this replica has free, even alone ({items[0].length} tokens; "
+            f"truncate it or serve the model on a larger device): {error}"
+        )
+        return PassOutcome(np.zeros((1, backend.dimension), np.float32), {0: too_big}, 1, out_of_memory=True)
+    half = len(items) // 2
+    left, right = forward_isolating(backend, items[:half]), forward_isolating(backend, items[half:])
+    failures = {**left.failures, **{half + i: exc for i, exc in right.failures.items()}}
+    vectors = np.concatenate([left.vectors, right.vectors])
+    return PassOutcome(vectors, failures, 1 + left.passes + right.passes, out_of_memory=True)
+
+
+def _checked_forward(backend: EmbeddingBackend, items: list[EncodedText]) -> np.ndarray:
+    out = backend.forward(items)
+    expected = (len(items), backend.dimension)
+    if getattr(out, "shape", None) != expected:
+        raise RuntimeError(f"the model returned shape {getattr(out, 'shape', None)}, expected {expected}")
+    return out
+
+
+class Scheduler:
+    def __init__(
+        self,
+        backend: EmbeddingBackend,
+        batching: Batching,
+        clock: Callable[[], float] = time.monotonic,
+        window_rows: int | None = None,
+        observer: SchedulerObserver | None = None,
+    ):
+        if batching.forward_overhead_tokens is None:
+            raise ValueError("batching.forward_overhead_tokens unresolved: EmbeddingEngine measures it")
+        self.backend = backend
+        self.observer: SchedulerObserver = observer or NoObserver()
+        self._queued_inputs = 0  # totals over all calls, for the queue gauges
+        self._queued_tokens = 0
+        self.batching = batching
+        self.clock = clock
+        # Inputs planned together: enough for a few full passes, few enough to plan in milliseconds.
+        self.window_rows = window_rows or max(512, 2 * batching.max_batch_size)
+        self._calls: dict[int, _Call] = {}  # open calls with queued rows or rows in the running pass
+        self._plan: deque[list[tuple[_Call, np.ndarray]]] = deque()  # planned passes, most urgent first
+        self._stale = False  # a call arrived, left or failed since the plan was made
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stats = SchedulerStats()
+        self._stopping = False
+        # Tokens a pass may hold now: max_batch_tokens until the device runs out of memory. Never below
+        # the longest input, which must fit a pass of its own.
+        self.budget = TokenBudget(batching.max_batch_tokens, floor=backend.max_seq_length)
+        self.fault: DeviceFault | None = None  # set once the device failed for good: see health()
+
+    # ---- called from the event loop ------------------------------------------------------------
+    def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
+        """Queue a tokenised call; ``on_done`` gets its ``EmbedResult`` or the exception that sank it."""
+        call = _Call.new(next(self._seq), items, normalize, on_done, self.clock(), self.backend.dimension)
+        if self.fault is not None:  # nothing can run here any more: the caller should go elsewhere
+            refusal = f"this replica's device failed earlier; it is being replaced: {self.fault}"
+            on_done(DeviceAlreadyFailed(refusal))
+            return Ticket(call.seq)
+        with self._cond:
+            self._stats.calls += 1
+            self._stats.inputs += len(items)
+            self.observer.admitted(len(items))
+            if items:
+                self._calls[call.seq] = call
+                self._stale = True
+                self._queue_changed(len(items), call.queued_tokens)
+                self._cond.notify()
+            else:
+                call.closed = True
+                self._stats.answered_calls += 1
+        if not items:
+            on_done(_finish(call, call.admitted_at))
+        return Ticket(call.seq)
+
+    def cancel(self, ticket: Ticket) -> int:
+        """The caller left: drop its queued rows (none of them will be computed). Returns how many."""
+        with self._cond:
+            call = self._calls.get(ticket.seq)
+            if call is None or call.closed:
+                return 0
+            call.closed = True
+            dropped = self._drop_queued(call)
+            self._stats.cancelled_calls += 1
+            self._stats.dropped_inputs += dropped
+            self.observer.dropped(dropped)
+            if call.rows_left == 0:  # nothing of it is running: forget it now
+                del self._calls[call.seq]
+            return dropped
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    # ---- called on the model thread ------------------------------------------------------------
+    def run_forever(self, idle_wait_s: float = 0.0) -> None:
+        """Run passes until ``stop``. Coming out of idle, wait ``idle_wait_s`` so that calls arriving
+        together share the first pass."""
+        while True:
+            with self._cond:
+                if not self._has_work():
+                    while not self._has_work() and not self._stopping:
+                        self._cond.wait()
+                    if idle_wait_s > 0 and not self._stopping:
+                        self._cond.wait(idle_wait_s)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a fault here must not stop the model thread
+                log.exception("scheduler step failed; failing the calls in flight")
+                self._fail_running(exc)
+
+    def _fail_running(self, error: Exception) -> None:
+        """After an unexpected fault: answer every open call with it, so no caller waits forever."""
+        self._fail_open_calls(RuntimeError(f"internal error in the model's scheduler: {error!r}"))
+
+    def _fail_open_calls(self, error: Exception) -> None:
+        with self._cond:
+            calls = [c for c in self._calls.values() if not c.closed]
+            for call in calls:
+                self._close(call, failed=True)
+            self._calls.clear()
+            self._plan.clear()
+        for call in calls:
+            call.on_done(error)
+
+    def health(self) -> None:
+        """Raises the device's fault once it failed for good (the replica's health check: Serve then
+        replaces the replica); returns None while passes can run."""
+        if self.fault is not None:
+            raise self.fault
+
+    def step(self) -> bool:
+        """Form and run one pass, then answer the calls it finished; False when nothing is queued."""
+        with self._cond:
+            batch = self._next_pass()
+        if batch is None:
+            return False
+        started = self.clock()
+        try:
+            outcome = forward_isolating(self.backend, batch.items)
+        except DeviceFault as fault:
+            log.error("%s; failing every open call and reporting unhealthy", fault)
+            self.fault = fault
+            self._fail_open_calls(fault)
+            return True
+        elapsed = self.clock() - started
+        with self._cond:
+            self._adapt_budget(batch, outcome)
+            answers = self._deliver(batch, outcome.vectors, outcome.failures, outcome.passes, elapsed)
+        for on_done, result in answers:
+            try:
+                on_done(result)
+            except Exception:  # noqa: BLE001 - one caller's failure must not leave the others unanswered
+                log.exception("answering a call failed")
+        return True
+
+    def _has_work(self) -> bool:
+        return self._queued_inputs > 0
+
+    def _adapt_budget(self, batch: _Pass, outcome: PassOutcome) -> None:
+        """Half the tokens of a pass that ran out of memory for the passes that follow; back up step by
+        step while passes fit. Either way the plan is made again with the new budget."""
+        if outcome.out_of_memory:
+            self._stats.out_of_memory_passes += 1
+            self.budget.out_of_memory(batch.padded_tokens)
+            self._stale = True
+            log.warning(
+                "a pass of %d rows, %d tokens ran out of device memory (run again split); passes now hold "
+                "at most %d tokens (max_batch_tokens %d)",
+                len(batch.items), batch.padded_tokens, self.budget.current, self.budget.ceiling,
+            )  # fmt: skip
+        elif self.budget.succeeded():
+            self._stale = True
+
+    def _replan(self) -> None:
+        self._stale = False
+        batching = self.batching
+        if self.budget.current != batching.max_batch_tokens:
+            batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
+        self._plan = deque(
+            plan_window(list(self._calls.values()), self.window_rows, batching, self.backend.packed)
+        )
+
+    def _next_pass(self) -> _Pass | None:
+        if self._stale or not self._plan:
+            self._replan()
+        while self._plan:
+            parts = [(call, rows) for call, rows in self._plan.popleft() if not call.closed]
+            if parts:
+                break
+        else:
+            return None
+        now = self.clock()
+        packed = self.backend.packed
+        for call, rows in parts:
+            self._queue_changed(-len(rows), -call.take(rows))
+            if call.started_at is None:
+                call.started_at = now
+                self._stats.record_wait(now - call.admitted_at)
+                self.observer.waited(now - call.admitted_at)
+        items = [call.items[int(i)] for call, rows in parts for i in rows]
+        lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
+        padded = batch_cost(lengths, packed)
+        running = {call.seq for call, _ in parts}
+        for call in self._calls.values():  # ageing: the waiting calls that sit this pass out
+            if call.queued_rows and call.seq not in running:
+                call.aged += AGEING_RATE * padded
+        return _Pass(parts, items, int(lengths.sum()), padded)
+
+    def _queue_changed(self, inputs: int, tokens: int) -> None:
+        self._queued_inputs += inputs
+        self._queued_tokens += tokens
+        self.observer.queue(self._queued_inputs, self._queued_tokens)
+
+    def _deliver(
+        self, batch: _Pass, outputs: np.ndarray, failures: dict[int, Exception], passes: int, elapsed: float
+    ) -> list[tuple[OnDone, EmbedResult | Exception]]:
+        s = self._stats
+        s.record_pass(len(batch.items), passes, batch.real_tokens, batch.padded_tokens, elapsed)
+        self.observer.ran_pass(len(batch.items), batch.real_tokens, batch.padded_tokens, elapsed)
+        answers: list[tuple[OnDone, EmbedResult | Exception]] = []
+        start = 0
+        for call, rows in batch.parts:
+            end = start + len(rows)
+            call.rows_left -= len(rows)
+            if call.closed:  # cancelled while the pass ran
+                s.abandoned_inputs += len(rows)
+            else:
+                failed = next(((i - start, failures[i]) for i in range(start, end) if i in failures), None)
+                answer = call.receive(rows, outputs[start:end], failed, self.clock())
+                if answer is not None:
+                    answers.append((call.on_done, answer))
+                    self._close(call, failed=isinstance(answer, Exception))
+            if call.rows_left == 0:
+                self._calls.pop(call.seq, None)
+            start = end
+        return answers
+
+    def _close(self, call: _Call, failed: bool) -> None:
+        call.closed = True
+        if failed:
+            self._stats.failed_calls += 1
+            self._drop_queued(call)
+        else:
+            self._stats.answered_calls += 1
+
+    def _drop_queued(self, call: _Call) -> int:
+        rows, tokens = call.drop_queued()
+        self._queue_changed(-rows, -tokens)
+        self._stale = True
+        return rows
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float | int]:
+        """Counters since start, the queue now, and what they imply (padding efficiency, waits)."""
+        with self._cond:
+            out = self._stats.report()
+            out["max_batch_tokens_now"] = self.budget.current
+            out["device_fault"] = int(self.fault is not None)
+            out["queue_calls"] = sum(1 for c in self._calls.values() if c.queued_rows)
+            out["queue_inputs"] = self._queued_inputs
+            out["queue_tokens"] = self._queued_tokens
+        return out
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _finish(call: _Call, now: float) -> EmbedResult | Exception:
+    """The call's answer: normalised if asked, refused if the model produced non-finite values."""
+    out = call.vectors
+    if call.normalize and len(out):
+        out = l2_normalize(out)
+    if not np.isfinite(out).all():
+        return ModelError("the model produced non-finite values")
+    started = call.started_at if call.started_at is not None else now
+    return EmbedResult(
+        np.ascontiguousarray(out, dtype=np.float32),
+        call.lengths.astype(np.int32),
+        queue_seconds=started - call.admitted_at,
+        compute_seconds=now - started,
+    )
