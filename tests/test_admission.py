@@ -30,7 +30,9 @@ def test_at_work_then_waiting_in_order_then_refused_at_once():
         release.set()
         waits = await asyncio.gather(*holders)
         assert log == ["r0", "r1", "r2", "r3"]  # first come, first served
-        assert waits[0] < 0.005 and waits[2] >= 0.01
+        # r0 never waited (no await on a free slot: its wait is the bookkeeping's, far under the 10 ms
+        # sleep that r2 sat out in line); bounds on wall time that a busy 2-core machine cannot break
+        assert waits[0] < 0.1 and waits[2] >= 0.01 and waits[0] < waits[2]
         assert admission.at_work == 0 and admission.waiting == 0 and admission.inside == 0
         async with admission.place(), admission.slot():  # free again
             assert admission.at_work == 1
@@ -64,7 +66,7 @@ def test_an_error_at_work_gives_the_slot_back():
             async with admission.place(), admission.slot():
                 raise RuntimeError("the request failed")
         async with admission.place(), admission.slot() as waited_s:
-            assert waited_s < 0.005 and admission.inside == 1
+            assert waited_s < 0.1 and admission.inside == 1 and admission.waiting == 0
 
     asyncio.run(scenario())
 
@@ -82,7 +84,7 @@ def test_a_request_still_sending_its_body_holds_a_place_but_no_slot():
         await asyncio.sleep(0.01)
         assert admission.inside == 2 and admission.at_work == 0
         async with admission.place(), admission.slot() as waited_s:  # the one slot is free for work
-            assert waited_s < 0.005 and admission.inside == 3
+            assert waited_s < 0.1 and admission.inside == 3 and admission.waiting == 0
             with pytest.raises(Overloaded):  # every place taken: refused before its body is read
                 async with admission.place():
                     raise AssertionError("admitted past the limits")

@@ -3,6 +3,7 @@ keys that exist: the schema in deployments/config.py is the truth, the table is 
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -75,3 +76,28 @@ def test_the_api_reference_lists_every_error_code_with_its_status():
         for m in re.finditer(r"^\| `([a-z_]+)` \| (\d+) \| (\w+) \| (yes|no) \|", text, re.MULTILINE)
     }
     assert rows == {code: (k.status, k.type, k.retry) for code, k in ERRORS.items()}
+
+
+def registered_metrics() -> set[str]:
+    """The names of every metric the service registers: the metric objects its classes create (Ray's
+    metrics are made without a running Ray; they record only inside one)."""
+    from ray.util.metrics import Metric
+
+    from deployments.metrics import CacheMetrics, ModelMetrics, RouterMetrics
+
+    holders = [ModelMetrics("m"), CacheMetrics("m"), RouterMetrics()]
+    return {v._name for holder in holders for v in vars(holder).values() if isinstance(v, Metric)}
+
+
+def test_the_grafana_dashboard_charts_exactly_the_metrics_the_service_registers():
+    exported = registered_metrics()
+    assert {"embeddings_requests", "embeddings_inputs", "embeddings_cache_lookups"} <= exported
+    dashboard = json.loads((REPO / "configs" / "grafana" / "embeddings-dashboard.json").read_text())
+    queried = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"ray_(embeddings_[a-z_]+)", target["expr"])
+    }
+    assert queried and queried <= exported, queried - exported
+    assert exported - queried == set(), exported - queried  # every registered metric has a panel
