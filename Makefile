@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup haproxy jemalloc serve test test-fast bench
+.PHONY: setup haproxy jemalloc serve test test-fast test-long bench
 
 # torch first, pinned: that takes the CPU build; a bare torch requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -35,14 +35,20 @@ setup: $(VENV)/.installed haproxy jemalloc
 serve: setup
 	$(PY) -m deployments.tools.serve_local configs/local.yaml
 
+# Three tiers. make test (what CI runs): every functional test, Ray and services included.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -p no:warnings
+	$(VENV)/bin/pytest -p no:warnings -m "not long"
 
-# The tests that start no Ray and no service (config, planner, scheduler, engine, backends, docs): minutes.
+# The tests that start no Ray and no service and convert no model (config, planner, scheduler, engine,
+# backends, docs, the layout): under two minutes.
 test-fast: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -p no:warnings -m "not ray"
+	$(VENV)/bin/pytest -p no:warnings -m "not ray and not slow and not long"
+
+# Soaks, the autoscaler, chaos: minutes each, run by hand before a release.
+test-long: setup
+	$(VENV)/bin/pytest -p no:warnings -m long
 
 bench: setup
 	$(PY) benchmarks/bench_serving.py

@@ -32,12 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.nvembed_random import FULL_SIZE, random_nvembed
-from deployments.config import Batching
-from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
-from deployments.engine.backends.nvembed_model import NVEmbedConfig
-from deployments.engine.embedding_engine import EmbeddingEngine
-from deployments.protocol.options import EmbedOptions, EmbedRequest
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.nvembed_random import FULL_SIZE, random_nvembed  # noqa: E402
+from deployments.config import Batching  # noqa: E402
+from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer  # noqa: E402
+from deployments.engine.backends.nvembed_model import NVEmbedConfig  # noqa: E402
+from deployments.engine.embedding_engine import EmbeddingEngine  # noqa: E402
+from deployments.protocol.options import EmbedOptions, EmbedRequest  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "nvembed-tiny"
 

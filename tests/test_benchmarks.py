@@ -78,6 +78,7 @@ def test_tree_comm_example_gives_identical_communities():
     assert len(set(communities.split(":", 1)[1].strip(" []").split(", "))) == 4  # four real communities
 
 
+@pytest.mark.long  # chaos (abusive clients): make test-long; the same limits one by one: test_serving.py
 @pytest.mark.parametrize("front", ["haproxy", "serve-proxy"])
 def test_the_abuse_sweep_gets_every_answer_it_should(front):
     """Every bad or abusive request of benchmarks/abuse_sweep.py (its own private service, keys on) gets

@@ -211,6 +211,7 @@ def test_a_stopped_server_gives_a_clear_error_after_the_deadline():
     assert time.monotonic() - t0 < 6
 
 
+@pytest.mark.long  # chaos: make test-long
 def test_encode_survives_a_replica_killed_midway(service, reference, ray_session):
     ray = ray_session
     texts = [f"{i} knowledge tree community summary " * 8 for i in range(600)]

@@ -26,7 +26,7 @@ import yaml
 
 from tests.conftest import REPO, free_port
 
-pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+pytestmark = [pytest.mark.ray, pytest.mark.long]  # minutes: make test-long, not make test
 
 FAST = {
     "RAY_FAKE_CLUSTER": "1",

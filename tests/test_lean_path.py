@@ -151,6 +151,7 @@ def test_overload_is_a_fast_503_with_retry_after(lean):
     assert max(r.elapsed.total_seconds() for r in refused) < 5
 
 
+@pytest.mark.long  # chaos: make test-long
 def test_a_replica_killed_under_load_costs_the_client_nothing_but_time(lean, tiny_bge):
     ray = lean["ray"]
     named = ray.util.list_named_actors(all_namespaces=True)

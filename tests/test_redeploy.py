@@ -102,6 +102,7 @@ def test_a_redeploy_under_load_answers_every_request_exactly(tmp_path_factory, t
         ray.shutdown()
 
 
+@pytest.mark.long  # a second Ray with its dashboard, minutes: make test-long
 def test_serve_deploy_of_a_changed_config_answers_every_request(tmp_path_factory, tmp_path, minilm):
     """The same through the operator's command: ``serve deploy`` to the cluster's dashboard address."""
     from ray import serve

@@ -107,6 +107,7 @@ def wait_for(predicate, timeout: float, what: str) -> float:
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@pytest.mark.long  # the autoscaler: make test-long
 def test_a_burst_scales_the_model_up_to_max_and_back_down(service):
     texts = [f"{i} " + "graph community summary " * 40 for i in range(64)]
     stop = threading.Event()
@@ -135,6 +136,7 @@ def test_a_burst_scales_the_model_up_to_max_and_back_down(service):
     wait_for(lambda: running_replicas("elastic") == 1, 90, "scale back to 1 replica")
 
 
+@pytest.mark.long  # chaos: make test-long
 def test_a_replica_killed_mid_load_is_invisible_to_callers(service, tiny_bge_dir):
     ray = service["ray"]
     reference = SentenceTransformer(tiny_bge_dir, device="cpu")
@@ -207,6 +209,7 @@ def test_overload_gets_a_fast_503_with_retry_after(service, tmp_path, tiny_bge_d
     )
 
 
+@pytest.mark.long  # chaos: make test-long
 def test_an_input_that_kills_replicas_is_found_and_refused_alone(service, tiny_bge_dir):
     reference = SentenceTransformer(tiny_bge_dir, device="cpu")
     texts = ["Marie Curie", "Pierre Curie", "a volcano erupts", "Warsaw", "Paris", "radium"]
@@ -226,6 +229,7 @@ def test_an_input_that_kills_replicas_is_found_and_refused_alone(service, tiny_b
     assert ((got * reference.encode(safe)).sum(1)).min() >= 0.9999
 
 
+@pytest.mark.long  # chaos: make test-long
 def test_a_replica_whose_device_failed_for_good_is_replaced_through_its_health_check(service, tiny_bge_dir):
     """The first replica the input poisons fails its health check and Serve replaces it; the call waits for
     the replacement (the faulted replica refuses at once, computing nothing), which the input poisons too:

@@ -117,6 +117,7 @@ def test_the_probes_are_hundreds_of_varied_texts_from_the_models_vocabulary(mini
     assert max(len(g) for g in groups) == PROBE_GROUP and len(groups) < 20  # a few dozen passes, not 263
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_forcing_no_bf16(monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, "0")
     assert cpu_bf16() == (False, f"{CPU_BF16_ENV}=0")
@@ -135,6 +136,7 @@ def kt_gen_reference(minilm) -> tuple[list[str], np.ndarray]:
     return texts, minilm.encode(texts, batch_size=64)
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 @pytest.mark.parametrize("runtime", ["torch", "openvino"])
 def test_every_path_gives_sentence_transformers_vectors_on_kt_gen_texts(
     runtime, kt_gen_reference, minilm_compile_cache
@@ -152,6 +154,7 @@ def test_every_path_gives_sentence_transformers_vectors_on_kt_gen_texts(
             assert worst_cosine(got, expected) >= 0.99999, (runtime, dtype)
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 @pytest.mark.skipif(not HAS_BF16, reason="needs a CPU with bf16 (otherwise bf16 never differs from float32)")
 def test_bf16_changes_the_numbers_it_is_not_a_silent_float32():
     reference = load()
@@ -160,6 +163,7 @@ def test_bf16_changes_the_numbers_it_is_not_a_silent_float32():
     assert np.abs(fast.forward(items) - reference.forward(items)).max() > 1e-5
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_a_failing_gate_serves_torch_float32_and_says_why(caplog, tmp_path):
     reference = load()
     items = reference.tokenize(kt_gen_mix(40, seed=4), "")
@@ -180,6 +184,7 @@ def test_a_failing_gate_serves_torch_float32_and_says_why(caplog, tmp_path):
         np.testing.assert_allclose(backend.forward(items), exact, atol=1e-6)
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 @pytest.mark.skipif(not HAS_BF16, reason="the CPU has no bf16: openvino runs float32 from the start")
 def test_a_bf16_path_that_misses_the_bound_serves_openvino_float32_before_torch(caplog, tmp_path):
     """The fastest path that holds the bound: OpenVINO bf16 misses 0.999999, OpenVINO float32 holds it."""
@@ -201,6 +206,7 @@ def entries(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_openvino_is_converted_once_and_read_from_the_cache(tmp_path, tiny_bge_dir, minilm):
     first = load(tiny_bge_dir, runtime="openvino", compile_cache_dir=tmp_path)
     assert "converted" in first.serving_how and "cached in" in first.serving_how
@@ -214,6 +220,7 @@ def test_openvino_is_converted_once_and_read_from_the_cache(tmp_path, tiny_bge_d
     np.testing.assert_allclose(second.forward(items), first.forward(items), atol=1e-6)
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_the_cache_entry_follows_the_model_files_and_max_seq_length(tmp_path, tiny_bge_dir, caplog):
     model = tmp_path / "model"
     shutil.copytree(tiny_bge_dir, model)
@@ -278,6 +285,7 @@ print(sorted(m for m in ("torch", "transformers", "sentence_transformers") if m 
     assert worst_cosine(np.load(out), expected) >= 0.9999
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_an_unwritable_cache_is_a_log_line_not_a_failure(tmp_path, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
@@ -322,6 +330,7 @@ def test_config_accepts_openvino_on_cpu():
     assert (entry.runtime, entry.dtype, entry.fidelity_min_cosine) == ("openvino", "bfloat16", 0.9999)
 
 
+@pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_compile_cache_converts_each_openvino_model_once(tmp_path):
     """``python -m deployments.tools.compile_cache`` (what ``make serve`` starts beside Ray) fills the cache
     that a replica then reads; torch models are left alone."""

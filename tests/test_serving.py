@@ -213,10 +213,12 @@ def test_concurrent_single_texts_are_merged(service, minilm):
     got = np.array([r.json()["data"][0]["embedding"] for r in responses], dtype=np.float32)
     assert worst_cosine(got, expected) >= 0.9999  # every caller got its own text's vector
     passes = after["forward_passes"] - before["forward_passes"]
-    calls = after["calls"] - before["calls"]
+    received = after["received_calls"] - before["received_calls"]
     assert passes <= 16, passes
+    assert after["calls"] - before["calls"] == 32  # each request its own call in the scheduler
+    assert after["received_requests"] - before["received_requests"] == 32
     # through deployments the router merges the requests into few calls; in process each is a call
-    assert calls == 32 if service.in_process else calls <= 16, calls
+    assert received == 32 if service.in_process else received <= 16, received
 
 
 def test_a_request_over_the_token_budget_is_split_and_correct(service, minilm):
@@ -447,13 +449,16 @@ def test_replica_stays_responsive_during_a_long_batch(service):
         answered = time.perf_counter() - t0
         vectors = np.concatenate([b.result() for b in big])
     else:
+        from deployments.protocol.options import EmbedOptions, EmbedRequest
+
         embedder = serve.get_deployment_handle("all-MiniLM-L6-v2", "embeddings")
-        big = embedder.embed.remote(texts * 4)
+        big = embedder.embed_requests.remote([EmbedRequest(texts * 4, EmbedOptions())])
         time.sleep(0.3)
         t0 = time.perf_counter()
         info = embedder.info.remote().result()
         answered = time.perf_counter() - t0
-        vectors = big.result().vectors
+        [answer] = big.result()
+        vectors = answer.vectors
     assert info["dimension"] == 384 and vectors.shape == (256, 384)
     assert answered < 1.0, f"replica took {answered:.2f} s to answer during a long batch"
 

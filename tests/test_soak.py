@@ -13,7 +13,7 @@ import pytest
 from deployments.engine.allocator import find_jemalloc
 from tests.conftest import REPO, free_port
 
-pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
+pytestmark = [pytest.mark.ray, pytest.mark.long]  # minutes: make test-long, not make test
 
 # RSS growth of the replica from 2,000 to ~8,000 texts on the 2-core machine (docs/operations.md, "Memory"):
 # +67 MB now; +153 MB (jemalloc) and +136 MB (glibc malloc) with OpenVINO's default kernel cache.

@@ -64,6 +64,8 @@ class ModelServer:
         self.backend = load_backend(self.entry, use_gpu=use_gpu, base_dir=base_dir, threads=_cpu_threads())
         if getattr(self.backend.device, "type", None) == "cuda":  # an out-of-memory shows now, not in traffic
             warm_up(self.backend, self.entry.batching, self.entry.name)
+        self.received_calls = 0  # embed_requests calls, each a list of requests
+        self.received_requests = 0
         self.engine = EmbeddingEngine(
             self.backend,
             self.entry.batching,
@@ -76,6 +78,8 @@ class ModelServer:
         error about one of its own inputs (``ClientError``, ``ModelError``; ``index`` is the input's place
         in that request). A fault of the replica (its device failed, ...) is no request's doing: it raises
         for the whole call, which the caller sends again elsewhere."""
+        self.received_calls += 1
+        self.received_requests += len(requests)
         answers = await asyncio.gather(*(self.engine.embed(r) for r in requests), return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, (ClientError, ModelError)):
@@ -117,8 +121,14 @@ class ModelServer:
         }
 
     def stats(self) -> dict[str, float | int]:
-        """The scheduler's counters and queue gauges (see ``Scheduler.stats``)."""
-        return self.engine.stats()
+        """The scheduler's counters and queue gauges (see ``Scheduler.stats``; its ``calls`` are requests),
+        and the calls this replica received (``received_calls``, each holding ``received_requests`` /
+        ``received_calls`` requests on average: how much the router's coalescer merged)."""
+        return {
+            **self.engine.stats(),
+            "received_calls": self.received_calls,
+            "received_requests": self.received_requests,
+        }
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)
