@@ -80,6 +80,11 @@ class ModelServer:
         for the whole call, which the caller sends again elsewhere."""
         self.received_calls += 1
         self.received_requests += len(requests)
+        if len(requests) == 1:  # the in-process model's every call: no task to gather
+            try:
+                return [await self.engine.embed(requests[0])]
+            except (ClientError, ModelError) as error:
+                return [error]
         answers = await asyncio.gather(*(self.engine.embed(r) for r in requests), return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, (ClientError, ModelError)):
