@@ -99,6 +99,12 @@ class InputFault:
     reason: str
     index: int | None
 
+    def after(self, offset: int) -> InputFault:
+        """The same error in a list that holds the caller's list from ``offset`` on (a chunk, a half, one
+        of the requests a long list was cut into): the input it names, re-placed; as is when it names
+        none. ``at`` is each error class's own copy with another index."""
+        return self if self.index is None else self.at(offset + self.index)  # type: ignore[attr-defined]
+
     @property
     def message(self) -> str:
         return self.reason if self.index is None else f"input[{self.index}]: {self.reason}"

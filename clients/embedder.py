@@ -300,9 +300,7 @@ class RemoteEmbedder(ABC):
             try:
                 result = call_with_retries(send, deadline, self.deadline_s)
             except ClientError as error:  # placed in this request: place it in the caller's list
-                if error.index is None:
-                    raise
-                raise error.at(part.start + error.index) from None
+                raise error.after(part.start) from None
             if bar is not None:
                 bar.update(len(chunk))
             return result

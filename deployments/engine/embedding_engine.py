@@ -73,7 +73,7 @@ def tokenize_capped(
             try:
                 items[i] = backend.tokenize([cut[i]], prompt, max_length)[0]
             except ClientError as error:
-                raise error.at(i) if error.index is not None else error from None
+                raise error.after(i) from None
     for i, item in enumerate(items):
         if item.length > limit:
             raise input_too_long(i, limit)
@@ -120,7 +120,7 @@ class EmbeddingEngine:
                     call.options.truncate,
                 )
             except ClientError as error:  # placed in the chunk: place it in the call
-                raise error.at(start + error.index) if error.index is not None else error from None
+                raise error.after(start) from None
         future: asyncio.Future[EmbedResult] = loop.create_future()
 
         def on_done(result: EmbedResult | Exception) -> None:  # on the model thread

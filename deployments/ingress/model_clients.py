@@ -24,7 +24,7 @@ from deployments.engine.model_server import ModelServer
 from deployments.ingress.cache import EmbeddingCache, assemble, cache_key, look_up
 from deployments.ingress.coalescer import Coalescer
 from deployments.metrics import CacheMetrics
-from deployments.protocol.errors import ClientError, ModelError, original_error
+from deployments.protocol.errors import ClientError, InputFault, ModelError, original_error
 from deployments.protocol.options import EmbedRequest, EmbedResult
 
 logger = logging.getLogger("ray.serve")
@@ -167,8 +167,7 @@ class RemoteModel:
         if isinstance(left, Exception):
             return [left]
         if isinstance(right, Exception):
-            index = getattr(right, "index", None)
-            return [right.at(half + index) if index is not None else right]  # type: ignore[attr-defined]
+            return [right.after(half) if isinstance(right, InputFault) else right]
         return [EmbedResult.joined([left, right])]
 
 
