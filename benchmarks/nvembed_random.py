@@ -48,6 +48,7 @@ def random_nvembed(
                     chunk += 1
     with torch.device(device):
         model.embedding_model.rotary_emb = MistralRotaryEmbedding(config=config.text)
+    model.latent_attention_model.freeze_latents()  # as build_nvembed does after loading
     return model.eval()
 
 

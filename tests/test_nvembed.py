@@ -195,6 +195,38 @@ def test_weights_load_straight_into_the_requested_dtype(layout):
     assert np.abs(got - np.array(case["embeddings"])).max() < 0.05  # bf16 rounding, not a wrong model
 
 
+def test_the_latents_keys_and_values_are_computed_once_at_load():
+    """They depend on no input, so a loaded model holds them (and no longer the 0.54 GB ``to_kv`` weight at
+    full size) instead of computing them in every pass; the vectors are those of computing them per pass."""
+    from deployments.engine.backends.nvembed_model import NVEmbedConfig, NVEmbedModel, load_nvembed_weights
+
+    case = CASES["query_instruction_batch"]
+    frozen = backend_for(case)
+    latent = frozen.model.latent_attention_model
+    attn = latent.cross_attend_blocks[0]
+    assert attn.fn.to_kv is None and attn.norm_context is None and latent.latents is None
+    config = frozen.model.config.latent
+    head_dim = config.cross_dim_head
+    assert (
+        latent.latent_keys.shape
+        == latent.latent_values.shape
+        == (config.num_latents, config.num_cross_heads, head_dim)
+    )
+    names = {name for name, _ in frozen.model.named_parameters()}
+    assert not any("to_kv" in n or n.endswith(".latents") for n in names)
+
+    config = NVEmbedConfig.from_dir(FIXTURE)
+    config.text._attn_implementation = "nvembed"
+    with torch.device("meta"):
+        per_pass = NVEmbedModel(config)
+    load_nvembed_weights(per_pass, FIXTURE, torch.device("cpu"), torch.float32)
+    assert per_pass.latent_attention_model.latent_keys is None  # not frozen: computed in each pass
+    unfrozen = NVEmbedBackend(per_pass.eval(), frozen.tokenizer, max_seq_length=case["max_length"])
+    items = frozen.tokenize(case["texts"], case["instruction"])
+    assert np.abs(frozen.forward(items) - unfrozen.forward(items)).max() <= 1e-6
+    assert np.abs(frozen.forward(items) - np.array(case["embeddings"])).max() < 1e-4
+
+
 def test_a_packed_layout_that_fails_or_disagrees_is_not_served(monkeypatch):
     backend = backend_for({"max_length": 64})
     real = backend.model.forward_packed

@@ -10,6 +10,8 @@ Reproduces the published ``modeling_nvembed.py`` (run under transformers 4.42, t
 - ``latent_attention_model``: the token states are queries over 512 learned latents (keys and values),
   ``h + to_out(attn(to_q(LN(h)), to_kv(LN_ctx(latents))))``, then ``h + FF(LN(h))`` with
   ``Linear(d, 8d) -> GEGLU -> Linear(4d, d)``; then the mean over the pooling mask and L2 normalisation.
+  The latents' keys and values depend on no input: they are computed once after loading
+  (``freeze_latents``), not in every pass.
 
 Two layouts of the same computation. Padded: ``[rows, longest]`` with the padding-only mask, on every
 device. Packed: the micro-batch's tokens concatenated into one ``[tokens]`` run, positions restarting at 0
@@ -218,17 +220,20 @@ class _CrossAttention(nn.Module):
         inner = heads * dim_head
         self.heads = heads
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_kv: nn.Linear | None = nn.Linear(dim, inner * 2, bias=False)  # None once frozen
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [b, n, d] attends to the shared context [m, d]. The latents' keys and values are computed
-        once and never expanded to the batch: with 8 heads of 4096 that copy would be b x 32 MB."""
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's keys and values, each [m, h, dh]."""
+        assert self.to_kv is not None, "keys_values after the latents were frozen"
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        return k.reshape(k.shape[0], self.heads, -1), v.reshape(v.shape[0], self.heads, -1)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x [b, n, d] attends to the shared keys and values [m, h, dh], never expanded to the batch: with 8
+        heads of 4096 that copy would be b x 32 MB."""
         b, n, _ = x.shape
         q = self.to_q(x).reshape(b, n, self.heads, -1)  # [b, n, h, dh]
-        k, v = (
-            t.reshape(t.shape[0], self.heads, -1) for t in self.to_kv(context).chunk(2, dim=-1)
-        )  # [m, h, dh]
         scores = torch.einsum("bnhd,mhd->bhnm", q, k) * q.shape[-1] ** -0.5
         weights = scores.float().softmax(dim=-1).to(q.dtype)
         out = torch.einsum("bhnm,mhd->bnhd", weights, v)
@@ -277,6 +282,30 @@ class LatentAttentionPooling(nn.Module):
                 _PreNorm(d, _FeedForward(d)),
             ]
         )
+        # The latents' keys and values once frozen (``freeze_latents``); computed per chunk until then.
+        self.register_buffer("latent_keys", None, persistent=False)
+        self.register_buffer("latent_values", None, persistent=False)
+
+    @torch.no_grad()
+    def freeze_latents(self) -> None:
+        """Compute the latents' keys and values once, after the weights load, and drop what made them.
+
+        They depend on no input: ``to_kv(LN_ctx(latents))`` is the same in every pass. Computed per chunk,
+        that is a 512 x 4096 x 65536 matmul (275 GFLOP, as much as ~20 tokens of Mistral) in every pass, and
+        ``to_kv``'s weight holds 0.54 GB in bf16 that nothing else reads. Keeps them as non-persistent
+        buffers (they follow ``.to(device)``) in the weights' dtype, as the published code computes them."""
+        attn = self.cross_attend_blocks[0]
+        keys, values = attn.fn.keys_values(attn.norm_context(self.latents))
+        self.latent_keys, self.latent_values = keys.contiguous(), values.contiguous()
+        attn.fn.to_kv = None
+        attn.norm_context = None
+        self.latents = None
+
+    def _latent_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.latent_keys is not None and self.latent_values is not None:
+            return self.latent_keys, self.latent_values
+        attn = self.cross_attend_blocks[0]
+        return attn.fn.keys_values(attn.norm_context(self.latents))
 
     def _transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """Cross-attention and feed-forward blocks; each token on its own, in any layout [..., n, d], so
@@ -291,8 +320,8 @@ class LatentAttentionPooling(nn.Module):
 
     def _transform_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         attn, ff = self.cross_attend_blocks
-        context = attn.norm_context(self.latents)  # [latents, d], shared by the whole batch
-        hidden = attn.fn(attn.norm(hidden), context) + hidden
+        keys, values = self._latent_keys_values()  # [latents, heads, head dim], shared by the whole batch
+        hidden = attn.fn(attn.norm(hidden), keys, values) + hidden
         return ff.fn(ff.norm(hidden)) + hidden
 
     def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -388,4 +417,5 @@ def build_nvembed(path: str | Path, device: torch.device, dtype: torch.dtype) ->
     with torch.device("meta"):
         model = NVEmbedModel(config)
     load_nvembed_weights(model, path, device, dtype)
+    model.latent_attention_model.freeze_latents()
     return model.eval()
