@@ -163,6 +163,34 @@ def test_bf16_changes_the_numbers_it_is_not_a_silent_float32():
     assert np.abs(fast.forward(items) - reference.forward(items)).max() > 1e-5
 
 
+@pytest.mark.slow  # three loads and the probes in half precision on a CPU (~10 s each)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_on_a_gpu_pass_the_same_gate(caplog, dtype):
+    """A GPU replica configured in half precision converts its float32 weights only after embedding the
+    probes with them, and serves the half copy only within the bound; below it, float32 weights again.
+    The gate (``_gate_half_weights``, what ``_choose_pass`` runs on CUDA) is device-agnostic: run here."""
+    exact_backend = load(max_seq_length=64)  # short probes: a CPU runs half slowly
+    items = exact_backend.tokenize(kt_gen_mix(40, seed=4), "")
+    exact = exact_backend.forward(items)
+
+    served = load(max_seq_length=64)
+    run, serving = served._gate_half_weights(dtype, min_cosine=0.99)
+    assert (serving.runtime, serving.precision) == ("torch", dtype)
+    assert serving.worst_cosine is not None and 0.99 <= serving.worst_cosine < 1.0  # half, not float32
+    assert {p.dtype for p in served.model.parameters()} == {getattr(torch, dtype)}
+    got = run(served._batch(items))
+    assert 0.99 <= worst_cosine(got, exact) < 1.0
+
+    refused = load(max_seq_length=64)
+    with caplog.at_level(logging.WARNING):
+        run, serving = refused._gate_half_weights(dtype, min_cosine=1.0)
+    assert (serving.runtime, serving.precision) == ("torch", "float32")
+    assert f"{dtype} weights gave worst cosine" in serving.note and "serving float32 weights" in serving.note
+    assert serving.note in caplog.text
+    assert {p.dtype for p in refused.model.parameters()} == {torch.float32}
+    np.testing.assert_allclose(run(refused._batch(items)), exact, atol=1e-6)  # the float32 weights again
+
+
 @pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast
 def test_a_failing_gate_serves_torch_float32_and_says_why(caplog, tmp_path):
     reference = load()

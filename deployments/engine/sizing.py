@@ -12,7 +12,8 @@ read), else from the architecture of a known hub id (``KNOWN_SIZES``). A replica
 
 - GPU: weights (parameters x bytes of the dtype, +10% allocator slack) + 0.5 GB of CUDA context +
   activations bounded by the batch token budget (about 24 hidden-size-wide tensors per token in flight:
-  attention projections, the MLP's wide intermediate, the output).
+  attention projections, the MLP's wide intermediate, the output); for a sentence-transformers model in
+  half precision, at least its float32 weights and activations, which the fidelity gate runs at load.
 - CPU: weights in the dtype the CPU holds them in (``weight_dtype``) + the same activations + 1 GB for the
   interpreter, torch, the tokenizer and Ray's worker.
 """
@@ -98,8 +99,13 @@ def replica_gpu_memory_gb(entry: ModelEntry, base_dir: Path | None = None) -> fl
     if size is None:
         return None
     weights = size.params_billion * BYTES[entry.dtype] * 1.1
-    activations = _activations_gb(entry, size, "float16")
-    return round(weights + CUDA_CONTEXT_GB + activations, 1)
+    need = weights + CUDA_CONTEXT_GB + _activations_gb(entry, size, "float16")
+    if entry.backend != "nvembed" and entry.dtype != "float32":
+        # The fidelity gate embeds its probes with the float32 weights before converting them
+        # (``SentenceTransformersBackend._gate_half_weights``): the load's peak.
+        gate = size.params_billion * BYTES["float32"] * 1.1 + _activations_gb(entry, size, "float32")
+        need = max(need, gate + CUDA_CONTEXT_GB)
+    return round(need, 1)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The fidelity gate: a fast path serves only if it gives the exact path's vectors.
 
-At load, a replica embeds a probe set with the configured fast path (bf16, OpenVINO) and with torch
+At load, a replica embeds a probe set with the configured fast path (bf16 autocast or OpenVINO on a CPU,
+half-precision weights on a GPU) and with torch
 float32, the reference that ``SentenceTransformer.encode`` computes. The promise is per served vector, so
 the probes must look like what the pipeline sends, in number and variety: seven fixed probes that break
 a compiled or low-precision pass (a one-word text, an empty one, unicode, a text past ``max_seq_length``),

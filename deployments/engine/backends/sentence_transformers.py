@@ -2,9 +2,11 @@
 
 Per micro-batch the pipeline is the model's own: its input module tokenises ``prompt + text`` with
 truncation at ``max_seq_length``, the model's modules run (transformer, pooling, optional Normalize), and
-``sentence_embedding`` is returned. Only the grouping into batches is ours, and, on a CPU with bf16, the
-pass under bf16 autocast, which serves only once the fidelity gate
-(``deployments/engine/backends/fidelity.py``) finds it within ``fidelity_min_cosine`` of torch float32. This
+``sentence_embedding`` is returned. Only the grouping into batches is ours, and the precision: on a CPU
+with bf16 the pass under bf16 autocast, on a GPU the weights converted to the configured half precision,
+each of which serves only once the fidelity gate (``deployments/engine/backends/fidelity.py``) finds it
+within ``fidelity_min_cosine`` of the float32 weights (on a GPU the probes run with them before they are
+converted; below the bound the float32 weights load again and serve). This
 is also the reference, and the fallback, of the OpenVINO runtime
 (``deployments/engine/backends/openvino_backend.py``).
 """
@@ -24,15 +26,20 @@ from deployments.engine.backends.base import (
     EncodedText,
     ServingPath,
     pad_arrays,
-    torch_dtype,
 )
 from deployments.engine.backends.fast_tokenizer import DirectTokenizer
-from deployments.engine.backends.fidelity import probe_texts, probe_vocabulary, probe_worst_cosine
+from deployments.engine.backends.fidelity import (
+    probe_groups,
+    probe_texts,
+    probe_vocabulary,
+    probe_worst_cosine,
+)
 from deployments.engine.backends.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
 Pass = Callable[[dict[str, torch.Tensor]], np.ndarray]
+HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class SentenceTransformersBackend(EmbeddingBackend):
@@ -51,14 +58,15 @@ class SentenceTransformersBackend(EmbeddingBackend):
         self.device = device if device is not None else torch.device("cpu")
         self.threads = threads
         self.init_thread()
-        self.model = SentenceTransformer(source, device=str(self.device), trust_remote_code=trust_remote_code)
-        self.model.to(torch_dtype(dtype, self.device))
-        self.model.eval()
+        self.source = source
+        self.trust_remote_code = trust_remote_code
+        self.configured_max_seq_length = max_seq_length
+        # float32 first, as sentence-transformers loads it: the reference a half-precision GPU copy is
+        # checked against (``_gate_half_weights``) before it serves.
+        self.model = self._load_float32()
         for module in self.model:
             if getattr(module, "include_prompt", True) is False:
                 raise ValueError(f"{source}: pooling with include_prompt=False is not supported")
-        if max_seq_length is not None:
-            self.model.max_seq_length = max_seq_length
         self.max_seq_length = int(self.model.max_seq_length)
         self.dimension = int(self.model.get_embedding_dimension())
         tokenizer = self.model.tokenizer
@@ -75,20 +83,32 @@ class SentenceTransformersBackend(EmbeddingBackend):
         steps = ", ".join(f"{k} {v:.2f} s" for k, v in self.load_seconds.items())
         log.info("%s loaded in %.2f s (%s)", source, time.perf_counter() - started, steps)
 
+    def _load_float32(self) -> SentenceTransformer:
+        model = SentenceTransformer(
+            self.source, device=str(self.device), trust_remote_code=self.trust_remote_code
+        )
+        model.to(torch.float32).eval()
+        if self.configured_max_seq_length is not None:
+            model.max_seq_length = self.configured_max_seq_length
+        return model
+
     def init_thread(self) -> None:
         torch.set_num_threads(self.threads)
 
     # ---- which path computes the passes -------------------------------------------------------------
     def _choose_pass(self, source: str, dtype: str, min_cosine: float) -> tuple[Pass, ServingPath]:
-        """torch float32, or on a CPU with bf16 the pass under bf16 autocast if it passes the fidelity
-        gate (OpenVINO is ``deployments/engine/backends/openvino_backend.py``)."""
+        """torch float32; on a GPU the weights in the configured half precision, and on a CPU with bf16
+        the pass under bf16 autocast, each only if it passes the fidelity gate (OpenVINO is
+        ``deployments/engine/backends/openvino_backend.py``)."""
         on_gpu = self.device.type == "cuda"
         precision = resolve_precision(dtype, on_gpu)
         if precision.note:
             log.info("%s: %s", source, precision.note)
         reference = self._torch_pass(autocast=False)
-        if on_gpu or precision.compute == "float32":
-            return reference, ServingPath("torch", precision.compute, None, precision.note)
+        if precision.compute == "float32":
+            return reference, ServingPath("torch", "float32", None, precision.note)
+        if on_gpu:
+            return self._gate_half_weights(precision.compute, min_cosine)
         candidate = self._torch_pass(autocast=True)
         started = time.perf_counter()
         worst = self._probe(candidate, reference)
@@ -102,6 +122,35 @@ class SentenceTransformersBackend(EmbeddingBackend):
             return reference, ServingPath("torch", "float32", worst, note)
         log.info("%s: serving torch %s (worst probe cosine %.7f)", source, precision.compute, worst)
         return candidate, ServingPath("torch", precision.compute, worst, precision.note)
+
+    def _gate_half_weights(self, dtype: str, min_cosine: float) -> tuple[Pass, ServingPath]:
+        """The weights converted to ``dtype`` (what a GPU serves), checked on the probes against the float32
+        weights they were converted from; below ``min_cosine`` the float32 weights are loaded again and
+        serve. Device-agnostic, so the gate is tested on CPU as it runs on a GPU."""
+        started = time.perf_counter()
+        run = self._torch_pass(autocast=False)  # with whatever weights the model holds when called
+        items = self.tokenize(self.probes, "")
+
+        def embed(rows: Sequence[int]) -> np.ndarray:
+            return run(self._batch([items[i] for i in rows]))
+
+        wanted = {tuple(group): embed(group) for group in probe_groups(len(items))}
+        self.model.to(HALF_DTYPES[dtype])
+        self.release_memory()  # the float32 blocks go back, so what the replica reserves is its half copy
+        worst = probe_worst_cosine(embed, lambda rows: wanted[tuple(rows)], len(items))
+        self.load_seconds["fidelity gate"] = time.perf_counter() - started
+        if worst < min_cosine:
+            note = (
+                f"{dtype} weights gave worst cosine {worst:.6f} to float32 on the fidelity probes, below "
+                f"fidelity_min_cosine {min_cosine}: serving float32 weights"
+            )
+            log.warning("%s: %s", self.source, note)
+            self.model = None  # the half copy goes before the float32 one loads again
+            self.release_memory()
+            self.model = self._load_float32()
+            return self._torch_pass(autocast=False), ServingPath("torch", "float32", worst, note)
+        log.info("%s: serving %s weights (worst probe cosine %.7f)", self.source, dtype, worst)
+        return run, ServingPath("torch", dtype, worst)
 
     def _probe(self, candidate: Pass, reference: Pass) -> float:
         items = self.tokenize(self.probes, "")
