@@ -174,21 +174,21 @@ def test_half_precision_weights_on_a_gpu_pass_the_same_gate(caplog, dtype):
     exact = exact_backend.forward(items)
 
     served = load(max_seq_length=64)
-    run, serving = served._gate_half_weights(dtype, min_cosine=0.99)
+    served._pass, serving = served._gate_half_weights(dtype, min_cosine=0.99)
     assert (serving.runtime, serving.precision) == ("torch", dtype)
     assert serving.worst_cosine is not None and 0.99 <= serving.worst_cosine < 1.0  # half, not float32
     assert {p.dtype for p in served.model.parameters()} == {getattr(torch, dtype)}
-    got = run(served._batch(items))
+    got = served.forward(items)
     assert 0.99 <= worst_cosine(got, exact) < 1.0
 
     refused = load(max_seq_length=64)
     with caplog.at_level(logging.WARNING):
-        run, serving = refused._gate_half_weights(dtype, min_cosine=1.0)
+        refused._pass, serving = refused._gate_half_weights(dtype, min_cosine=1.0)
     assert (serving.runtime, serving.precision) == ("torch", "float32")
     assert f"{dtype} weights gave worst cosine" in serving.note and "serving float32 weights" in serving.note
     assert serving.note in caplog.text
     assert {p.dtype for p in refused.model.parameters()} == {torch.float32}
-    np.testing.assert_allclose(run(refused._batch(items)), exact, atol=1e-6)  # the float32 weights again
+    np.testing.assert_allclose(refused.forward(items), exact, atol=1e-6)  # the float32 weights again
 
 
 @pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast

@@ -43,8 +43,15 @@ marks the scheduler faulted: later calls are refused at once and the replica's h
 Serve replaces it.
 
 Thread model: ``admit`` and ``cancel`` come from the event loop, passes run on one model thread
-(``run_forever`` or ``step``); queue state is guarded by one lock and the forward pass runs outside it.
-Callbacks are invoked on the model thread, outside the lock.
+(``run_forever`` or ``step``); queue state is guarded by one lock, and neither the planner nor the forward
+pass runs under it (the planner works on a window of the queue taken under the lock). Callbacks are
+invoked on the model thread, outside the lock.
+
+No idle device between passes: where the backend's passes are asynchronous (CUDA:
+``backends/device_pass.py``), the model thread plans and launches pass N+1 before it reads pass N back, so
+the device runs N+1 while N's vectors come back and its callers are answered. A call that arrives then
+waits for at most those two passes. On a CPU a pass computes where it is launched, so each pass is read
+back before the next is planned, as before.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from deployments.config import Batching
-from deployments.engine.backends.base import EmbeddingBackend, EncodedText
+from deployments.engine.backends.base import DonePass, EmbeddingBackend, EncodedText, PendingPass
 from deployments.engine.device_faults import (
     DeviceAlreadyFailed,
     DeviceFault,
@@ -196,6 +203,8 @@ class _Pass:
     items: list[EncodedText]
     real_tokens: int
     padded_tokens: int
+    pending: PendingPass | None = None  # once launched
+    launched_at: float = 0.0
 
 
 @dataclass
@@ -216,6 +225,7 @@ class SchedulerStats:
     max_pass_rows: int = 0
     max_pass_tokens: int = 0
     forward_seconds: float = 0.0
+    device_seconds: float = 0.0  # the device's own time for its passes, where it times them (CUDA events)
     out_of_memory_passes: int = 0  # planned passes that ran out of device memory (and ran again split)
     queue_wait_seconds_sum: float = 0.0  # admission -> first row in a pass, per call
     queue_wait_seconds_max: float = 0.0
@@ -249,11 +259,17 @@ class SchedulerStats:
         return out
 
 
-def plan_window(
-    calls: list[_Call], window_rows: int, batching: Batching, packed: bool
-) -> list[list[tuple[_Call, np.ndarray]]]:
-    """The passes for the queue's most urgent ``window_rows`` inputs, planned jointly as one request's
-    would be; each pass as (call, its rows), most urgent call first, the passes in order of urgency."""
+@dataclass
+class Window:
+    """The queue's most urgent inputs, taken under the lock so they can be planned outside it: the calls in
+    key order (most urgent first) and the queued rows of each, shortest first."""
+
+    owners: list[_Call]
+    rows: list[np.ndarray]
+
+
+def queue_window(calls: list[_Call], window_rows: int) -> Window:
+    """Up to ``window_rows`` queued inputs, filled in key order (each call's inputs shortest first)."""
     owners: list[_Call] = []
     rows: list[np.ndarray] = []
     room = window_rows
@@ -264,6 +280,13 @@ def plan_window(
         owners.append(call)
         rows.append(take)
         room -= len(take)
+    return Window(owners, rows)
+
+
+def plan_passes(window: Window, batching: Batching, packed: bool) -> list[list[tuple[_Call, np.ndarray]]]:
+    """The window's passes, planned jointly as one request's would be; each pass as (call, its rows), most
+    urgent call first, the passes in order of urgency. Reads only the window (safe outside the lock)."""
+    owners, rows = window.owners, window.rows
     if not owners:
         return []
     owner_of = np.repeat(np.arange(len(owners)), [len(r) for r in rows])
@@ -276,10 +299,17 @@ def plan_window(
     passes = []
     for batch in plan.batches:
         who = owner_of[batch]
-        parts = [(owners[k], row_of[batch[who == k]]) for k in np.unique(who)]
-        passes.append(parts)  # np.unique: in key order, so parts[0] is the most urgent call
-    passes.sort(key=lambda parts: parts[0][0].key)  # stable: equal urgency stays shortest first
-    return passes
+        ranks = np.unique(who)  # sorted: in key order, so the first part is the most urgent call's
+        passes.append((int(ranks[0]), [(owners[k], row_of[batch[who == k]]) for k in ranks]))
+    passes.sort(key=lambda ranked: ranked[0])  # stable: equal urgency stays shortest first
+    return [parts for _, parts in passes]
+
+
+def plan_window(
+    calls: list[_Call], window_rows: int, batching: Batching, packed: bool
+) -> list[list[tuple[_Call, np.ndarray]]]:
+    """``plan_passes`` of the ``queue_window``."""
+    return plan_passes(queue_window(calls, window_rows), batching, packed)
 
 
 @dataclass
@@ -293,12 +323,16 @@ class PassOutcome:
     out_of_memory: bool = False
 
 
-def forward_isolating(backend: EmbeddingBackend, items: list[EncodedText]) -> PassOutcome:
-    """Vectors for a pass. A pass that raises is run again: split in two after an out-of-memory error
-    (cached device memory freed first), else row by row, so only the failing rows fail. A poisoned device
-    context raises ``DeviceFault``: nothing more can run in this process."""
+def forward_isolating(
+    backend: EmbeddingBackend, items: list[EncodedText], launched: PendingPass | None = None
+) -> PassOutcome:
+    """Vectors for a pass (``launched``: the pass already started, whose result is read here). A pass that
+    raises is run again: split in two after an out-of-memory error (cached device memory freed first),
+    else row by row, so only the failing rows fail. A poisoned device context raises ``DeviceFault``:
+    nothing more can run in this process."""
     try:
-        return PassOutcome(_checked_forward(backend, items), {}, 1)
+        out = launched.result() if launched is not None else backend.forward(items)
+        return PassOutcome(_checked(backend, items, out), {}, 1)
     except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
         if is_poisoned_context(exc):
             raise DeviceFault(f"the device failed and cannot recover in this replica: {exc}") from exc
@@ -336,7 +370,10 @@ def _split_after_oom(backend: EmbeddingBackend, items: list[EncodedText], error:
 
 
 def _checked_forward(backend: EmbeddingBackend, items: list[EncodedText]) -> np.ndarray:
-    out = backend.forward(items)
+    return _checked(backend, items, backend.forward(items))
+
+
+def _checked(backend: EmbeddingBackend, items: list[EncodedText], out: np.ndarray) -> np.ndarray:
     expected = (len(items), backend.dimension)
     if getattr(out, "shape", None) != expected:
         raise RuntimeError(f"the model returned shape {getattr(out, 'shape', None)}, expected {expected}")
@@ -373,6 +410,9 @@ class Scheduler:
         # the longest input, which must fit a pass of its own.
         self.budget = TokenBudget(batching.max_batch_tokens, floor=backend.max_seq_length)
         self.fault: DeviceFault | None = None  # set once the device failed for good: see health()
+        # The pass launched and not yet read back (model thread only), and when the last one was.
+        self._running: _Pass | None = None
+        self._last_finished = 0.0
 
     # ---- called from the event loop ------------------------------------------------------------
     def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
@@ -429,7 +469,7 @@ class Scheduler:
                         self._cond.wait()
                     if idle_wait_s > 0 and not self._stopping:
                         self._cond.wait(idle_wait_s)
-                if self._stopping:
+                if self._stopping and self._running is None:
                     return
             try:
                 self.step()
@@ -458,21 +498,47 @@ class Scheduler:
             raise self.fault
 
     def step(self) -> bool:
-        """Form and run one pass, then answer the calls it finished; False when nothing is queued."""
-        with self._cond:
-            batch = self._next_pass()
-        if batch is None:
+        """Read back one pass and answer the calls it finished; False when nothing is queued or running.
+        With an asynchronous backend (CUDA) the next pass is planned and launched first, so the device runs
+        it while this one's vectors are read back and delivered: no idle device between passes."""
+        running = self._running or self._launch_next()
+        if running is None:
             return False
-        started = self.clock()
+        self._running = None
+        if self.backend.asynchronous and not self._stopping:
+            self._running = self._launch_next()
+        self._finish(running)
+        return True
+
+    def _launch_next(self) -> _Pass | None:
+        batch = self._take_pass()
+        if batch is None:
+            return None
+        batch.launched_at = self.clock()
         try:
-            outcome = forward_isolating(self.backend, batch.items)
+            batch.pending = self.backend.launch(batch.items)
+        except Exception as exc:  # noqa: BLE001 - handled where the pass is read back (forward_isolating)
+            batch.pending = DonePass(error=exc)
+        return batch
+
+    def _finish(self, batch: _Pass) -> None:
+        """Read the pass back (running it again split or row by row if it failed) and answer its calls."""
+        try:
+            outcome = forward_isolating(self.backend, batch.items, batch.pending)
         except DeviceFault as fault:
             log.error("%s; failing every open call and reporting unhealthy", fault)
             self.fault = fault
+            self._running = None  # launched behind the failed pass: its calls fail with the rest
             self._fail_open_calls(fault)
-            return True
-        elapsed = self.clock() - started
+            return
+        finished = self.clock()
+        # Its own time: from its launch, or from the end of the pass it was queued behind.
+        elapsed = finished - max(batch.launched_at, self._last_finished)
+        self._last_finished = finished
+        device = batch.pending.device_seconds() if batch.pending is not None and outcome.passes == 1 else None
         with self._cond:
+            if device is not None:
+                self._stats.device_seconds += device
             self._adapt_budget(batch, outcome)
             answers = self._deliver(batch, outcome.vectors, outcome.failures, outcome.passes, elapsed)
         for on_done, result in answers:
@@ -480,10 +546,9 @@ class Scheduler:
                 on_done(result)
             except Exception:  # noqa: BLE001 - one caller's failure must not leave the others unanswered
                 log.exception("answering a call failed")
-        return True
 
     def _has_work(self) -> bool:
-        return self._queued_inputs > 0
+        return self._queued_inputs > 0 or self._running is not None
 
     def _adapt_budget(self, batch: _Pass, outcome: PassOutcome) -> None:
         """Half the tokens of a pass that ran out of memory for the passes that follow; back up step by
@@ -500,18 +565,26 @@ class Scheduler:
         elif self.budget.succeeded():
             self._stale = True
 
-    def _replan(self) -> None:
-        self._stale = False
-        batching = self.batching
-        if self.budget.current != batching.max_batch_tokens:
-            batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
-        self._plan = deque(
-            plan_window(list(self._calls.values()), self.window_rows, batching, self.backend.packed)
-        )
+    def _take_pass(self) -> _Pass | None:
+        """The next pass's rows leave the queue. A plan made stale by an arrival, a departure or a new
+        budget is made again from a window of the queue taken under the lock and planned outside it, so
+        callers admitting or cancelling never wait for the planner."""
+        window = None
+        with self._cond:
+            if self._stale or not self._plan:
+                self._stale = False
+                window = queue_window(list(self._calls.values()), self.window_rows)
+                batching = self.batching
+                if self.budget.current != batching.max_batch_tokens:
+                    batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
+        if window is not None:
+            plan = deque(plan_passes(window, batching, self.backend.packed))
+            with self._cond:
+                self._plan = plan  # a call closed meanwhile is skipped below; one that arrived restales it
+        with self._cond:
+            return self._pop_pass()
 
-    def _next_pass(self) -> _Pass | None:
-        if self._stale or not self._plan:
-            self._replan()
+    def _pop_pass(self) -> _Pass | None:
         while self._plan:
             parts = [(call, rows) for call, rows in self._plan.popleft() if not call.closed]
             if parts:

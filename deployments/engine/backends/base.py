@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -38,6 +38,33 @@ class EncodedText:
     length: int
 
 
+class PendingPass(Protocol):
+    """A launched forward pass (``EmbeddingBackend.launch``; CUDA's is ``device_pass.CudaPass``)."""
+
+    def result(self) -> np.ndarray:
+        """float32 [rows, dimension]; waits for the pass and raises what it raised."""
+
+    def device_seconds(self) -> float | None:
+        """The device's own time for the pass (after ``result``), where the device times it; else None."""
+
+
+class DonePass:
+    """A pass that already ran (a CPU computes where it launches), or that failed to launch: ``result``
+    raises its error, where the scheduler's failure handling expects a pass's error."""
+
+    def __init__(self, vectors: np.ndarray | None = None, error: Exception | None = None):
+        self._vectors, self._error = vectors, error
+
+    def result(self) -> np.ndarray:
+        if self._error is not None:
+            raise self._error
+        assert self._vectors is not None
+        return self._vectors
+
+    def device_seconds(self) -> float | None:
+        return None
+
+
 class EmbeddingBackend(ABC):
     """A loaded model that turns tokenised texts into float32 vectors."""
 
@@ -47,6 +74,9 @@ class EmbeddingBackend(ABC):
     # True when ``forward`` concatenates its inputs instead of padding them: a micro-batch then costs its
     # real tokens, and the planner groups by token sum rather than rows x longest.
     packed: bool = False
+    # True where ``launch`` returns before the pass is done (CUDA, ``device_pass.launch_on_device``): the
+    # scheduler then launches the next pass before reading this one back.
+    asynchronous: bool = False
     serving: ServingPath = ServingPath("torch", "float32")
     load_seconds: dict[str, float] = {}  # seconds per load step, where the backend measures them
 
@@ -60,6 +90,10 @@ class EmbeddingBackend(ABC):
     @abstractmethod
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         """Embed one micro-batch: float32 [len(items), dimension], in the order given."""
+
+    def launch(self, items: list[EncodedText]) -> PendingPass:
+        """Start a pass; where the device queues work (CUDA) it returns at once. Here: runs it to the end."""
+        return DonePass(self.forward(items))
 
     def init_thread(self) -> None:  # noqa: B027 - a hook: most runtimes need nothing per thread
         """Called on each thread the engine tokenises or runs passes on (torch counts threads per thread)."""

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from deployments.engine.backends.base import EmbeddingBackend, EncodedText, ServingPath, pad_right
+from deployments.engine.backends.base import (
+    EmbeddingBackend,
+    EncodedText,
+    PendingPass,
+    ServingPath,
+    pad_right,
+)
+from deployments.engine.backends.device_pass import launch_on_device, to_device
 from deployments.engine.backends.fidelity import worst_cosine
 from deployments.engine.backends.nvembed_model import NVEmbedModel, build_nvembed, flash_varlen_supported
 from deployments.engine.backends.precision import cpu_bf16
@@ -233,16 +240,27 @@ class NVEmbedBackend(EmbeddingBackend):
             )
         return items
 
-    @torch.inference_mode()
-    def forward(self, items: list[EncodedText]) -> np.ndarray:
-        if self.packed:
-            return self._forward_packed(items)
-        batch = {
-            k: v.to(self.device, non_blocking=True) for k, v in pad_right(items, self._pad_values).items()
-        }
-        return self.model(**batch).float().cpu().numpy()
+    @property
+    def asynchronous(self) -> bool:
+        return self.device.type == "cuda"
 
-    def _forward_packed(self, items: list[EncodedText]) -> np.ndarray:
+    def forward(self, items: list[EncodedText]) -> np.ndarray:
+        return self._launch(items).result()
+
+    def launch(self, items: list[EncodedText]) -> PendingPass:
+        return self._launch(items) if self.asynchronous else super().launch(items)
+
+    def _launch(self, items: list[EncodedText]) -> PendingPass:
+        return launch_on_device(self.device, lambda: self._embed(items))
+
+    @torch.inference_mode()
+    def _embed(self, items: list[EncodedText]) -> torch.Tensor:
+        """The pass, queued on the device: [rows, dimension] there."""
+        if self.packed:
+            return self._embed_packed(items)
+        return self.model(**to_device(pad_right(items, self._pad_values), self.device))
+
+    def _embed_packed(self, items: list[EncodedText]) -> torch.Tensor:
         lengths = torch.tensor([it.length for it in items], dtype=torch.int32)
         ends = lengths.cumsum(0, dtype=torch.int32)
         text_index = torch.repeat_interleave(torch.arange(len(items)), lengths)
@@ -254,5 +272,4 @@ class NVEmbedBackend(EmbeddingBackend):
             "text_index": text_index,
             "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int32), ends]),
         }
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
-        return self.model.forward_packed(**batch, max_len=int(lengths.max())).float().cpu().numpy()
+        return self.model.forward_packed(**to_device(host, self.device), max_len=int(lengths.max()))

@@ -24,9 +24,11 @@ from sentence_transformers import SentenceTransformer
 from deployments.engine.backends.base import (
     EmbeddingBackend,
     EncodedText,
+    PendingPass,
     ServingPath,
     pad_arrays,
 )
+from deployments.engine.backends.device_pass import launch_on_device, to_device
 from deployments.engine.backends.fast_tokenizer import DirectTokenizer
 from deployments.engine.backends.fidelity import (
     probe_groups,
@@ -38,7 +40,7 @@ from deployments.engine.backends.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
-Pass = Callable[[dict[str, torch.Tensor]], np.ndarray]
+Pass = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a batch on the device -> its output there
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -132,7 +134,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         items = self.tokenize(self.probes, "")
 
         def embed(rows: Sequence[int]) -> np.ndarray:
-            return run(self._batch([items[i] for i in rows]))
+            return self._vectors(run, [items[i] for i in rows])
 
         wanted = {tuple(group): embed(group) for group in probe_groups(len(items))}
         self.model.to(HALF_DTYPES[dtype])
@@ -156,18 +158,20 @@ class SentenceTransformersBackend(EmbeddingBackend):
         items = self.tokenize(self.probes, "")
 
         def run(path: Pass) -> Callable[[Sequence[int]], np.ndarray]:
-            return lambda rows: path(self._batch([items[i] for i in rows]))
+            return lambda rows: self._vectors(path, [items[i] for i in rows])
 
         return probe_worst_cosine(run(candidate), run(reference), len(items))
 
     def _torch_pass(self, autocast: bool) -> Pass:
         @torch.inference_mode()
-        def run(batch: dict[str, torch.Tensor]) -> np.ndarray:
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = self.model(batch)["sentence_embedding"]
-            return out.float().cpu().numpy()
+                return self.model(batch)["sentence_embedding"]
 
         return run
+
+    def _vectors(self, path: Pass, items: list[EncodedText]) -> np.ndarray:
+        return launch_on_device(self.device, lambda: path(self._batch(items))).result()
 
     # ---- tokenisation ---------------------------------------------------------------------------------
     def _direct_tokenizer(self) -> DirectTokenizer | None:
@@ -214,10 +218,21 @@ class SentenceTransformersBackend(EmbeddingBackend):
         return self._tokenize_preprocess(texts, prompt, max_length or self.max_seq_length)
 
     def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(self.device) for k, v in pad_arrays(items, self.pad_values).items()}
+        host = {k: torch.from_numpy(v) for k, v in pad_arrays(items, self.pad_values).items()}
+        return to_device(host, self.device)
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.device.type == "cuda"
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
-        return self._pass(self._batch(items))
+        return self._launch(items).result()
+
+    def launch(self, items: list[EncodedText]) -> PendingPass:
+        return self._launch(items) if self.asynchronous else super().launch(items)
+
+    def _launch(self, items: list[EncodedText]) -> PendingPass:
+        return launch_on_device(self.device, lambda: self._pass(self._batch(items)))
 
 
 def _features(item: EncodedText) -> tuple:

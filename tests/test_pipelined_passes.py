@@ -1,0 +1,171 @@
+"""No idle device between passes, tested on CPU: the real MiniLM behind a backend whose passes run on a
+"device" queue of their own (one worker thread running passes in launch order, as a CUDA stream does), so
+``launch`` returns before the pass is done, as it does on CUDA. The scheduler must launch pass N+1 before it
+reads pass N back, give the same vectors as the synchronous path, keep failures to their own rows, and plan
+without holding the lock that callers need to be admitted."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.common import kt_gen_mix, short_mix
+from deployments.config import Batching
+from deployments.engine import scheduler as scheduler_module
+from deployments.engine.backends.base import EncodedText
+from deployments.engine.backends.fidelity import worst_cosine
+from deployments.engine.backends.sentence_transformers import SentenceTransformersBackend
+from deployments.engine.device_faults import DeviceFault
+from deployments.engine.embedding_engine import EmbeddingEngine
+from deployments.engine.scheduler import Scheduler
+from deployments.protocol.errors import ModelError
+from deployments.protocol.options import EmbedOptions, EmbedRequest
+from tests.conftest import MINILM_DIR
+from tests.fatal_module import POISONED_CONTEXT
+
+OPTIONS = EmbedOptions(prompt="", normalize=True, truncate=True)
+BATCHING = Batching(max_batch_tokens=512, max_batch_size=32, forward_overhead_tokens=16)
+
+
+class QueuedPass:
+    def __init__(self, future: Future, number: int, log: list[tuple[str, int]], lock: threading.Lock):
+        self.future, self.number, self.log, self.lock = future, number, log, lock
+
+    def result(self) -> np.ndarray:
+        with self.lock:
+            self.log.append(("read", self.number))
+        return self.future.result()  # raises what the pass raised, as CUDA reports at synchronisation
+
+    def device_seconds(self) -> float | None:
+        return None
+
+
+class QueuedDeviceBackend(SentenceTransformersBackend):
+    """MiniLM whose passes run on a one-thread queue in launch order; ``fail_on`` makes a pass holding that
+    text raise ``error`` when it runs (so at read-back, as an asynchronous device reports it)."""
+
+    asynchronous = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.queue = ThreadPoolExecutor(1, thread_name_prefix="device")
+        self.log: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+        self.launches = 0
+        self.fail_on: dict[int, Exception] = {}  # first token id after [CLS] -> what a pass holding it raises
+
+    def launch(self, items: list[EncodedText]) -> QueuedPass:
+        with self.lock:
+            number = self.launches
+            self.launches += 1
+            self.log.append(("launch", number))
+        return QueuedPass(self.queue.submit(self._run, items), number, self.log, self.lock)
+
+    def _run(self, items: list[EncodedText]) -> np.ndarray:
+        return self.forward(items)
+
+    def forward(self, items: list[EncodedText]) -> np.ndarray:
+        """A pass to the end (the scheduler's re-runs after a failure use it), failing as the device would."""
+        for item in items:
+            error = self.fail_on.get(int(item.features["input_ids"][1]))
+            if error is not None:
+                raise error
+        return super().forward(items)
+
+
+@pytest.fixture(scope="module")
+def device_backend() -> QueuedDeviceBackend:
+    return QueuedDeviceBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+
+
+def first_token(backend: SentenceTransformersBackend, text: str) -> int:
+    return int(backend.tokenize([text], "")[0].features["input_ids"][1])
+
+
+def test_the_next_pass_is_launched_before_the_current_one_is_read_back(device_backend, minilm):
+    device_backend.log.clear()
+    engine = EmbeddingEngine(device_backend, BATCHING)
+    bulk, names = kt_gen_mix(200, seed=11), short_mix(30, seed=12)
+    results = engine.run(
+        [EmbedRequest(bulk, OPTIONS), EmbedRequest(names, OPTIONS), EmbedRequest(["Ada"], OPTIONS)]
+    )
+    assert worst_cosine(results[0].vectors, minilm.encode(bulk)) >= 0.99999
+    assert worst_cosine(results[1].vectors, minilm.encode(names)) >= 0.99999
+    assert worst_cosine(results[2].vectors, minilm.encode(["Ada"])) >= 0.99999
+    log = device_backend.log
+    launched = [n for kind, n in log if kind == "launch"]
+    read = [n for kind, n in log if kind == "read"]
+    assert len(launched) > 10 and sorted(read) == launched  # every pass launched is read back once
+    where = {event: i for i, event in enumerate(log)}
+    for n in launched[:-1]:  # pass n+1 was on the device's queue before pass n was read back
+        assert where[("launch", n + 1)] < where[("read", n)], (n, log[: where[("read", n)] + 2])
+    stats = engine.stats()
+    assert stats["forward_passes"] == len(launched) and stats["answered_calls"] == 3
+
+
+def test_a_pass_that_fails_on_the_device_fails_only_its_rows(device_backend, minilm):
+    """The failure shows when the pass is read back, with the next pass already queued behind it: the
+    failing pass runs again row by row, the input is refused by name, every other input is answered."""
+    bad_text = "Qwertyuiop archipelago"
+    bulk = kt_gen_mix(120, seed=13)
+    bad = first_token(device_backend, bad_text)
+    assert all(first_token(device_backend, t) != bad for t in bulk)
+    device_backend.fail_on = {bad: RuntimeError("kernel rejected a row")}
+    try:
+        engine = EmbeddingEngine(device_backend, BATCHING)
+        mixed = ["Marie Curie", bad_text, "Pierre Curie"]
+        results = engine.run([EmbedRequest(bulk, OPTIONS), EmbedRequest(mixed, OPTIONS)])
+    finally:
+        device_backend.fail_on = {}
+    assert worst_cosine(results[0].vectors, minilm.encode(bulk)) >= 0.99999
+    refused = results[1]
+    assert isinstance(refused, ModelError) and refused.index == 1 and "kernel rejected a row" in str(refused)
+
+
+def test_a_poisoned_context_seen_at_read_back_fails_the_pass_queued_behind_it_too(minilm):
+    backend = QueuedDeviceBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+    bulk = kt_gen_mix(200, seed=14)
+    poison = first_token(backend, "Qwertyuiop")
+    assert all(first_token(backend, t) != poison for t in bulk)
+    backend.fail_on = {poison: torch.AcceleratorError(POISONED_CONTEXT)}
+    engine = EmbeddingEngine(backend, BATCHING)
+    results = engine.run([EmbedRequest(["Qwertyuiop"], OPTIONS), EmbedRequest(bulk, OPTIONS)])
+    assert all(isinstance(r, DeviceFault) for r in results)
+    with pytest.raises(DeviceFault):
+        engine.health()
+    launched = [n for kind, n in backend.log if kind == "launch"]
+    assert len(launched) == 2  # the failed pass and the one queued behind it; nothing after
+
+
+def test_callers_are_admitted_while_the_planner_works(monkeypatch):
+    """The planner runs outside the scheduler's lock: a call admitted while a plan is being made is
+    admitted at once (it waited for the whole plan before), and joins the plan that follows."""
+    backend = QueuedDeviceBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+    scheduler = Scheduler(backend, BATCHING)
+    planning, admitted = threading.Event(), threading.Event()
+    real_plan = scheduler_module.plan_micro_batches
+
+    def slow_plan(*args, **kwargs):
+        planning.set()
+        admitted.wait(10)  # the planner is held until the other caller got in (or 10 s: the test fails)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "plan_micro_batches", slow_plan)
+    answers: list = []
+    first = backend.tokenize(kt_gen_mix(20, seed=15), "")
+    scheduler.admit(first, True, answers.append)
+    stepping = threading.Thread(target=lambda: [None for _ in iter(scheduler.step, False)])
+    stepping.start()
+    assert planning.wait(10)
+    late = backend.tokenize(["Ada Lovelace"], "")
+    done = threading.Event()
+    threading.Thread(target=lambda: (scheduler.admit(late, True, answers.append), done.set())).start()
+    assert done.wait(5), "admit waited for the planner"
+    admitted.set()
+    stepping.join(30)
+    assert not stepping.is_alive() and len(answers) == 2
+    assert all(not isinstance(a, Exception) for a in answers)
