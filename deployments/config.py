@@ -75,7 +75,7 @@ class Placement(_Strict):
 
 class Batching(_Strict):
     """What one forward pass may hold: a token budget and a row cap (see
-``deployments/engine/scheduler.py``)."""
+    ``deployments/engine/scheduler.py``)."""
 
     max_batch_tokens: int = Field(16384, gt=0)
     max_batch_size: int = Field(256, gt=0)  # rows per forward pass

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +98,41 @@ def test_the_abuse_sweep_gets_every_answer_it_should(front):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     done, total = map(int, re.search(r"(\d+) of (\d+) as expected", out.stdout).groups())
     assert done == total >= 64
+
+
+def serve_check(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_serve_check.py's CPU smoke shape: the tiny NV-Embed fixture and a tiny bge shape
+    through a private Serve, against the in-process engine."""
+    return subprocess.run(
+        [sys.executable, "benchmarks/gpu_serve_check.py", "--tiny", "--workdir", str(tmp_path), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_gpu_serve_check_runs_end_to_end_on_cpu(tmp_path):
+    out = serve_check(tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    ratios = {line.split("|")[1].strip(): float(line.split("|")[4]) for line in lines if line.startswith("| ")
+              and line.split("|")[1].strip() in ("kt_gen-like mix", "passages")}  # fmt: skip
+    assert set(ratios) == {"kt_gen-like mix", "passages"} and all(r > 0 for r in ratios.values())
+    phases = [line.split("|") for line in lines if "alone" in line or line.startswith("| both at once")]
+    assert len(phases) == 5  # NV-Embed alone on each mix, bge alone, both at once (a row each)
+    assert all(int(p[5]) > 0 for p in phases)  # passes, from each replica's own counters
+    memory = [line for line in lines if line.startswith(("| NV-Embed-v2 |", "| bge-large |"))]
+    assert len(memory) == 2
+    figures = json.loads(lines[-1])
+    assert all(len(runs) == 2 and min(runs) > 0 for runs in figures["baseline"].values())
+    assert all(v > 0 for v in figures["served"].values()) and all(v > 0 for v in figures["p50_ms"].values())
+
+
+def test_the_gpu_serve_check_fails_when_a_replica_fails_a_pass(tmp_path):
+    """A bge word poisoned (NaN embedding row) that its texts hold: the run must fail with the reason."""
+    out = serve_check(tmp_path, "--inject-fault")
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "CHECK FAILED" in out.stderr and "bge-large" in out.stderr, out.stderr[-3000:]
+    assert "non-finite" in out.stderr, out.stderr[-3000:]
+    assert "Serve / in process" not in out.stdout  # no table from a run that failed

@@ -19,7 +19,9 @@ from deployments.engine.backends import nvembed_model
 from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.engine.backends.nvembed_model import NVEmbedConfig, NVEmbedModel, build_nvembed
 from deployments.engine.sizing import BYTES, KNOWN_SIZES, replica_gpu_memory_gb
-from tests.conftest import REPO
+
+# Not from tests.conftest: the GPU check runs this file with --noconftest (its image lacks MiniLM's package).
+REPO = Path(__file__).resolve().parent.parent
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed-tiny"
 CASES = [c for c in json.loads((FIXTURE / "expected.json").read_text())["cases"] if "embeddings" in c]

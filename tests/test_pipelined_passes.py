@@ -28,6 +28,7 @@ from tests.conftest import MINILM_DIR
 from tests.fatal_module import POISONED_CONTEXT
 
 OPTIONS = EmbedOptions(prompt="", normalize=True, truncate=True)
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB"
 BATCHING = Batching(max_batch_tokens=512, max_batch_size=32, forward_overhead_tokens=16)
 
 
@@ -48,17 +49,24 @@ class QueuedDeviceBackend(SentenceTransformersBackend):
     """MiniLM whose passes run on a one-thread queue in launch order; ``fail_on`` makes a pass holding that
     text raise ``error`` when it runs (so at read-back, as an asynchronous device reports it)."""
 
-    asynchronous = True
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.asynchronous = True  # launch returns before the pass is done, as on CUDA
         self.queue = ThreadPoolExecutor(1, thread_name_prefix="device")
         self.log: list[tuple[str, int]] = []
         self.lock = threading.Lock()
         self.launches = 0
         self.fail_on: dict[int, Exception] = {}  # first token id after [CLS] -> what a pass holding it raises
+        self.limit: int | None = None  # padded tokens a pass may hold: more runs out of "device memory"
+
+    def out_of_memory(self, items: list[EncodedText], where: str) -> None:
+        if self.limit is not None and len(items) * max(it.length for it in items) > self.limit:
+            with self.lock:
+                self.log.append((where, -1))
+            raise torch.OutOfMemoryError(CUDA_OOM)
 
     def launch(self, items: list[EncodedText]) -> QueuedPass:
+        self.out_of_memory(items, "out of memory at launch")  # allocating happens as kernels are queued
         with self.lock:
             number = self.launches
             self.launches += 1
@@ -70,6 +78,9 @@ class QueuedDeviceBackend(SentenceTransformersBackend):
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         """A pass to the end (the scheduler's re-runs after a failure use it), failing as the device would."""
+        self.out_of_memory(items, "out of memory")
+        with self.lock:
+            self.log.append(("forward", -1))
         for item in items:
             error = self.fail_on.get(int(item.features["input_ids"][1]))
             if error is not None:
@@ -97,6 +108,7 @@ def test_the_next_pass_is_launched_before_the_current_one_is_read_back(device_ba
     assert worst_cosine(results[1].vectors, minilm.encode(names)) >= 0.99999
     assert worst_cosine(results[2].vectors, minilm.encode(["Ada"])) >= 0.99999
     log = device_backend.log
+    log = [event for event in log if event[0] in ("launch", "read")]
     launched = [n for kind, n in log if kind == "launch"]
     read = [n for kind, n in log if kind == "read"]
     assert len(launched) > 10 and sorted(read) == launched  # every pass launched is read back once
@@ -169,3 +181,23 @@ def test_callers_are_admitted_while_the_planner_works(monkeypatch):
     stepping.join(30)
     assert not stepping.is_alive() and len(answers) == 2
     assert all(not isinstance(a, Exception) for a in answers)
+
+
+def test_a_pass_out_of_memory_at_launch_is_split_with_nothing_queued_behind_it(minilm):
+    """Allocating happens as kernels are queued, so an out-of-memory shows at launch: that pass runs again
+    split before anything is launched behind it (its halves get the device to themselves), the vectors are
+    ``encode``'s and the budget shrinks."""
+    backend = QueuedDeviceBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+    backend.limit = 300
+    engine = EmbeddingEngine(backend, BATCHING)
+    texts = kt_gen_mix(150, seed=16)
+    (result,) = engine.run([EmbedRequest(texts, OPTIONS)])
+    assert worst_cosine(result.vectors, minilm.encode(texts)) >= 0.99999
+    stats = engine.stats()
+    assert stats["out_of_memory_passes"] >= 1 and stats["max_batch_tokens_now"] < BATCHING.max_batch_tokens
+    log = backend.log
+    failed = [i for i, (kind, _) in enumerate(log) if kind == "out of memory at launch"]
+    assert failed
+    for i in failed:  # the pass already running is read back, then the split runs: nothing launched between
+        after = [kind for kind, _ in log[i + 1 :] if kind != "read"]
+        assert after[0] in ("forward", "out of memory"), log[i : i + 4]

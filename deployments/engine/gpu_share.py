@@ -76,6 +76,21 @@ def warm_up(backend: EmbeddingBackend, batching: Batching, name: str) -> tuple[i
     return rows, item.length
 
 
+def gpu_memory_gb(device: object) -> dict[str, float]:
+    """What this process holds on its CUDA device (GB): reserved by torch's allocator now and at its peak,
+    and allocated to tensors at the peak; empty off CUDA. Reported in the replica's stats, beside
+    ``sizing.replica_gpu_memory_gb``'s prediction."""
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    import torch
+
+    return {
+        "gpu_reserved_gb": round(torch.cuda.memory_reserved(device) / GB, 3),
+        "gpu_max_reserved_gb": round(torch.cuda.max_memory_reserved(device) / GB, 3),
+        "gpu_max_allocated_gb": round(torch.cuda.max_memory_allocated(device) / GB, 3),
+    }
+
+
 def prepare_gpu(entry: ModelEntry, fraction: float, base_dir: Path | None) -> None:
     """Before the weights load on a GPU: refuse a share that cannot hold the model, then cap this
     process's allocator at its share. Nothing to do without CUDA (the loader reports that)."""

@@ -24,7 +24,7 @@ from deployments.config import ModelEntry
 from deployments.engine.allocator import active_allocator
 from deployments.engine.backends import load_backend
 from deployments.engine.embedding_engine import EmbeddingEngine
-from deployments.engine.gpu_share import prepare_gpu, warm_up
+from deployments.engine.gpu_share import gpu_memory_gb, prepare_gpu, warm_up
 from deployments.metrics import ModelMetrics
 from deployments.protocol.errors import ClientError, ModelError, quiet_client_errors
 from deployments.protocol.options import EmbedRequest, EmbedResult
@@ -127,12 +127,14 @@ class ModelServer:
 
     def stats(self) -> dict[str, float | int]:
         """The scheduler's counters and queue gauges (see ``Scheduler.stats``; its ``calls`` are requests),
-        and the calls this replica received (``received_calls``, each holding ``received_requests`` /
-        ``received_calls`` requests on average: how much the router's coalescer merged)."""
+        the calls this replica received (``received_calls``, each holding ``received_requests`` /
+        ``received_calls`` requests on average: how much the router's coalescer merged), and on a GPU the
+        memory torch holds there (``gpu_share.gpu_memory_gb``)."""
         return {
             **self.engine.stats(),
             "received_calls": self.received_calls,
             "received_requests": self.received_requests,
+            **gpu_memory_gb(self.backend.device),
         }
 
     def close(self) -> None:

@@ -205,6 +205,7 @@ class _Pass:
     padded_tokens: int
     pending: PendingPass | None = None  # once launched
     launched_at: float = 0.0
+    launch_failed: bool = False  # raised at launch (out of memory allocating, say): read back alone
 
 
 @dataclass
@@ -505,7 +506,7 @@ class Scheduler:
         if running is None:
             return False
         self._running = None
-        if self.backend.asynchronous and not self._stopping:
+        if self.backend.asynchronous and not self._stopping and not running.launch_failed:
             self._running = self._launch_next()
         self._finish(running)
         return True
@@ -519,6 +520,7 @@ class Scheduler:
             batch.pending = self.backend.launch(batch.items)
         except Exception as exc:  # noqa: BLE001 - handled where the pass is read back (forward_isolating)
             batch.pending = DonePass(error=exc)
+            batch.launch_failed = True  # nothing launched behind it: its retries get the device to themselves
         return batch
 
     def _finish(self, batch: _Pass) -> None:

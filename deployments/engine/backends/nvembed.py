@@ -147,6 +147,7 @@ class NVEmbedBackend(EmbeddingBackend):
         self.threads = threads
         weight = next(model.parameters())
         self.device = weight.device
+        self.asynchronous = self.device.type == "cuda"  # launch returns before the pass is done
         self.packed = bool(packed)
         self.max_seq_length = max_seq_length
         self.dimension = config.text.hidden_size
@@ -239,10 +240,6 @@ class NVEmbedBackend(EmbeddingBackend):
                 )
             )
         return items
-
-    @property
-    def asynchronous(self) -> bool:
-        return self.device.type == "cuda"
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         return self._launch(items).result()

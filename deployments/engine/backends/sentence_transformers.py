@@ -58,6 +58,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
     ):
         started = time.perf_counter()
         self.device = device if device is not None else torch.device("cpu")
+        self.asynchronous = self.device.type == "cuda"  # launch returns before the pass is done
         self.threads = threads
         self.init_thread()
         self.source = source
@@ -220,10 +221,6 @@ class SentenceTransformersBackend(EmbeddingBackend):
     def _batch(self, items: list[EncodedText]) -> dict[str, torch.Tensor]:
         host = {k: torch.from_numpy(v) for k, v in pad_arrays(items, self.pad_values).items()}
         return to_device(host, self.device)
-
-    @property
-    def asynchronous(self) -> bool:
-        return self.device.type == "cuda"
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         return self._launch(items).result()
