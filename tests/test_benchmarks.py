@@ -120,13 +120,14 @@ def test_the_gpu_serve_check_runs_end_to_end_on_cpu(tmp_path):
               and line.split("|")[1].strip() in ("kt_gen-like mix", "passages")}  # fmt: skip
     assert set(ratios) == {"kt_gen-like mix", "passages"} and all(r > 0 for r in ratios.values())
     phases = [line.split("|") for line in lines if "alone" in line or line.startswith("| both at once")]
-    assert len(phases) == 5  # NV-Embed alone on each mix, bge alone, both at once (a row each)
+    assert len(phases) == 2 * 3 + 1 + 2  # NV-Embed alone on each mix x3, bge alone, both at once (a row each)
     assert all(int(p[5]) > 0 for p in phases)  # passes, from each replica's own counters
     memory = [line for line in lines if line.startswith(("| NV-Embed-v2 |", "| bge-large |"))]
     assert len(memory) == 2
     figures = json.loads(lines[-1])
-    assert all(len(runs) == 2 and min(runs) > 0 for runs in figures["baseline"].values())
-    assert all(v > 0 for v in figures["served"].values()) and all(v > 0 for v in figures["p50_ms"].values())
+    assert all(len(runs) == 3 + 1 and min(runs) > 0 for runs in figures["baseline"].values())
+    assert all(len(runs) == 3 and min(runs) > 0 for runs in figures["served"].values())
+    assert all(v > 0 for v in figures["p50_ms"].values())
 
 
 def test_the_gpu_serve_check_fails_when_a_replica_fails_a_pass(tmp_path):
