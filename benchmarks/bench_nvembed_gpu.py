@@ -250,7 +250,10 @@ def main() -> None:
         walls: dict[str, list[float]] = {path: [] for path in paths}
         counts: dict[str, tuple[int, int, int, float]] = {}
         busy: dict[str, list[float]] = {path: [] for path in paths}
-        peaks: dict[str, float] = {}
+        peaks: dict[
+            str, float
+        ] = {}  # GiB allocated to tensors at the peak, and reserved by torch's allocator
+        reserved: dict[str, float] = {}
         flops: dict[str, float] = {}
         for repeat in range(args.repeats):
             for path in paths[repeat % 3 :] + paths[: repeat % 3]:  # each path first, middle and last
@@ -272,6 +275,7 @@ def main() -> None:
                     raise BenchmarkFailed(f"{path}: {len(ran)} passes ran, counted {counts[path][0]}")
                 if device.type == "cuda":
                     peaks[path] = max(peaks.get(path, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                    reserved[path] = max(reserved.get(path, 0.0), torch.cuda.max_memory_reserved() / 2**30)
         reference_speed = counts["reference"][1] / statistics.median(walls["reference"])
         for path in paths:
             passes, real, padded, _ = counts[path]
@@ -286,7 +290,8 @@ def main() -> None:
             rows.append(
                 f"| {name} | {label} | {len(texts)} | {real / len(texts):.1f} | {median:,.0f} | "
                 f"{best:,.0f} | {median / reference_speed:.2f}x | {real / padded:.2f} | {passes} | "
-                f"{tflops:.1f} | {f'{peaks[path]:.1f}' if path in peaks else '-'} | {on_gpu} |"
+                f"{tflops:.1f} | {f'{peaks[path]:.1f} / {reserved[path]:.1f}' if path in peaks else '-'} | "
+                f"{on_gpu} |"
             )
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
@@ -298,7 +303,8 @@ def main() -> None:
     )
     print(
         f"| workload | path | texts | mean tokens | real tokens/s, median of {args.repeats} | best | "
-        "vs reference (medians) | padding eff. | passes (engine's own) | TFLOP/s (median) | peak GiB | "
+        "vs reference (medians) | padding eff. | passes (engine's own) | TFLOP/s (median) | "
+        "peak GiB allocated / reserved | "
         "GPU busy / idle ms per pass |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
