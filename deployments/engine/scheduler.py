@@ -306,13 +306,6 @@ def plan_passes(window: Window, batching: Batching, packed: bool) -> list[list[t
     return [parts for _, parts in passes]
 
 
-def plan_window(
-    calls: list[_Call], window_rows: int, batching: Batching, packed: bool
-) -> list[list[tuple[_Call, np.ndarray]]]:
-    """``plan_passes`` of the ``queue_window``."""
-    return plan_passes(queue_window(calls, window_rows), batching, packed)
-
-
 @dataclass
 class PassOutcome:
     """What running one planned pass gave: a vector per row, the rows that failed (and why), the forward
