@@ -564,19 +564,17 @@ class Scheduler:
         """The next pass's rows leave the queue. A plan made stale by an arrival, a departure or a new
         budget is made again from a window of the queue taken under the lock and planned outside it, so
         callers admitting or cancelling never wait for the planner."""
-        window = None
         with self._cond:
-            if self._stale or not self._plan:
-                self._stale = False
-                window = queue_window(list(self._calls.values()), self.window_rows)
-                batching = self.batching
-                if self.budget.current != batching.max_batch_tokens:
-                    batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
-        if window is not None:
-            plan = deque(plan_passes(window, batching, self.backend.packed))
-            with self._cond:
-                self._plan = plan  # a call closed meanwhile is skipped below; one that arrived restales it
+            if not self._stale and self._plan:
+                return self._pop_pass()
+            self._stale = False
+            window = queue_window(list(self._calls.values()), self.window_rows)
+            batching = self.batching
+            if self.budget.current != batching.max_batch_tokens:
+                batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
+        plan = deque(plan_passes(window, batching, self.backend.packed))
         with self._cond:
+            self._plan = plan  # a call closed meanwhile is skipped by _pop_pass; one that arrived restales it
             return self._pop_pass()
 
     def _pop_pass(self) -> _Pass | None:
