@@ -5,8 +5,12 @@ Runs the engine (tokenise -> plan token-budgeted micro-batches -> forward) on (a
 excluded), padding efficiency, achieved TFLOP/s, and a dense bf16 matmul measured in the same run as the
 ceiling. Three paths side by side on the same weights: the issue's reference (a plain loop over
 length-sorted fixed-size padded batches), the engine padded, and the engine packed (Flash Attention
-varlen on CUDA); the golden fixture's agreement is printed for each layout first. Without CUDA (or
-with --tiny) it runs the tiny fixture shape on CPU as a smoke check.
+varlen on CUDA); the golden fixture's agreement is printed for each layout first. Then a retriever's
+single queries during an index build (a bulk load of passages) through the engine's serving path, with
+the next pass launched just before the running one ends (the default) and as the running one launches,
+alternating: query p50/p90/max beside bulk tokens/s and the GPU's busy share (the trade
+``launch_timing.py`` makes). Without CUDA (or with --tiny) it runs the tiny fixture shape on CPU as a
+smoke check.
 
 Honest by construction: each path runs ``--repeats`` times, the paths alternating in order, and the table
 gives the min and median; passes, real and padded tokens are the engine's own counters for the run (not
@@ -22,7 +26,9 @@ missing or not finite, fails the whole run with its reason and a non-zero exit, 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -158,6 +164,67 @@ def engine_run(engine: EmbeddingEngine, texts: list[str]) -> tuple[int, int, int
     return delta["forward_passes"], delta["real_tokens"], delta["padded_tokens"], delta["device_seconds"]
 
 
+def queries_during_bulk(
+    backend: NVEmbedBackend,
+    batching: Batching,
+    bulk: list[str],
+    queries: list[str],
+    just_in_time: bool,
+    interval_s: float,
+) -> tuple[float, float, list[float], float]:
+    """A retriever's queries during an index build: ``bulk`` sent at once as requests of 8 texts, and
+    while it runs one short query at a time, ``interval_s`` after the last one's answer (so queries land
+    at every point of a pass). Through the engine's serving path (``embed``, its own model thread), the
+    next pass launched just before the running one ends or as soon as it is launched (``just_in_time``).
+    Returns (bulk tokens/s, the device's busy share, each query's seconds, the median pass's device
+    seconds); a failed or non-finite answer fails the run."""
+    engine = EmbeddingEngine(backend, batching)
+    engine.scheduler.just_in_time = just_in_time
+    options = EmbedOptions(normalize=True)
+    latencies: list[float] = []
+
+    async def drive() -> list:
+        requests = [EmbedRequest(bulk[i : i + 8], options) for i in range(0, len(bulk), 8)]
+        tasks = [asyncio.create_task(engine.embed(r)) for r in requests]
+        for text in itertools.cycle(queries):
+            await asyncio.sleep(interval_s)
+            if all(t.done() for t in tasks):
+                break
+            started = time.perf_counter()
+            query = EmbedRequest([text], options)
+            (answer,) = await asyncio.gather(engine.embed(query), return_exceptions=True)
+            if isinstance(answer, Exception):
+                raise BenchmarkFailed(f"a query during the bulk load failed: {answer!r}")
+            latencies.append(time.perf_counter() - started)
+            check_vectors(answer.vectors, 1, backend.dimension, "a query during the bulk load")
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    before = engine.stats()
+    started = time.perf_counter()
+    try:
+        results = asyncio.run(drive())
+    finally:
+        engine.close()
+    wall = time.perf_counter() - started
+    after = engine.stats()
+    tokens = 0
+    for result in results:
+        if isinstance(result, Exception):
+            raise BenchmarkFailed(f"the bulk load: a request failed: {result!r}")
+        check_vectors(result.vectors, len(result.token_counts), backend.dimension, "the bulk load")
+        tokens += int(result.token_counts.sum())
+    if after["failed_calls"] or after["out_of_memory_passes"]:
+        raise BenchmarkFailed("queries during the bulk load: a failed call or an out-of-memory split")
+    passes = after["forward_passes"] - before["forward_passes"]
+    device = after["device_seconds"] - before["device_seconds"]
+    return tokens / wall, device / wall, latencies, device / max(1, passes)
+
+
+def busy_or_dash(value: float, form: str = "{:.0%}") -> str:
+    """A device-timed figure, or - where the device does not time its passes (CPU)."""
+    return form.format(value) if value else "-"
+
+
 def record_passes(backend: NVEmbedBackend) -> list[list[int]]:
     """The lengths of every forward pass the backend actually runs, appended as they run (for FLOPs). Every
     pass goes through ``_launch``: the scheduler's launches and the reference loop's ``forward`` alike."""
@@ -201,6 +268,12 @@ def main() -> None:
     parser.add_argument(
         "--inject-fault", action="store_true", help="every pass fails after the warm-up: the run must fail"
     )
+    parser.add_argument(
+        "--query-bulk-tokens",
+        type=int,
+        default=120_000,
+        help="tokens of passages loaded while single queries are timed (0: skip that measurement)",
+    )
     args = parser.parse_args()
 
     tiny = args.tiny or not torch.cuda.is_available()
@@ -237,6 +310,7 @@ def main() -> None:
     ceiling = matmul_ceiling(device, dtype, 256 if tiny else 8192)
     params = sum(p.numel() for p in model.parameters()) / 1e9
 
+    default_packed = backend.packed
     warm = workloads["(a) kt_gen-like mix"][:64]
     for packed in (False, True):
         backend.packed = packed
@@ -294,6 +368,32 @@ def main() -> None:
                 f"{on_gpu} |"
             )
 
+    query_rows = []
+    if args.query_bulk_tokens > 0:  # a retriever's queries while an index is built, both launch policies
+        passages = workloads["(b) passages"]
+        per_passage = sum(it.length for it in backend.tokenize(passages, "")) / len(passages)
+        n_bulk = 64 if tiny else max(len(passages), round(args.query_bulk_tokens / per_passage))
+        bulk = (passages * (n_bulk // len(passages) + 1))[:n_bulk]
+        queries = make_texts(words, 64, 6.0, 0.5, seed=4)
+        interval = 0.005 if tiny else 0.05
+        measured: dict[bool, list[tuple[float, float, list[float], float]]] = {True: [], False: []}
+        backend.packed = default_packed  # as it serves
+        for policy in (True, False, False, True):  # alternating, each first once
+            measured[policy].append(queries_during_bulk(backend, batching, bulk, queries, policy, interval))
+        policies = ((True, "just before the running pass ends"), (False, "as the running one launches"))
+        for policy, label in policies:
+            runs = measured[policy]
+            waits = sorted(w for run in runs for w in run[2])
+            if not waits:
+                raise BenchmarkFailed("queries during the bulk load: no query was answered while it ran")
+            pct = [waits[min(len(waits) - 1, int(q * len(waits)))] * 1000 for q in (0.5, 0.9)]
+            query_rows.append(
+                f"| {label} | {statistics.median(r[0] for r in runs):,.0f} | "
+                f"{busy_or_dash(statistics.median(r[1] for r in runs))} | {len(waits)} | {pct[0]:.0f} | "
+                f"{pct[1]:.0f} | {waits[-1] * 1000:.0f} | "
+                f"{busy_or_dash(statistics.median(r[3] for r in runs) * 1000, '{:.0f}')} |"
+            )
+
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
     print("\n" + "\n".join(agreement))
     print(f"\nNV-Embed-v2 architecture, {params:.2f}B parameters, {dtype}, {label}")
@@ -309,6 +409,19 @@ def main() -> None:
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
+    if query_rows:
+        print(
+            f"\nA retriever's queries during an index build: {len(bulk)} passages "
+            f"(~{round(per_passage * len(bulk)):,} tokens) sent at once as requests of 8, one short query "
+            f"at a time {interval * 1000:.0f} ms after the last answer; the engine's serving path; "
+            "2 runs of each policy, alternating\n"
+        )
+        print(
+            "| next pass launched | bulk tokens/s (median) | GPU busy | queries | query p50 ms | p90 ms | "
+            "max ms | device ms per pass |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("\n".join(query_rows))
     print(
         "\nAnchors (an H200, torch 2.11, this shape in bf16, a plain loop over length-sorted batches, no "
         "serving layer; ../shared/NOTES.md): short texts 20.9k tokens/s, passages 30.3k tokens/s; "

@@ -10,7 +10,8 @@ The second half of ``benchmarks/run_on_gpu.sh`` (the first is ``bench_nvembed_gp
    mixes alternating: the baseline;
 3. Serve (its own Ray, private temp dir): NV-Embed-v2 on 0.75 of the GPU, the bge shape on 0.25 (fp16, its
    fidelity gate at load), one app, HTTP with base64 vectors: each model's single-query p50 while idle;
-   NV-Embed alone on each mix (``--repeats`` times, alternating); bge alone; both at once; per phase the
+   NV-Embed alone on each mix (``--repeats`` times, alternating); NV-Embed on passages while single
+   queries are timed one at a time (a retriever during an index build); bge alone; both at once; per phase the
    tokens/s, the passes the engine ran
    (its own counters) and the share of the wall time the GPU spent in them; each replica's reserved
    memory against ``sizing.replica_gpu_memory_gb``'s prediction;
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import json
 import statistics
 import sys
@@ -237,6 +239,23 @@ def single_query_p50_ms(url: str, model: str, texts: list[str], dimension: int) 
     return 1000 * statistics.median(times)
 
 
+def probe_while(
+    busy: threading.Event, url: str, model: str, texts: list[str], dimension: int, interval_s: float
+) -> list[float]:
+    """A retriever during an index build: while ``busy`` is set, one query at a time, ``interval_s`` after
+    the last answer; each query's seconds."""
+    latencies: list[float] = []
+    with httpx.Client(timeout=600) as client:
+        for text in itertools.cycle(texts):
+            time.sleep(interval_s)
+            if not busy.is_set():
+                return latencies
+            started = time.perf_counter()
+            embed_http(client, url, model, [text], dimension)
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
 def replica_stats(model: str) -> dict:
     from ray import serve
 
@@ -325,11 +344,16 @@ def main() -> None:
             BGE: single_query_p50_ms(url, BGE, queries, bge_dim),
         }
 
-        def phase(label: str, work: dict[str, tuple[list[str], int, int]]) -> dict[str, Load]:
-            """Each model's texts sent at once (threads); a table row per model."""
+        def phase(
+            label: str, work: dict[str, tuple[list[str], int, int]], probe: list[float] | None = None
+        ) -> dict[str, Load]:
+            """Each model's texts sent at once (threads); a table row per model. ``probe``: filled with
+            the seconds of NV-Embed queries sent one at a time meanwhile."""
             before = {m: replica_stats(m) for m in work}
             sent: dict[str, Load] = {}
             errors: list[Exception] = []
+            busy = threading.Event()
+            busy.set()
 
             def run(model: str) -> None:
                 texts, per_request, width = work[model]
@@ -338,11 +362,21 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001
                     errors.append(exc)
 
+            def run_probe() -> None:
+                try:
+                    probe.extend(probe_while(busy, url, NV, queries, dim, 0.005 if tiny else 0.05))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+
             threads = [threading.Thread(target=run, args=(m,)) for m in work]
-            for t in threads:
+            prober = threading.Thread(target=run_probe) if probe is not None else None
+            for t in threads + ([prober] if prober else []):
                 t.start()
             for t in threads:
                 t.join()
+            busy.clear()
+            if prober:
+                prober.join()
             if errors:
                 raise errors[0] if isinstance(errors[0], CheckFailed) else CheckFailed(repr(errors[0]))
             for model, s in sent.items():
@@ -353,9 +387,11 @@ def main() -> None:
                     if d["device_seconds"]
                     else None
                 )
+                per_pass = d["device_seconds"] / max(1, d["forward_passes"]) * 1000
                 rows.append(
                     f"| {label} | {model} | {s.texts} | {s.tokens_per_s:,.0f} | {d['forward_passes']} | "
                     f"{d['real_tokens'] / max(1, d['padded_tokens']):.2f} | {busy} | "
+                    f"{f'{per_pass:.0f}' if gap is not None else '-'} | "
                     f"{f'{gap:.1f}' if gap is not None else '-'} |"
                 )
             return sent
@@ -365,6 +401,11 @@ def main() -> None:
             for mix, (texts, per_request) in mixes.items():
                 label = f"{NV} alone, {mix} ({repeat + 1}/{args.repeats})"
                 served[mix].append(phase(label, {NV: (texts, per_request, dim)})[NV].tokens_per_s)
+        during_bulk: list[float] = []  # a retriever's queries while an index is built
+        bulk = mixes["passages"][0] * 2
+        phase(f"{NV}, passages + single queries", {NV: (bulk, 8, dim)}, probe=during_bulk)
+        if not during_bulk:
+            raise CheckFailed("no query was answered while the passages ran")
         phase(f"{BGE} alone", {BGE: (bge_texts, 64, bge_dim)})
         phase("both at once", {NV: (mixes["kt_gen-like mix"][0], 64, dim), BGE: (bge_texts, 64, bge_dim)})
         for model in (NV, BGE):
@@ -398,10 +439,17 @@ def main() -> None:
             f"| {mix} | {inside:,.0f} ({min(baseline[mix]):,.0f}) | "
             f"{outside:,.0f} ({min(served[mix]):,.0f}) | {outside / inside:.2f} |"
         )
-    print(f"\nsingle query (one short text, idle), p50: {NV} {p50[NV]:.1f} ms, {BGE} {p50[BGE]:.1f} ms\n")
+    print(f"\nsingle query (one short text, idle), p50: {NV} {p50[NV]:.1f} ms, {BGE} {p50[BGE]:.1f} ms")
+    waits = sorted(during_bulk)
+    pct = {q: 1000 * waits[min(len(waits) - 1, int(q * len(waits)))] for q in (0.5, 0.9)}
+    print(
+        f"{NV} single queries while {len(bulk)} passages load ({args.clients} clients): {len(waits)} "
+        f"queries, p50 {pct[0.5]:.0f} ms, p90 {pct[0.9]:.0f} ms, max {1000 * waits[-1]:.0f} ms (the "
+        "phase's device ms per pass is in its row below)\n"
+    )
     header = "| phase | model | texts | tokens/s | passes (engine's own) | padding eff. | GPU busy |"
-    print(header + " idle ms/pass |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(header + " device ms/pass | idle ms/pass |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
     print(
         "\n| replica | GPU reserved GB | peak reserved | peak allocated | predicted (sizing) | precision | "
@@ -409,7 +457,7 @@ def main() -> None:
     )
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     print("\n".join(memory))
-    print(json.dumps({"served": served, "baseline": baseline, "p50_ms": p50}))
+    print(json.dumps({"served": served, "baseline": baseline, "p50_ms": p50, "queries_during_bulk_s": waits}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, as one prepared script for a lent GPU machine whose image has torch and transformers but no
-# Ray (about 7-9 minutes on an H200; every step's time is printed):
+# Ray (about 8-9 minutes on an H200; every step's time is printed):
 #   here, once:  bash benchmarks/run_on_gpu.sh --prepare    # .whl/: Ray's wheels + a BERT WordPiece tokenizer
 #   there:       run with carry [".whl"]:  bash benchmarks/run_on_gpu.sh
 # 1. the card and the library versions;
@@ -9,8 +9,11 @@
 # 3. bench_nvembed_gpu.py at two token budgets: the golden fixture's agreement on CUDA (float32 and bf16,
 #    padded and packed), full-size NV-Embed-v2 in process (reference loop, engine padded, engine packed,
 #    alternating, 3 repeats), tokens/s, TFLOP/s, peak memory, the GPU's busy share and idle time per pass;
+#    at 16k, single queries during a bulk load of passages with the next pass launched just before the
+#    running one ends against launched as it starts (query p50/p90, bulk tokens/s, GPU busy share);
 # 4. gpu_serve_check.py: the same model through Ray Serve on 0.75 of the GPU beside a bge-large shape on
-#    0.25, over HTTP, against the in-process engine; reserved memory against sizing's prediction.
+#    0.25, over HTTP, against the in-process engine; single queries during a bulk load; reserved memory
+#    against sizing's prediction.
 # A failed pass, a missing or non-finite row, a failed test fails its step with the reason, never a fast
 # number; the steps after it still run (a lent machine may come once), and the script ends non-zero naming
 # every step that failed. Copies of every step's output land in $OUT.
@@ -90,7 +93,7 @@ tail -3 "$OUT/checkpoint.txt"
 step "3. full-size NV-Embed-v2 in process, two token budgets"
 python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 16384 --short-texts 2048 --passages 256 2>&1 | tee "$OUT/bench-16k.txt" || failed+=(bench-16k)
 python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 32768 --max-batch-size 1024 --forward-overhead-tokens 256 \
-  --short-texts 2048 --passages 256 2>&1 | tee "$OUT/bench-32k.txt" || failed+=(bench-32k)
+  --short-texts 2048 --passages 256 --query-bulk-tokens 0 2>&1 | tee "$OUT/bench-32k.txt" || failed+=(bench-32k)
 
 step "4. through Ray Serve beside a bge-large shape on a quarter of the GPU"
 tokenizer=()

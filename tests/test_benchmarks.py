@@ -37,6 +37,11 @@ def test_nvembed_benchmark_smoke_on_cpu():
         assert 0 < median <= best and 0.3 < padding <= 1.0
         assert padding == 1.0 if row[2] == "packed" else padding < 1.0
         assert int(row[9]) > 0  # passes, from the engine's own counters
+    queries = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.startswith("| just")
+               or line.startswith("| as the")]  # fmt: skip
+    assert len(queries) == 2  # both launch policies, queries answered during the bulk load
+    for row in queries:
+        assert float(row[2].replace(",", "")) > 0 and int(row[4]) > 0 and 0 < float(row[5]) <= float(row[7])
     agreement = [line for line in out.splitlines() if line.startswith("golden fixture")]
     assert len(agreement) == 4  # float32 and bfloat16, padded and packed
     for line in agreement:
@@ -120,7 +125,9 @@ def test_the_gpu_serve_check_runs_end_to_end_on_cpu(tmp_path):
               and line.split("|")[1].strip() in ("kt_gen-like mix", "passages")}  # fmt: skip
     assert set(ratios) == {"kt_gen-like mix", "passages"} and all(r > 0 for r in ratios.values())
     phases = [line.split("|") for line in lines if "alone" in line or line.startswith("| both at once")]
-    assert len(phases) == 2 * 3 + 1 + 2  # NV-Embed alone on each mix x3, bge alone, both at once (a row each)
+    phases += [line.split("|") for line in lines if "passages + single queries" in line]
+    # NV-Embed alone on each mix x3, with queries during passages, bge alone, both at once (a row each)
+    assert len(phases) == 2 * 3 + 1 + 1 + 2
     assert all(int(p[5]) > 0 for p in phases)  # passes, from each replica's own counters
     memory = [line for line in lines if line.startswith(("| NV-Embed-v2 |", "| bge-large |"))]
     assert len(memory) == 2
@@ -128,6 +135,7 @@ def test_the_gpu_serve_check_runs_end_to_end_on_cpu(tmp_path):
     assert all(len(runs) == 3 + 1 and min(runs) > 0 for runs in figures["baseline"].values())
     assert all(len(runs) == 3 and min(runs) > 0 for runs in figures["served"].values())
     assert all(v > 0 for v in figures["p50_ms"].values())
+    assert figures["queries_during_bulk_s"] and min(figures["queries_during_bulk_s"]) > 0
 
 
 def test_the_gpu_serve_check_fails_when_a_replica_fails_a_pass(tmp_path):

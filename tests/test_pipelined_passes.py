@@ -7,6 +7,7 @@ without holding the lock that callers need to be admitted."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -21,6 +22,7 @@ from deployments.engine.backends.fidelity import worst_cosine
 from deployments.engine.backends.sentence_transformers import SentenceTransformersBackend
 from deployments.engine.device_faults import DeviceFault
 from deployments.engine.embedding_engine import EmbeddingEngine
+from deployments.engine.launch_timing import LEAD_SHARE, LaunchTiming
 from deployments.engine.scheduler import Scheduler
 from deployments.protocol.errors import ModelError
 from deployments.protocol.options import EmbedOptions, EmbedRequest
@@ -39,10 +41,13 @@ class QueuedPass:
     def result(self) -> np.ndarray:
         with self.lock:
             self.log.append(("read", self.number))
-        return self.future.result()  # raises what the pass raised, as CUDA reports at synchronisation
+        return self.future.result()[0]  # raises what the pass raised, as CUDA reports at synchronisation
+
+    def done(self) -> bool:
+        return self.future.done()
 
     def device_seconds(self) -> float | None:
-        return None
+        return self.future.result()[1]  # the "device's" own time for the pass, as a CUDA event gives it
 
 
 class QueuedDeviceBackend(SentenceTransformersBackend):
@@ -58,6 +63,10 @@ class QueuedDeviceBackend(SentenceTransformersBackend):
         self.launches = 0
         self.fail_on: dict[int, Exception] = {}  # first token id after [CLS] -> what a pass holding it raises
         self.limit: int | None = None  # padded tokens a pass may hold: more runs out of "device memory"
+        # Added to each queued pass per padded token (and 16 for the pass: BATCHING's overhead), so passes
+        # take as long as a 7B model's on a GPU and grow with their tokens as the planner's cost model says.
+        self.seconds_per_token = 0.0
+        self.holding: dict[int, set[int]] = {}  # pass number -> first token ids of its inputs
 
     def out_of_memory(self, items: list[EncodedText], where: str) -> None:
         if self.limit is not None and len(items) * max(it.length for it in items) > self.limit:
@@ -71,10 +80,19 @@ class QueuedDeviceBackend(SentenceTransformersBackend):
             number = self.launches
             self.launches += 1
             self.log.append(("launch", number))
-        return QueuedPass(self.queue.submit(self._run, items), number, self.log, self.lock)
+            self.holding[number] = {int(it.features["input_ids"][1]) for it in items}
+        return QueuedPass(self.queue.submit(self._run, items, number), number, self.log, self.lock)
 
-    def _run(self, items: list[EncodedText]) -> np.ndarray:
-        return self.forward(items)
+    def _run(self, items: list[EncodedText], number: int) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        with self.lock:
+            self.log.append(("start", number))
+        padded = len(items) * max(it.length for it in items)
+        time.sleep(self.seconds_per_token * (padded + BATCHING.forward_overhead_tokens))
+        vectors = self.forward(items)
+        with self.lock:
+            self.log.append(("end", number))
+        return vectors, time.perf_counter() - started
 
     def forward(self, items: list[EncodedText]) -> np.ndarray:
         """A pass to the end (the scheduler's re-runs after a failure use it), failing as the device would."""
@@ -199,5 +217,57 @@ def test_a_pass_out_of_memory_at_launch_is_split_with_nothing_queued_behind_it(m
     failed = [i for i, (kind, _) in enumerate(log) if kind == "out of memory at launch"]
     assert failed
     for i in failed:  # the pass already running is read back, then the split runs: nothing launched between
-        after = [kind for kind, _ in log[i + 1 :] if kind != "read"]
+        after = [kind for kind, _ in log[i + 1 :] if kind not in ("read", "start", "end")]
         assert after[0] in ("forward", "out of memory"), log[i : i + 4]
+
+
+@pytest.mark.parametrize("just_in_time", [True, False])
+def test_a_call_arriving_while_a_pass_runs_joins_the_next_pass(just_in_time: bool):
+    """Passes of ~0.3 s (a 7B model's on a GPU): a query admitted early in pass k joins pass k+1, which is
+    launched just before k ends, so the device still finds it queued. Launched as k starts (the other
+    policy, ``just_in_time=False``), k+1 is fixed before the query comes and the query waits for k+2."""
+    backend = QueuedDeviceBackend(MINILM_DIR, device=torch.device("cpu"), max_seq_length=128)
+    backend.seconds_per_token = 0.3 / 528  # a full pass (512 tokens) ~0.3 s
+    scheduler = Scheduler(backend, BATCHING, just_in_time=just_in_time)
+    bulk = kt_gen_mix(200, seed=17)
+    query = backend.tokenize(["Qwertyuiop"], "")
+    query_token = int(query[0].features["input_ids"][1])
+    assert all(first_token(backend, t) != query_token for t in bulk)
+    answers: list = []
+    scheduler.admit(backend.tokenize(bulk, ""), True, answers.append)
+    stepping = threading.Thread(target=lambda: [None for _ in iter(scheduler.step, False)])
+    stepping.start()
+    deadline = time.monotonic() + 30
+    while ("start", 4) not in backend.log and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # early in pass 4 (the estimate has several passes behind it)
+    with backend.lock:
+        running = max(n for kind, n in backend.log if kind == "start")
+    scheduler.admit(query, True, answers.append)
+    stepping.join(60)
+    assert not stepping.is_alive() and len(answers) == 2
+    assert all(not isinstance(a, Exception) for a in answers)
+    (carried,) = [n for n, tokens in backend.holding.items() if query_token in tokens]
+    assert carried == running + (1 if just_in_time else 2), (running, carried)
+    where = {event: i for i, event in enumerate(backend.log)}
+    passes = sorted(n for kind, n in backend.log if kind == "launch")
+    assert len(passes) >= 10
+    queued_in_time = [where[("launch", n + 1)] < where[("end", n)] for n in passes[1:-1]]
+    print(f"next pass queued before the running one ended: {sum(queued_in_time)} of {len(queued_in_time)}")
+    assert sum(queued_in_time) >= 0.75 * len(queued_in_time), backend.log  # no idle device between passes
+
+
+def test_the_launch_point_is_the_expected_end_less_the_hosts_time_and_a_share_of_the_pass():
+    timing = LaunchTiming(overhead_tokens=256)
+    assert timing.launch_point(10.0, 16384) is None  # no pass timed yet: launch at once
+    timing.observe_pass(16384 - 256, 0.5)  # 0.5 s for 16384 tokens of work
+    timing.observe_launch(0.004)
+    expected = timing.expected_seconds(16384 - 256)
+    assert expected == pytest.approx(0.5)
+    lead = 2 * timing.host_launch_s + LEAD_SHARE * 0.5
+    assert timing.launch_point(10.0, 16384 - 256) == pytest.approx(10.5 - lead)
+    timing.observe_pass(1000, 0.0)  # an untimed pass changes nothing
+    assert timing.expected_seconds(16384 - 256) == pytest.approx(0.5)
+    for _ in range(30):  # the device got twice as slow: the estimate follows within a few passes
+        timing.observe_pass(16384 - 256, 1.0)
+    assert timing.expected_seconds(16384 - 256) == pytest.approx(1.0, rel=0.01)

@@ -49,9 +49,10 @@ invoked on the model thread, outside the lock.
 
 No idle device between passes: where the backend's passes are asynchronous (CUDA:
 ``backends/device_pass.py``), the model thread plans and launches pass N+1 before it reads pass N back, so
-the device runs N+1 while N's vectors come back and its callers are answered. A call that arrives then
-waits for at most those two passes. On a CPU a pass computes where it is launched, so each pass is read
-back before the next is planned, as before.
+the device runs N+1 while N's vectors come back and its callers are answered. It launches N+1 just before
+N is expected to end (``launch_timing.py``), not as N starts, so a call that arrives while N runs still
+joins N+1 (unless it comes in N's last tenth or so). On a CPU a pass computes where it is launched, so
+each pass is read back before the next is planned.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from deployments.engine.device_faults import (
     is_out_of_memory,
     is_poisoned_context,
 )
+from deployments.engine.launch_timing import POLL_S, LaunchTiming
 from deployments.engine.planner import batch_cost, plan_micro_batches
 from deployments.protocol.errors import ModelError
 from deployments.protocol.options import EmbedResult
@@ -382,7 +384,10 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         window_rows: int | None = None,
         observer: SchedulerObserver | None = None,
+        just_in_time: bool = True,
     ):
+        """``just_in_time``: on an asynchronous device, launch the next pass just before the running one is
+        expected to end (False: as soon as the running one is launched; the benchmarks compare the two)."""
         if batching.forward_overhead_tokens is None:
             raise ValueError("batching.forward_overhead_tokens unresolved: EmbeddingEngine measures it")
         self.backend = backend
@@ -407,6 +412,8 @@ class Scheduler:
         # The pass launched and not yet read back (model thread only), and when the last one was.
         self._running: _Pass | None = None
         self._last_finished = 0.0
+        self.just_in_time = just_in_time
+        self.launch_timing = LaunchTiming(batching.forward_overhead_tokens)
 
     # ---- called from the event loop ------------------------------------------------------------
     def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
@@ -493,18 +500,38 @@ class Scheduler:
 
     def step(self) -> bool:
         """Read back one pass and answer the calls it finished; False when nothing is queued or running.
-        With an asynchronous backend (CUDA) the next pass is planned and launched first, so the device runs
-        it while this one's vectors are read back and delivered: no idle device between passes."""
+        With an asynchronous backend (CUDA) the next pass is planned and launched first, just before this
+        one is expected to end, so the device runs it while this one's vectors are read back and delivered:
+        no idle device between passes."""
         running = self._running or self._launch_next()
         if running is None:
             return False
         self._running = None
-        if self.backend.asynchronous and not self._stopping and not running.launch_failed:
-            self._running = self._launch_next()
+        if self.backend.asynchronous and not running.launch_failed:
+            if self.just_in_time:
+                self._wait_for_launch_point(running)
+            if not self._stopping:
+                self._running = self._launch_next()
         self._finish(running)
         return True
 
+    def _wait_for_launch_point(self, running: _Pass) -> None:
+        """Sleep until the running pass is about to end (``launch_timing``) or has ended, so calls arriving
+        meanwhile can join the next pass. It began on the device when launched, or when the pass before it
+        was read back, whichever came later."""
+        assert running.pending is not None
+        started = max(running.launched_at, self._last_finished)
+        point = self.launch_timing.launch_point(started, running.padded_tokens)
+        if point is None:
+            return
+        while not self._stopping and not running.pending.done():
+            left = point - self.clock()
+            if left <= 0:
+                return
+            time.sleep(min(POLL_S, left))
+
     def _launch_next(self) -> _Pass | None:
+        began = self.clock()
         batch = self._take_pass()
         if batch is None:
             return None
@@ -514,6 +541,8 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - handled where the pass is read back (forward_isolating)
             batch.pending = DonePass(error=exc)
             batch.launch_failed = True  # nothing launched behind it: its retries get the device to themselves
+        if self.backend.asynchronous:  # elsewhere launching is computing
+            self.launch_timing.observe_launch(self.clock() - began)
         return batch
 
     def _finish(self, batch: _Pass) -> None:
@@ -531,6 +560,8 @@ class Scheduler:
         elapsed = finished - max(batch.launched_at, self._last_finished)
         self._last_finished = finished
         device = batch.pending.device_seconds() if batch.pending is not None and outcome.passes == 1 else None
+        if outcome.passes == 1:
+            self.launch_timing.observe_pass(batch.padded_tokens, elapsed if device is None else device)
         with self._cond:
             if device is not None:
                 self._stats.device_seconds += device

@@ -44,6 +44,9 @@ class PendingPass(Protocol):
     def result(self) -> np.ndarray:
         """float32 [rows, dimension]; waits for the pass and raises what it raised."""
 
+    def done(self) -> bool:
+        """True once the pass has ended on the device (never waits)."""
+
     def device_seconds(self) -> float | None:
         """The device's own time for the pass (after ``result``), where the device times it; else None."""
 
@@ -60,6 +63,9 @@ class DonePass:
             raise self._error
         assert self._vectors is not None
         return self._vectors
+
+    def done(self) -> bool:
+        return True
 
     def device_seconds(self) -> float | None:
         return None

@@ -29,6 +29,9 @@ class CudaPass:
         self._done.synchronize()  # this pass's copy back, not the passes launched after it
         return self._host.numpy()
 
+    def done(self) -> bool:
+        return self._done.query()
+
     def device_seconds(self) -> float | None:
         return self._started.elapsed_time(self._done) / 1000.0
 
