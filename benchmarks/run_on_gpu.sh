@@ -6,14 +6,15 @@
 # 1. the card and the library versions;
 # 2. the project's NV-Embed tests on the image's versions (--noconftest: the image lacks MiniLM's package),
 #    while the full-size checkpoint for step 4 is written (CPU and disk only);
-# 3. bench_nvembed_gpu.py at two token budgets: the golden fixture's agreement on CUDA (float32 and bf16,
+# 3. bench_nvembed_gpu.py at 16k tokens a pass: the golden fixture's agreement on CUDA (float32 and bf16,
 #    padded and packed), full-size NV-Embed-v2 in process (reference loop, engine padded, engine packed,
 #    alternating, 3 repeats), tokens/s, TFLOP/s, peak memory, the GPU's busy share and idle time per pass;
 #    at 16k, single queries during a bulk load of passages with the next pass launched just before the
 #    running one ends against launched as it starts (query p50/p90, bulk tokens/s, GPU busy share);
 # 4. gpu_serve_check.py: the same model through Ray Serve on 0.75 of the GPU beside a bge-large shape on
 #    0.25, over HTTP, against the in-process engine; single queries during a bulk load; reserved memory
-#    against sizing's prediction.
+#    against sizing's prediction;
+# 5. bench_nvembed_gpu.py at 32k tokens a pass, when the time left allows (skipped past 450 s in).
 # A failed pass, a missing or non-finite row, a failed test fails its step with the reason, never a fast
 # number; the steps after it still run (a lent machine may come once), and the script ends non-zero naming
 # every step that failed. Copies of every step's output land in $OUT.
@@ -90,15 +91,22 @@ python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_nvembed.py test
 wait $writer || failed+=(checkpoint)
 tail -3 "$OUT/checkpoint.txt"
 
-step "3. full-size NV-Embed-v2 in process, two token budgets"
+step "3. full-size NV-Embed-v2 in process at 16k tokens a pass"
 python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 16384 --short-texts 2048 --passages 256 2>&1 | tee "$OUT/bench-16k.txt" || failed+=(bench-16k)
-python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 32768 --max-batch-size 1024 --forward-overhead-tokens 256 \
-  --short-texts 2048 --passages 256 --query-bulk-tokens 0 2>&1 | tee "$OUT/bench-32k.txt" || failed+=(bench-32k)
 
 step "4. through Ray Serve beside a bge-large shape on a quarter of the GPU"
 tokenizer=()
 [ -d .whl/bert-wordpiece ] && tokenizer=(--bert-tokenizer "$PWD/.whl/bert-wordpiece")
 python3 benchmarks/gpu_serve_check.py --workdir "$WORK" "${tokenizer[@]}" --short-texts 4096 --passages 256 2>&1 | tee "$OUT/serve.txt" || failed+=(serve)
+
+# Last, since the machine's 10 minutes a command may not cover it: the second budget is the least news.
+step "5. full-size NV-Embed-v2 in process at 32k tokens a pass"
+if [ "$SECONDS" -lt "${GPU_CHECK_LAST_STEP_BY:-450}" ]; then
+  python3 benchmarks/bench_nvembed_gpu.py --max-batch-tokens 32768 --max-batch-size 1024 --forward-overhead-tokens 256 \
+    --short-texts 2048 --passages 256 --query-bulk-tokens 0 2>&1 | tee "$OUT/bench-32k.txt" || failed+=(bench-32k)
+else
+  echo "skipped: ${SECONDS}s in, past ${GPU_CHECK_LAST_STEP_BY:-450}s (it takes about 2 minutes; the limit is 600)" | tee "$OUT/bench-32k.txt"
+fi
 step "done"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "GPU CHECK FAILED: ${failed[*]} (the reasons are in their outputs above and in \$OUT)"
