@@ -7,9 +7,10 @@ ceiling. Three paths side by side on the same weights: the issue's reference (a 
 length-sorted fixed-size padded batches), the engine padded, and the engine packed (Flash Attention
 varlen on CUDA); the golden fixture's agreement is printed for each layout first. Then a retriever's
 single queries during an index build (a bulk load of passages) through the engine's serving path, with
-the next pass launched just before the running one ends (the default) and as the running one launches,
-alternating: query p50/p90/max beside bulk tokens/s and the GPU's busy share (the trade
-``launch_timing.py`` makes). Without CUDA (or with --tiny) it runs the tiny fixture shape on CPU as a
+the next pass launched just before the running one ends (the default) or as it starts, and a query's
+rows in a short pass of their own (the default) or riding along in a full one, alternating: query
+p50/p90/max beside bulk tokens/s and the GPU's busy share (the trades ``launch_timing.py`` and
+``scheduler.plan_passes`` make). Without CUDA (or with --tiny) it runs the tiny fixture shape on CPU as a
 smoke check.
 
 Honest by construction: each path runs ``--repeats`` times, the paths alternating in order, and the table
@@ -169,22 +170,23 @@ def queries_during_bulk(
     batching: Batching,
     bulk: list[str],
     queries: list[str],
-    just_in_time: bool,
+    policy: tuple[bool, bool],
     interval_s: float,
 ) -> tuple[float, float, list[float], float]:
-    """A retriever's queries during an index build: ``bulk`` sent at once as requests of 8 texts, and
-    while it runs one short query at a time, ``interval_s`` after the last one's answer (so queries land
-    at every point of a pass). Through the engine's serving path (``embed``, its own model thread), the
-    next pass launched just before the running one ends or as soon as it is launched (``just_in_time``).
-    Returns (bulk tokens/s, the device's busy share, each query's seconds, the median pass's device
-    seconds); a failed or non-finite answer fails the run."""
+    """A retriever's queries during an index build: ``bulk`` sent at once as requests of 64 texts (as the
+    clients cut an ``encode``), and while it runs one short query at a time, ``interval_s`` after the last
+    one's answer (so queries land at every point of a pass). Through the engine's serving path (``embed``,
+    its own model thread); ``policy``: (the next pass launched just before the running one ends, not as it
+    starts; a query gets a short pass of its own, not a place in a full one). Returns (bulk tokens/s, the
+    device's busy share, each query's seconds, the median pass's device seconds); a failed or non-finite
+    answer fails the run."""
     engine = EmbeddingEngine(backend, batching)
-    engine.scheduler.just_in_time = just_in_time
+    engine.scheduler.just_in_time, engine.scheduler.small_calls_apart = policy
     options = EmbedOptions(normalize=True)
     latencies: list[float] = []
 
     async def drive() -> list:
-        requests = [EmbedRequest(bulk[i : i + 8], options) for i in range(0, len(bulk), 8)]
+        requests = [EmbedRequest(bulk[i : i + 64], options) for i in range(0, len(bulk), 64)]
         tasks = [asyncio.create_task(engine.embed(r)) for r in requests]
         for text in itertools.cycle(queries):
             await asyncio.sleep(interval_s)
@@ -271,7 +273,7 @@ def main() -> None:
     parser.add_argument(
         "--query-bulk-tokens",
         type=int,
-        default=120_000,
+        default=100_000,
         help="tokens of passages loaded while single queries are timed (0: skip that measurement)",
     )
     args = parser.parse_args()
@@ -369,19 +371,23 @@ def main() -> None:
             )
 
     query_rows = []
-    if args.query_bulk_tokens > 0:  # a retriever's queries while an index is built, both launch policies
+    if args.query_bulk_tokens > 0:  # a retriever's queries while an index is built, three policies
         passages = workloads["(b) passages"]
         per_passage = sum(it.length for it in backend.tokenize(passages, "")) / len(passages)
         n_bulk = 64 if tiny else max(len(passages), round(args.query_bulk_tokens / per_passage))
         bulk = (passages * (n_bulk // len(passages) + 1))[:n_bulk]
         queries = make_texts(words, 64, 6.0, 0.5, seed=4)
         interval = 0.005 if tiny else 0.05
-        measured: dict[bool, list[tuple[float, float, list[float], float]]] = {True: [], False: []}
+        policies = {
+            (True, True): "just before the running one ends | apart (the default)",
+            (False, True): "as the running one starts | apart",
+            (True, False): "just before the running one ends | rides along in a full pass",
+        }
+        measured: dict[tuple[bool, bool], list] = {policy: [] for policy in policies}
         backend.packed = default_packed  # as it serves
-        for policy in (True, False, False, True):  # alternating, each first once
+        for policy in [*policies, *reversed(policies)]:  # alternating: each first or last once
             measured[policy].append(queries_during_bulk(backend, batching, bulk, queries, policy, interval))
-        policies = ((True, "just before the running pass ends"), (False, "as the running one launches"))
-        for policy, label in policies:
+        for policy, label in policies.items():
             runs = measured[policy]
             waits = sorted(w for run in runs for w in run[2])
             if not waits:
@@ -412,15 +418,15 @@ def main() -> None:
     if query_rows:
         print(
             f"\nA retriever's queries during an index build: {len(bulk)} passages "
-            f"(~{round(per_passage * len(bulk)):,} tokens) sent at once as requests of 8, one short query "
+            f"(~{round(per_passage * len(bulk)):,} tokens) sent at once as requests of 64, one short query "
             f"at a time {interval * 1000:.0f} ms after the last answer; the engine's serving path; "
             "2 runs of each policy, alternating\n"
         )
         print(
-            "| next pass launched | bulk tokens/s (median) | GPU busy | queries | query p50 ms | p90 ms | "
-            "max ms | device ms per pass |"
+            "| next pass launched | a query's pass | bulk tokens/s (median) | GPU busy | queries | "
+            "query p50 ms | p90 ms | max ms | device ms per pass |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         print("\n".join(query_rows))
     print(
         "\nAnchors (an H200, torch 2.11, this shape in bf16, a plain loop over length-sorted batches, no "

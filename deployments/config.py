@@ -84,6 +84,9 @@ class Batching(_Strict):
     # What one extra forward pass costs, in padded tokens: the planner trades padding against passes.
     # Unset: each replica measures it at load on its own model and hardware (deployments/engine/pass_cost.py).
     forward_overhead_tokens: int | None = Field(None, ge=0)
+    # A small call (a query) beside bulk work gets a short pass of its own rather than riding along in a
+    # full one (deployments/engine/scheduler.py, plan_passes). False: every call planned jointly.
+    small_calls_apart: bool = True
 
 
 class Autoscaling(_Strict):

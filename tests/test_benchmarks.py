@@ -39,9 +39,9 @@ def test_nvembed_benchmark_smoke_on_cpu():
         assert int(row[9]) > 0  # passes, from the engine's own counters
     queries = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.startswith("| just")
                or line.startswith("| as the")]  # fmt: skip
-    assert len(queries) == 2  # both launch policies, queries answered during the bulk load
+    assert len(queries) == 3  # three policies, queries answered during the bulk load
     for row in queries:
-        assert float(row[2].replace(",", "")) > 0 and int(row[4]) > 0 and 0 < float(row[5]) <= float(row[7])
+        assert float(row[3].replace(",", "")) > 0 and int(row[5]) > 0 and 0 < float(row[6]) <= float(row[8])
     agreement = [line for line in out.splitlines() if line.startswith("golden fixture")]
     assert len(agreement) == 4  # float32 and bfloat16, padded and packed
     for line in agreement:

@@ -90,7 +90,7 @@ def test_a_small_call_leads_the_next_pass_and_is_answered_at_once():
     assert s.step()
     small = Caller(s, [3], first_id=1)
     assert s.step()
-    assert 1 in backend.pass_ids[1]  # the very next pass carries it
+    assert backend.pass_ids[1] == [1]  # the very next pass carries it, alone: a short one
     assert small.answered_after == 2 and isinstance(small.result, EmbedResult)
     assert bulk.result is None  # the bulk call is still running, answered later, whole
     drain(s)
@@ -99,14 +99,37 @@ def test_a_small_call_leads_the_next_pass_and_is_answered_at_once():
     assert bulk.result.token_counts.tolist() == [10] * 100
 
 
-def test_a_single_text_rides_along_when_a_pass_has_room():
+def test_a_single_text_rides_along_when_the_pass_stays_short():
     backend = CountingBackend()
     s = Scheduler(backend, BUDGET)
-    bulk = Caller(s, [10] * 5, first_id=1000)  # one batch of 50 tokens: room for one more row
+    bulk = Caller(s, [10] * 2, first_id=1000)  # one batch of 20 tokens: room for one more row
     small = Caller(s, [4], first_id=1)
     drain(s)
-    assert backend.passes == [[4, 10, 10, 10, 10, 10]]  # 6 x 10 = 60 padded <= 50 + 4 + 8 apart
+    # 3 x 10 = 30 padded + 8 for the pass: within RIDE_ALONG_LIMIT (4) x its own pass (4 + 8)
+    assert backend.passes == [[4, 10, 10]]
     assert small.answered_after == bulk.answered_after == 1
+
+
+def test_a_small_call_beside_bulk_work_gets_a_short_pass_of_its_own():
+    """Riding along in a full pass (100 + 8) would cost a 3-token call 9 times its own pass (3 + 8): it runs
+    apart, first, and the bulk call's rows are planned among themselves."""
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    bulk = Caller(s, [10] * 5, first_id=1000)  # 50 + 8 with it would be 60 + 8 > 4 x (4 + 8)
+    small = Caller(s, [4], first_id=1)
+    drain(s)
+    assert backend.passes == [[4], [10] * 5]
+    assert small.answered_after == 1 and bulk.answered_after == 2
+    several = [Caller(s, [n], first_id=10 + n) for n in (2, 3, 5)]  # small calls together, beside bulk
+    bulk = Caller(s, [10] * 30, first_id=2000)
+    drain(s)
+    assert backend.passes[2] == [2, 3, 5] and all(c.answered_after == 3 for c in several)
+    assert [len(p) for p in backend.passes[3:]] == [10, 10, 10] and bulk.answered_after == 6
+    jointly = CountingBackend()  # the other policy: it rides along in the bulk call's pass
+    s = Scheduler(jointly, BUDGET.model_copy(update={"small_calls_apart": False}))
+    bulk, small = Caller(s, [10] * 5, first_id=1000), Caller(s, [4], first_id=1)
+    drain(s)
+    assert jointly.passes == [[4, 10, 10, 10, 10, 10]] and small.answered_after == 1
 
 
 def test_each_call_is_answered_when_its_own_rows_are_done():
@@ -286,7 +309,8 @@ def test_the_queue_is_planned_as_one_request_would_be():
     backend = CountingBackend()
     b = Batching(max_batch_tokens=256, max_batch_size=16, forward_overhead_tokens=16)
     s = Scheduler(backend, b)
-    calls = [list(rng.integers(1, 60, size=n)) for n in (40, 7, 90, 1, 25)]
+    calls = [list(rng.integers(1, 60, size=n)) for n in (40, 7, 90, 6, 25)]
+    assert min(sum(c) for c in calls) > 256 / 8  # no small call here: those may be planned apart
     for k, lengths in enumerate(calls):
         Caller(s, lengths, first_id=1000 * (k + 1))
     drain(s)

@@ -36,16 +36,26 @@ class LaunchTiming:
     """Running estimates of a pass's device time and the host's time to plan and launch one."""
 
     overhead_tokens: int  # a pass's fixed cost in tokens of work (batching.forward_overhead_tokens)
-    seconds_per_token: float | None = None
     host_launch_s: float = 0.0
+    # Smoothed device seconds and tokens of work of recent passes: their ratio is the time per token, so
+    # a pass weighs by its size (a query's short pass barely moves the estimate for the bulk passes).
+    _seconds: float = 0.0
+    _work: float = 0.0
+
+    @property
+    def seconds_per_token(self) -> float | None:
+        return self._seconds / self._work if self._work > 0 else None
 
     def observe_pass(self, padded_tokens: int, seconds: float) -> None:
         """A pass that ran alone (not split after a failure) took ``seconds`` of device time."""
         if seconds <= 0:
             return
-        rate = seconds / (padded_tokens + self.overhead_tokens)
-        old = self.seconds_per_token
-        self.seconds_per_token = rate if old is None else old + SMOOTHING * (rate - old)
+        work = padded_tokens + self.overhead_tokens
+        if self._work == 0:
+            self._seconds, self._work = seconds, float(work)
+        else:
+            self._seconds += SMOOTHING * (seconds - self._seconds)
+            self._work += SMOOTHING * (work - self._work)
 
     def observe_launch(self, seconds: float) -> None:
         """The host took ``seconds`` to plan and launch a pass."""

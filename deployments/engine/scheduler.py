@@ -12,7 +12,8 @@ Policy: **shortest remaining work first, aged by the work done for others.** A c
 and the call with the lowest key (then the oldest) goes first. Why this one:
 
 - A small call that arrives during a bulk call has a tiny key, so its rows lead the very next pass: it
-  waits for at most the pass in progress and its own. Shortest-first also minimises mean response time.
+  waits for at most the pass in progress and its own, and its own is a short one (planning, below).
+  Shortest-first also minimises mean response time.
 - Ageing bounds starvation without a clock: a waiting call's key falls by twice the tokens of every pass
   it sits out, so once others have run half as many tokens as it has left, its key is <= 0 and no call
   that arrives later (key = its size > 0) overtakes it. A bulk call under a stream of small ones is
@@ -27,7 +28,8 @@ overhead). The plan covers a window of the queue, filled in key order (each call
 first) up to ``window_rows``, which bounds the planner's cost, and its micro-batches run in key order of
 their most urgent call. It is reused pass after pass until a call arrives, leaves or fails; then the
 window is planned again, so a newcomer's rows join the next pass, riding along with others' rows where
-the optimal cut puts them.
+the optimal cut puts them, unless riding along would make a small call's pass (a query's) several times
+longer than one of its own: then small calls are planned apart (``plan_passes``).
 
 Deficit round-robin was the other candidate: it shares passes equally between calls, which makes a
 one-text call wait for a turn behind every active call, and it needs a quantum tuned per model.
@@ -269,32 +271,73 @@ class Window:
 
     owners: list[_Call]
     rows: list[np.ndarray]
+    queued_tokens: list[int]  # each owner's queued tokens when the window was taken (all, not the window's)
 
 
 def queue_window(calls: list[_Call], window_rows: int) -> Window:
     """Up to ``window_rows`` queued inputs, filled in key order (each call's inputs shortest first)."""
-    owners: list[_Call] = []
-    rows: list[np.ndarray] = []
+    window = Window([], [], [])
     room = window_rows
     for call in sorted((c for c in calls if c.queued_rows), key=lambda c: c.key):
         if room <= 0:
             break
         take = call.queued_by_length()[:room]
-        owners.append(call)
-        rows.append(take)
+        window.owners.append(call)
+        window.rows.append(take)
+        window.queued_tokens.append(call.queued_tokens)
         room -= len(take)
-    return Window(owners, rows)
+    return window
 
 
-def plan_passes(window: Window, batching: Batching, packed: bool) -> list[list[tuple[_Call, np.ndarray]]]:
+# A call whose queued work fits in this share of a pass is *small* (a query, a few entity names).
+SMALL_CALL_SHARE = 1 / 8
+# Small calls get passes of their own when riding along would make their pass cost this many times more.
+RIDE_ALONG_LIMIT = 4
+
+
+def plan_passes(
+    window: Window, batching: Batching, packed: bool, small_calls_apart: bool = True
+) -> list[list[tuple[_Call, np.ndarray]]]:
     """The window's passes, planned jointly as one request's would be; each pass as (call, its rows), most
-    urgent call first, the passes in order of urgency. Reads only the window (safe outside the lock)."""
-    owners, rows = window.owners, window.rows
-    if not owners:
+    urgent call first, the passes in order of urgency. Reads only the window (safe outside the lock).
+
+    Small calls beside larger ones are planned apart when riding along would cost them too much: the
+    joint plan puts a query's one row in a pass of a thousand others' (a full 16k-token pass of a 7B
+    model: 0.5-0.8 s on a GPU), where a pass of its own costs the pass's fixed cost and its tokens. So
+    when the joint pass carrying small calls' rows costs more than ``RIDE_ALONG_LIMIT`` times their own
+    pass, the small calls are planned together and the others together; the passes still run in order of
+    urgency, so an aged bulk call keeps its place and a query waits for the pass in progress and a short
+    one of its own. The others pay one short pass's time per plan that has small calls in it.
+    ``small_calls_apart=False`` plans every call jointly (the benchmarks compare the two)."""
+    everyone = list(range(len(window.owners)))
+    if not everyone:
         return []
-    owner_of = np.repeat(np.arange(len(owners)), [len(r) for r in rows])
+    plan = _plan_group(window, everyone, batching, packed)
+    small_limit = batching.max_batch_tokens * SMALL_CALL_SHARE
+    small = {k for k in everyone if window.queued_tokens[k] <= small_limit}
+    if small_calls_apart and small and len(small) < len(everyone):
+        apart = _plan_group(window, sorted(small), batching, packed)
+        riding = max(p.cost for p in plan if small.intersection(p.callers))
+        if riding > RIDE_ALONG_LIMIT * max(p.cost for p in apart):
+            rest = _plan_group(window, [k for k in everyone if k not in small], batching, packed)
+            plan = sorted(apart + rest, key=lambda p: p.rank)
+    return [p.parts for p in plan]
+
+
+class _PlannedPass(NamedTuple):
+    rank: int  # the window's index of its most urgent call
+    callers: list[int]  # the window's indices of its calls, most urgent first
+    parts: list[tuple[_Call, np.ndarray]]
+    cost: int  # padded tokens plus the pass's fixed cost
+
+
+def _plan_group(window: Window, group: list[int], batching: Batching, packed: bool) -> list[_PlannedPass]:
+    """The passes of the window's calls ``group`` (indices in key order) planned jointly, in order of
+    urgency (a pass's urgency: its most urgent call's)."""
+    rows = [window.rows[k] for k in group]
+    owner_of = np.repeat(np.asarray(group), [len(r) for r in rows])
     row_of = np.concatenate(rows)
-    lengths = np.concatenate([c.lengths[r] for c, r in zip(owners, rows, strict=True)])
+    lengths = np.concatenate([window.owners[k].lengths[r] for k, r in zip(group, rows, strict=True)])
     b = batching
     plan = plan_micro_batches(
         lengths, b.max_batch_tokens, b.max_batch_size, b.forward_overhead_tokens, packed
@@ -302,10 +345,12 @@ def plan_passes(window: Window, batching: Batching, packed: bool) -> list[list[t
     passes = []
     for batch in plan.batches:
         who = owner_of[batch]
-        ranks = np.unique(who)  # sorted: in key order, so the first part is the most urgent call's
-        passes.append((int(ranks[0]), [(owners[k], row_of[batch[who == k]]) for k in ranks]))
-    passes.sort(key=lambda ranked: ranked[0])  # stable: equal urgency stays shortest first
-    return [parts for _, parts in passes]
+        callers = [int(k) for k in np.unique(who)]  # sorted: in key order, most urgent first
+        parts = [(window.owners[k], row_of[batch[who == k]]) for k in callers]
+        cost = batch_cost(lengths[batch], packed) + (b.forward_overhead_tokens or 0)
+        passes.append(_PlannedPass(callers[0], callers, parts, cost))
+    passes.sort(key=lambda p: p.rank)  # stable: equal urgency stays shortest first
+    return passes
 
 
 @dataclass
@@ -413,6 +458,7 @@ class Scheduler:
         self._running: _Pass | None = None
         self._last_finished = 0.0
         self.just_in_time = just_in_time
+        self.small_calls_apart = batching.small_calls_apart  # an attribute: benchmarks compare both
         self.launch_timing = LaunchTiming(batching.forward_overhead_tokens)
 
     # ---- called from the event loop ------------------------------------------------------------
@@ -603,7 +649,7 @@ class Scheduler:
             batching = self.batching
             if self.budget.current != batching.max_batch_tokens:
                 batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
-        plan = deque(plan_passes(window, batching, self.backend.packed))
+        plan = deque(plan_passes(window, batching, self.backend.packed, self.small_calls_apart))
         with self._cond:
             self._plan = plan  # a call closed meanwhile is skipped by _pop_pass; one that arrived restales it
             return self._pop_pass()
