@@ -180,8 +180,9 @@ def queries_during_bulk(
     starts; a query gets a short pass of its own, not a place in a full one). Returns (bulk tokens/s, the
     device's busy share, each query's seconds, the median pass's device seconds); a failed or non-finite
     answer fails the run."""
-    engine = EmbeddingEngine(backend, batching)
-    engine.scheduler.just_in_time, engine.scheduler.small_calls_apart = policy
+    just_in_time, small_calls_apart = policy
+    engine = EmbeddingEngine(backend, batching.model_copy(update={"small_calls_apart": small_calls_apart}))
+    engine.scheduler.just_in_time = just_in_time
     options = EmbedOptions(normalize=True)
     latencies: list[float] = []
 

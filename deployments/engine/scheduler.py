@@ -295,9 +295,7 @@ SMALL_CALL_SHARE = 1 / 8
 RIDE_ALONG_LIMIT = 4
 
 
-def plan_passes(
-    window: Window, batching: Batching, packed: bool, small_calls_apart: bool = True
-) -> list[list[tuple[_Call, np.ndarray]]]:
+def plan_passes(window: Window, batching: Batching, packed: bool) -> list[list[tuple[_Call, np.ndarray]]]:
     """The window's passes, planned jointly as one request's would be; each pass as (call, its rows), most
     urgent call first, the passes in order of urgency. Reads only the window (safe outside the lock).
 
@@ -308,14 +306,14 @@ def plan_passes(
     pass, the small calls are planned together and the others together; the passes still run in order of
     urgency, so an aged bulk call keeps its place and a query waits for the pass in progress and a short
     one of its own. The others pay one short pass's time per plan that has small calls in it.
-    ``small_calls_apart=False`` plans every call jointly (the benchmarks compare the two)."""
+    ``batching.small_calls_apart: false`` plans every call jointly."""
     everyone = list(range(len(window.owners)))
     if not everyone:
         return []
     plan = _plan_group(window, everyone, batching, packed)
     small_limit = batching.max_batch_tokens * SMALL_CALL_SHARE
     small = {k for k in everyone if window.queued_tokens[k] <= small_limit}
-    if small_calls_apart and small and len(small) < len(everyone):
+    if batching.small_calls_apart and small and len(small) < len(everyone):
         apart = _plan_group(window, sorted(small), batching, packed)
         riding = max(p.cost for p in plan if small.intersection(p.callers))
         if riding > RIDE_ALONG_LIMIT * max(p.cost for p in apart):
@@ -458,7 +456,6 @@ class Scheduler:
         self._running: _Pass | None = None
         self._last_finished = 0.0
         self.just_in_time = just_in_time
-        self.small_calls_apart = batching.small_calls_apart  # an attribute: benchmarks compare both
         self.launch_timing = LaunchTiming(batching.forward_overhead_tokens)
 
     # ---- called from the event loop ------------------------------------------------------------
@@ -649,7 +646,7 @@ class Scheduler:
             batching = self.batching
             if self.budget.current != batching.max_batch_tokens:
                 batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
-        plan = deque(plan_passes(window, batching, self.backend.packed, self.small_calls_apart))
+        plan = deque(plan_passes(window, batching, self.backend.packed))
         with self._cond:
             self._plan = plan  # a call closed meanwhile is skipped by _pop_pass; one that arrived restales it
             return self._pop_pass()
