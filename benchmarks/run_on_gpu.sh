@@ -23,6 +23,10 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = --prepare ]; then
   bash ../shared/tools/gpu-carry-wheels.sh
+  # Step 2 runs pytest, which the image's package list does not promise: carried (0.4 MB; its
+  # pygments comes with transformers' own dependencies there).
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    -d .whl pytest pluggy iniconfig 2>&1 | grep -v "is ignored" || true
   python3 - <<'PY'
 import glob
 import os
@@ -36,10 +40,11 @@ out = Path(".whl/bert-wordpiece")
 out.mkdir(parents=True, exist_ok=True)
 for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     shutil.copy(Path(MODEL_DIR) / name, out / name)
-# The dashboard's web client (1 MB) is never served there (Ray starts without its dashboard): left out, so
-# the carried tree (this folder and the repo) stays under 60 MiB.
+# The dashboard's web client (1 MB) is never served there (Ray starts without its dashboard) and Ray's LLM
+# library (0.3 MB) is imported only by ray.serve.llm: left out, so the carried tree (this folder and the
+# repo) stays under 60 MiB.
 [wheel] = glob.glob(".whl/ray-*.whl")
-drop = lambda name: name.startswith("ray/dashboard/client/")
+drop = lambda name: name.startswith(("ray/dashboard/client/", "ray/llm/"))
 with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(wheel + ".new", "w", zipfile.ZIP_DEFLATED) as zout:
     for info in zin.infolist():
         if drop(info.filename):
