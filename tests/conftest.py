@@ -8,7 +8,6 @@ import inspect
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -85,9 +84,10 @@ def no_ray_in_the_fast_tier(request):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1, away from the kernel's ephemeral range (``serve_local.free_ports``)."""
+    from deployments.tools.serve_local import free_ports
+
+    return free_ports("127.0.0.1", 1)[0]
 
 
 def build_tiny_bge(path: Path) -> str:

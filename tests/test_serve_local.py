@@ -8,7 +8,14 @@ import socket
 import subprocess
 from pathlib import Path
 
-from deployments.tools.serve_local import SIDE_PORTS, haproxy_wrapper, http_host, side_ports_env
+from deployments.tools.serve_local import (
+    SIDE_PORTS,
+    free_ports,
+    haproxy_wrapper,
+    http_host,
+    quiet_port_range,
+    side_ports_env,
+)
 
 # The three bind lines as Ray 2.60's template renders them (ray/serve/_private/haproxy_templates.py).
 RENDERED = """frontend prometheus
@@ -57,6 +64,30 @@ def test_each_service_gets_free_side_ports_and_an_operators_own_are_kept(monkeyp
     assert first != second or len(set(first.values()) | set(second.values())) > len(SIDE_PORTS)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     assert side_ports_env()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_side_ports_come_from_outside_the_kernels_ephemeral_range(tmp_path: Path):
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    assert quiet_port_range(ranges) == range(20000, 32768)
+    ranges.write_text("24000 60999\n")  # an operator's wider ephemeral range narrows it
+    assert quiet_port_range(ranges) == range(20000, 24000)
+    ranges.write_text("1024 65535\n")
+    assert len(quiet_port_range(ranges)) == 0
+    assert len(quiet_port_range(tmp_path / "no-such-file")) > 0
+    quiet = quiet_port_range()
+    ports = free_ports("127.0.0.1", 4)
+    assert len(set(ports)) == 4 and all(p in quiet for p in ports), ports
+
+
+def test_free_ports_asks_the_kernel_when_no_quiet_port_is_free():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        taken.listen()
+        got = free_ports("127.0.0.1", 2, candidates=range(port, port + 1))
+    assert len(set(got)) == 2 and port not in got
+    assert free_ports("127.0.0.1", 1, candidates=range(0)) != [0]
 
 
 def test_the_service_address_comes_from_the_serve_config(tmp_path: Path):

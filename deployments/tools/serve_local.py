@@ -25,6 +25,7 @@ finds the cached graph; where the cache is filled already, that process only che
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -82,17 +83,50 @@ def serving_env(host: str = DEFAULT_HOST) -> dict[str, str]:
     }
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """``count`` distinct ports free on ``host`` now (held open together, so no two are the same). Another
-    program may take one before Serve binds it; Serve then reports the bind error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+# Ports the kernel hands out on its own (to every ``bind(0)`` and outgoing connection) are read from here;
+# Ray's workers take 10002-19999 by default.
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+QUIET_PORTS = (20000, 32768)
+
+
+def quiet_port_range(ephemeral_range_file: Path = EPHEMERAL_RANGE_FILE) -> range:
+    """Ports between Ray's worker ports and the kernel's ephemeral range: a port picked here stays free
+    until Serve binds it, where one the kernel gave out (``bind(0)``) can be handed again to any of the
+    many connections Ray opens while it starts (seen once: HAProxy's exporter found its port taken).
+    Empty when the ephemeral range starts below it (then ``free_ports`` asks the kernel)."""
+    low, high = QUIET_PORTS
     try:
-        for sock in sockets:
+        high = min(high, int(ephemeral_range_file.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return range(low, high)
+
+
+def free_ports(host: str, count: int, candidates: range | None = None) -> list[int]:
+    """``count`` distinct ports free on ``host`` now, from ``quiet_port_range`` in random order (held open
+    together, so no two are the same); from the kernel when that range has none free. Another program may
+    still take one before Serve binds it; Serve then reports the bind error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = quiet_port_range() if candidates is None else candidates
+    held: list[socket.socket] = []
+    try:
+        for port in random.sample(candidates, min(len(candidates), 64 * count)):
+            if len(held) == count:
+                break
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        while len(held) < count:  # no quiet port free: the kernel's choice
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+            held.append(sock)
+        return [sock.getsockname()[1] for sock in held]
     finally:
-        for sock in sockets:
+        for sock in held:
             sock.close()
 
 
