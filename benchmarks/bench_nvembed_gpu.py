@@ -46,6 +46,7 @@ from deployments.config import Batching  # noqa: E402
 from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer  # noqa: E402
 from deployments.engine.backends.nvembed_model import NVEmbedConfig  # noqa: E402
 from deployments.engine.embedding_engine import EmbeddingEngine  # noqa: E402
+from deployments.engine.launch_timing import LEAD_SHARE  # noqa: E402
 from deployments.protocol.options import EmbedOptions, EmbedRequest  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "nvembed-tiny"
@@ -172,14 +173,15 @@ def queries_during_bulk(
     queries: list[str],
     policy: tuple[bool, bool],
     interval_s: float,
-) -> tuple[float, float, list[float], float]:
+) -> tuple[float, float, list[float], float, tuple[int, int], tuple[float, float, float]]:
     """A retriever's queries during an index build: ``bulk`` sent at once as requests of 64 texts (as the
     clients cut an ``encode``), and while it runs one short query at a time, ``interval_s`` after the last
     one's answer (so queries land at every point of a pass). Through the engine's serving path (``embed``,
     its own model thread); ``policy``: (the next pass launched just before the running one ends, not as it
     starts; a query gets a short pass of its own, not a place in a full one). Returns (bulk tokens/s, the
-    device's busy share, each query's seconds, the median pass's device seconds); a failed or non-finite
-    answer fails the run."""
+    device's busy share, each query's seconds, the mean pass's device seconds, (passes launched after the
+    one before had ended, passes launched behind another), the launch estimate's error p10/p50/p90); a
+    failed or non-finite answer fails the run."""
     just_in_time, small_calls_apart = policy
     engine = EmbeddingEngine(backend, batching.model_copy(update={"small_calls_apart": small_calls_apart}))
     engine.scheduler.just_in_time = just_in_time
@@ -220,7 +222,9 @@ def queries_during_bulk(
         raise BenchmarkFailed("queries during the bulk load: a failed call or an out-of-memory split")
     passes = after["forward_passes"] - before["forward_passes"]
     device = after["device_seconds"] - before["device_seconds"]
-    return tokens / wall, device / wall, latencies, device / max(1, passes)
+    late = (after["launches_after_it_ended"], after["launches_behind_a_pass"])  # a new engine: since start
+    errors = tuple(after[f"pass_estimate_error_p{q}"] for q in (10, 50, 90))
+    return tokens / wall, device / wall, latencies, device / max(1, passes), late, errors
 
 
 def busy_or_dash(value: float, form: str = "{:.0%}") -> str:
@@ -394,11 +398,14 @@ def main() -> None:
             if not waits:
                 raise BenchmarkFailed("queries during the bulk load: no query was answered while it ran")
             pct = [waits[min(len(waits) - 1, int(q * len(waits)))] * 1000 for q in (0.5, 0.9)]
+            late, behind = (sum(r[4][i] for r in runs) for i in (0, 1))
+            errors = " / ".join(f"{statistics.median(r[5][i] for r in runs):+.0%}" for i in range(3))
             query_rows.append(
                 f"| {label} | {statistics.median(r[0] for r in runs):,.0f} | "
                 f"{busy_or_dash(statistics.median(r[1] for r in runs))} | {len(waits)} | {pct[0]:.0f} | "
                 f"{pct[1]:.0f} | {waits[-1] * 1000:.0f} | "
-                f"{busy_or_dash(statistics.median(r[3] for r in runs) * 1000, '{:.0f}')} |"
+                f"{busy_or_dash(statistics.median(r[3] for r in runs) * 1000, '{:.0f}')} | "
+                f"{late} of {behind} | {errors if device.type == 'cuda' else '-'} |"
             )
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
@@ -425,10 +432,16 @@ def main() -> None:
         )
         print(
             "| next pass launched | a query's pass | bulk tokens/s (median) | GPU busy | queries | "
-            "query p50 ms | p90 ms | max ms | device ms per pass |"
+            "query p50 ms | p90 ms | max ms | device ms per pass | launched after the pass before ended | "
+            "pass time vs estimate p10 / p50 / p90 |"
         )
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         print("\n".join(query_rows))
+        print(
+            "\n(launched after the pass before ended: the device idled until the host launched it, the "
+            "estimate having come late; pass time vs estimate: the device's time over the estimate made "
+            f"before the pass, less 1, which the launch lead ({LEAD_SHARE:.0%} of a pass) must cover)"
+        )
     print(
         "\nAnchors (an H200, torch 2.11, this shape in bf16, a plain loop over length-sorted batches, no "
         "serving layer; ../shared/NOTES.md): short texts 20.9k tokens/s, passages 30.3k tokens/s; "

@@ -265,7 +265,8 @@ def replica_stats(model: str) -> dict:
 def checked_delta(model: str, before: dict, after: dict) -> dict:
     """The engine's own counters over a phase; a failed call or an out-of-memory split fails the check."""
     keys = ("forward_passes", "real_tokens", "padded_tokens", "failed_calls", "out_of_memory_passes")
-    delta = {k: after[k] - before.get(k, 0) for k in (*keys, "device_seconds")}
+    launches = ("launches_after_it_ended", "launches_behind_a_pass")
+    delta = {k: after[k] - before.get(k, 0) for k in (*keys, *launches, "device_seconds")}
     if delta["failed_calls"] or delta["out_of_memory_passes"]:
         raise CheckFailed(
             f"{model}: {delta['failed_calls']} failed call(s), {delta['out_of_memory_passes']} pass(es) out "
@@ -392,7 +393,8 @@ def main() -> None:
                     f"| {label} | {model} | {s.texts} | {s.tokens_per_s:,.0f} | {d['forward_passes']} | "
                     f"{d['real_tokens'] / max(1, d['padded_tokens']):.2f} | {busy} | "
                     f"{f'{per_pass:.0f}' if gap is not None else '-'} | "
-                    f"{f'{gap:.1f}' if gap is not None else '-'} |"
+                    f"{f'{gap:.1f}' if gap is not None else '-'} | "
+                    f"{d['launches_after_it_ended']} of {d['launches_behind_a_pass']} |"
                 )
             return sent
 
@@ -449,9 +451,14 @@ def main() -> None:
         "phase's device ms per pass is in its row below)\n"
     )
     header = "| phase | model | texts | tokens/s | passes (engine's own) | padding eff. | GPU busy |"
-    print(header + " device ms/pass | idle ms/pass |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(header + " device ms/pass | idle ms/pass | launched after the pass before ended |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
+    print(
+        "(idle ms/pass: the phase's wall time less the GPU's, per pass, so moments the queue ran dry count; "
+        "launched after the pass before ended: passes the GPU waited for while the host launched them, of "
+        "those launched while another ran)"
+    )
     print(
         "\n| replica | GPU reserved GB | peak reserved | peak allocated | predicted (sizing) | precision | "
         "fidelity worst cosine |"

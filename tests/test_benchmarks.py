@@ -42,6 +42,10 @@ def test_nvembed_benchmark_smoke_on_cpu():
     assert len(queries) == 3  # three policies, queries answered during the bulk load
     for row in queries:
         assert float(row[3].replace(",", "")) > 0 and int(row[5]) > 0 and 0 < float(row[6]) <= float(row[8])
+        # The smoke runs the GPU's pass loop, but a CPU pass computes where it is launched: every pass
+        # launched behind another found it ended, and no device times a pass to check the estimate.
+        late, behind = map(int, row[10].split(" of "))
+        assert late == behind > 0 and row[11] == "-"
     agreement = [line for line in out.splitlines() if line.startswith("golden fixture")]
     assert len(agreement) == 4  # float32 and bfloat16, padded and packed
     for line in agreement:
@@ -129,6 +133,7 @@ def test_the_gpu_serve_check_runs_end_to_end_on_cpu(tmp_path):
     # NV-Embed alone on each mix x3, with queries during passages, bge alone, both at once (a row each)
     assert len(phases) == 2 * 3 + 1 + 1 + 2
     assert all(int(p[5]) > 0 for p in phases)  # passes, from each replica's own counters
+    assert all(p[10].strip() == "0 of 0" for p in phases)  # launches behind a pass: none on a CPU
     memory = [line for line in lines if line.startswith(("| NV-Embed-v2 |", "| bge-large |"))]
     assert len(memory) == 2
     figures = json.loads(lines[-1])

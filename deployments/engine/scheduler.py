@@ -235,6 +235,13 @@ class SchedulerStats:
     queue_wait_seconds_sum: float = 0.0  # admission -> first row in a pass, per call
     queue_wait_seconds_max: float = 0.0
     recent_waits: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WAITS))
+    # Asynchronous devices: passes launched while another ran, and those of them launched only after it
+    # had ended (the device idled: the launch estimate came late, or the host was slow).
+    launches_behind_a_pass: int = 0
+    launches_after_it_ended: int = 0
+    # A pass's time against the estimate made before it ran (device time / expected - 1): the error the
+    # launch lead (``launch_timing.LEAD_SHARE``) must cover.
+    recent_estimate_errors: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WAITS))
 
     def record_wait(self, wait: float) -> None:
         self.queue_wait_seconds_sum += wait
@@ -255,12 +262,15 @@ class SchedulerStats:
 
     def report(self) -> dict[str, float | int]:
         """The counters and what they imply (padding efficiency, rows per pass, wait percentiles)."""
-        out: dict[str, float | int] = {k: v for k, v in vars(self).items() if k != "recent_waits"}
+        out: dict[str, float | int] = {k: v for k, v in vars(self).items() if not k.startswith("recent_")}
         waits = sorted(self.recent_waits)
         out["padding_efficiency"] = self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
         out["rows_per_pass"] = self.rows / self.forward_passes if self.forward_passes else 0.0
         out["queue_wait_seconds_p50"] = _percentile(waits, 0.50)
         out["queue_wait_seconds_p99"] = _percentile(waits, 0.99)
+        errors = sorted(self.recent_estimate_errors)
+        for q in (10, 50, 90):
+            out[f"pass_estimate_error_p{q}"] = _percentile(errors, q / 100)
         return out
 
 
@@ -554,7 +564,12 @@ class Scheduler:
             if self.just_in_time:
                 self._wait_for_launch_point(running)
             if not self._stopping:
+                ended = running.pending is not None and running.pending.done()
                 self._running = self._launch_next()
+                if self._running is not None:
+                    with self._cond:
+                        self._stats.launches_behind_a_pass += 1
+                        self._stats.launches_after_it_ended += ended
         self._finish(running)
         return True
 
@@ -603,11 +618,14 @@ class Scheduler:
         elapsed = finished - max(batch.launched_at, self._last_finished)
         self._last_finished = finished
         device = batch.pending.device_seconds() if batch.pending is not None and outcome.passes == 1 else None
+        expected = self.launch_timing.expected_seconds(batch.padded_tokens)
         if outcome.passes == 1:
             self.launch_timing.observe_pass(batch.padded_tokens, elapsed if device is None else device)
         with self._cond:
             if device is not None:
                 self._stats.device_seconds += device
+                if expected:
+                    self._stats.recent_estimate_errors.append(device / expected - 1)
             self._adapt_budget(batch, outcome)
             answers = self._deliver(batch, outcome.vectors, outcome.failures, outcome.passes, elapsed)
         for on_done, result in answers:
