@@ -41,6 +41,22 @@ def storm_then_hang_up(url: str, bodies: list[dict], ready: Callable[[], bool], 
     return asyncio.run(main())
 
 
+def settled_stats(stats: Callable[[], dict], quiet_s: float = 0.5, timeout_s: float = 10.0) -> dict:
+    """``stats()`` (a replica's counters) once its queue is empty and its count of dropped inputs has not
+    moved for ``quiet_s``: the hang-ups have travelled to the replica (a fixed sleep after a storm was too
+    short on a loaded 2-core machine, where a pass ran for callers not yet seen leaving)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = stats(), time.monotonic()
+    while True:
+        assert time.monotonic() < deadline, f"the hang-ups were not all seen in {timeout_s} s: {last}"
+        time.sleep(0.05)
+        now = stats()
+        if now["dropped_inputs"] != last["dropped_inputs"] or now["queue_inputs"]:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+
+
 def open_tricklers(url: str, path: str, count: int) -> list[socket.socket]:
     """``count`` connections that send a POST's headers (Content-Length 100000) and one byte of body."""
     host, port = url.removeprefix("http://").rstrip("/").split(":")

@@ -22,7 +22,7 @@ import pytest
 from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
 from deployments.tools.serve_local import serving_env
-from tests.bad_clients import open_tricklers, status_lines, storm_then_hang_up, trickle_while
+from tests.bad_clients import open_tricklers, settled_stats, status_lines, storm_then_hang_up, trickle_while
 from tests.conftest import (
     MINILM_DIR,
     deploy_app,
@@ -101,8 +101,7 @@ def test_callers_that_hang_up_leave_no_work_behind(lean):
 
     # HAProxy only passes on a hang-up it sees: aiohttp closes a cancelled request's connection at once
     assert storm_then_hang_up(url, bodies, admitted) > 0
-    time.sleep(0.5)  # HAProxy and the replica see the hang-ups
-    settled = stats("lean")
+    settled = settled_stats(lambda: stats("lean"))  # HAProxy and the replica have seen the hang-ups
     t0 = time.perf_counter()
     resp = httpx.post(url, json={"input": "Warsaw"}, timeout=60)
     quick_s = time.perf_counter() - t0

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from benchmarks.common import kt_gen_mix
-from tests.bad_clients import storm_then_hang_up
+from tests.bad_clients import settled_stats, storm_then_hang_up
 from tests.conftest import (
     deploy_app,
     start_serve,
@@ -88,22 +88,6 @@ def wait_for(predicate, timeout_s: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def settled_stats(quiet_s: float = 0.5, timeout_s: float = 10.0) -> dict:
-    """The replica's stats once its queue is empty and its count of dropped inputs has not moved for
-    ``quiet_s``: the hang-ups have travelled proxy -> router -> replica (a fixed sleep was too short on a
-    loaded 2-core machine, where a pass ran for the callers not yet seen leaving)."""
-    deadline = time.monotonic() + timeout_s
-    last, since = stats(), time.monotonic()
-    while True:
-        assert time.monotonic() < deadline, f"the hang-ups were not all seen in {timeout_s} s: {last}"
-        time.sleep(0.05)
-        now = stats()
-        if now["dropped_inputs"] != last["dropped_inputs"] or now["queue_inputs"]:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return now
-
-
 def test_a_single_text_is_answered_long_before_a_bulk_request_ends(service, minilm):
     bulk = kt_gen_mix(2048, seed=1)
     before = stats()["inputs"]
@@ -153,7 +137,7 @@ def test_inputs_of_callers_that_hung_up_are_dropped_and_the_service_is_quick_aga
         return stats()["inputs"] - before["inputs"] >= clients * 16 // 2
 
     assert storm_then_hang_up(f"{base_url}/v1/embeddings", bodies, admitted) > 0
-    settled = settled_stats()  # the proxy, router and replica have seen the hang-ups
+    settled = settled_stats(stats)  # the proxy, router and replica have seen the hang-ups
     t0 = time.perf_counter()
     vectors_of(httpx.post(f"{base_url}/v1/embeddings", json={"input": "Warsaw"}, timeout=60))
     quick_s = time.perf_counter() - t0
