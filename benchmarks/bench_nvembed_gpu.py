@@ -27,9 +27,7 @@ missing or not finite, fails the whole run with its reason and a non-zero exit, 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
-import itertools
 import json
 import statistics
 import sys
@@ -42,6 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.nvembed_random import FULL_SIZE, random_nvembed  # noqa: E402
+from benchmarks.queries_during_bulk import (  # noqa: E402
+    TABLE_HEAD,
+    BenchmarkFailed,
+    Policy,
+    check_vectors,
+    compare,
+    run_benchmark,
+)
 from deployments.config import Batching  # noqa: E402
 from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer  # noqa: E402
 from deployments.engine.backends.nvembed_model import NVEmbedConfig  # noqa: E402
@@ -119,18 +125,6 @@ def fixture_agreement(device: torch.device) -> list[str]:
     return lines
 
 
-class BenchmarkFailed(RuntimeError):
-    """A timed run that did not compute what it was asked: its number would be a lie."""
-
-
-def check_vectors(vectors: np.ndarray, rows: int, dimension: int, what: str) -> None:
-    if vectors.shape != (rows, dimension):
-        raise BenchmarkFailed(f"{what}: {vectors.shape} vectors for {rows} texts of dimension {dimension}")
-    bad = int((~np.isfinite(vectors)).any(axis=1).sum())
-    if bad:
-        raise BenchmarkFailed(f"{what}: {bad} of {rows} rows came back non-finite")
-
-
 def reference_loop(backend: NVEmbedBackend, texts: list[str], rows: int) -> tuple[int, int, int, float]:
     """The issue's reference: a plain loop over length-sorted, fixed-size, padded batches, every output
     checked. Returns (passes, real tokens, padded tokens)."""
@@ -164,67 +158,6 @@ def engine_run(engine: EmbeddingEngine, texts: list[str]) -> tuple[int, int, int
         k: after[k] - before[k] for k in ("forward_passes", "real_tokens", "padded_tokens", "device_seconds")
     }
     return delta["forward_passes"], delta["real_tokens"], delta["padded_tokens"], delta["device_seconds"]
-
-
-def queries_during_bulk(
-    backend: NVEmbedBackend,
-    batching: Batching,
-    bulk: list[str],
-    queries: list[str],
-    policy: tuple[bool, bool],
-    interval_s: float,
-) -> tuple[float, float, list[float], float, tuple[int, int], tuple[float, float, float]]:
-    """A retriever's queries during an index build: ``bulk`` sent at once as requests of 64 texts (as the
-    clients cut an ``encode``), and while it runs one short query at a time, ``interval_s`` after the last
-    one's answer (so queries land at every point of a pass). Through the engine's serving path (``embed``,
-    its own model thread); ``policy``: (the next pass launched just before the running one ends, not as it
-    starts; a query gets a short pass of its own, not a place in a full one). Returns (bulk tokens/s, the
-    device's busy share, each query's seconds, the mean pass's device seconds, (passes launched after the
-    one before had ended, passes launched behind another), the launch estimate's error p10/p50/p90); a
-    failed or non-finite answer fails the run."""
-    just_in_time, small_calls_apart = policy
-    engine = EmbeddingEngine(backend, batching.model_copy(update={"small_calls_apart": small_calls_apart}))
-    engine.scheduler.just_in_time = just_in_time
-    options = EmbedOptions(normalize=True)
-    latencies: list[float] = []
-
-    async def drive() -> list:
-        requests = [EmbedRequest(bulk[i : i + 64], options) for i in range(0, len(bulk), 64)]
-        tasks = [asyncio.create_task(engine.embed(r)) for r in requests]
-        for text in itertools.cycle(queries):
-            await asyncio.sleep(interval_s)
-            if all(t.done() for t in tasks):
-                break
-            started = time.perf_counter()
-            query = EmbedRequest([text], options)
-            (answer,) = await asyncio.gather(engine.embed(query), return_exceptions=True)
-            if isinstance(answer, Exception):
-                raise BenchmarkFailed(f"a query during the bulk load failed: {answer!r}")
-            latencies.append(time.perf_counter() - started)
-            check_vectors(answer.vectors, 1, backend.dimension, "a query during the bulk load")
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    before = engine.stats()
-    started = time.perf_counter()
-    try:
-        results = asyncio.run(drive())
-    finally:
-        engine.close()
-    wall = time.perf_counter() - started
-    after = engine.stats()
-    tokens = 0
-    for result in results:
-        if isinstance(result, Exception):
-            raise BenchmarkFailed(f"the bulk load: a request failed: {result!r}")
-        check_vectors(result.vectors, len(result.token_counts), backend.dimension, "the bulk load")
-        tokens += int(result.token_counts.sum())
-    if after["failed_calls"] or after["out_of_memory_passes"]:
-        raise BenchmarkFailed("queries during the bulk load: a failed call or an out-of-memory split")
-    passes = after["forward_passes"] - before["forward_passes"]
-    device = after["device_seconds"] - before["device_seconds"]
-    late = (after["launches_after_it_ended"], after["launches_behind_a_pass"])  # a new engine: since start
-    errors = tuple(after[f"pass_estimate_error_p{q}"] for q in (10, 50, 90))
-    return tokens / wall, device / wall, latencies, device / max(1, passes), late, errors
 
 
 def busy_or_dash(value: float, form: str = "{:.0%}") -> str:
@@ -280,6 +213,12 @@ def main() -> None:
         type=int,
         default=100_000,
         help="tokens of passages loaded while single queries are timed (0: skip that measurement)",
+    )
+    parser.add_argument(
+        "--cut-ms",
+        type=float,
+        default=250.0,
+        help="the query comparison's batching.interactive_pass_ms policy (passes cut while queries come in)",
     )
     args = parser.parse_args()
 
@@ -384,29 +323,14 @@ def main() -> None:
         queries = make_texts(words, 64, 6.0, 0.5, seed=4)
         interval = 0.005 if tiny else 0.05
         policies = {
-            (True, True): "just before the running one ends | apart (the default)",
-            (False, True): "as the running one starts | apart",
-            (True, False): "just before the running one ends | rides along in a full pass",
+            Policy(): "launched just before the running one ends, a query's pass apart (the default)",
+            Policy(just_in_time=False): "launched as the running one starts, apart",
+            Policy(small_calls_apart=False): "just before the end, a query rides along in a full pass",
+            Policy(interactive_pass_ms=args.cut_ms): f"the default, passes cut to {args.cut_ms:.0f} ms "
+            "while queries come in",
         }
-        measured: dict[tuple[bool, bool], list] = {policy: [] for policy in policies}
         backend.packed = default_packed  # as it serves
-        for policy in [*policies, *reversed(policies)]:  # alternating: each first or last once
-            measured[policy].append(queries_during_bulk(backend, batching, bulk, queries, policy, interval))
-        for policy, label in policies.items():
-            runs = measured[policy]
-            waits = sorted(w for run in runs for w in run[2])
-            if not waits:
-                raise BenchmarkFailed("queries during the bulk load: no query was answered while it ran")
-            pct = [waits[min(len(waits) - 1, int(q * len(waits)))] * 1000 for q in (0.5, 0.9)]
-            late, behind = (sum(r[4][i] for r in runs) for i in (0, 1))
-            errors = " / ".join(f"{statistics.median(r[5][i] for r in runs):+.0%}" for i in range(3))
-            query_rows.append(
-                f"| {label} | {statistics.median(r[0] for r in runs):,.0f} | "
-                f"{busy_or_dash(statistics.median(r[1] for r in runs))} | {len(waits)} | {pct[0]:.0f} | "
-                f"{pct[1]:.0f} | {waits[-1] * 1000:.0f} | "
-                f"{busy_or_dash(statistics.median(r[3] for r in runs) * 1000, '{:.0f}')} | "
-                f"{late} of {behind} | {errors if device.type == 'cuda' else '-'} |"
-            )
+        query_rows = compare(backend, batching, bulk, queries, policies, interval, device.type == "cuda")
 
     label = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny shape, smoke check)"
     print("\n" + "\n".join(agreement))
@@ -430,12 +354,7 @@ def main() -> None:
             f"at a time {interval * 1000:.0f} ms after the last answer; the engine's serving path; "
             "2 runs of each policy, alternating\n"
         )
-        print(
-            "| next pass launched | a query's pass | bulk tokens/s (median) | GPU busy | queries | "
-            "query p50 ms | p90 ms | max ms | device ms per pass | launched after the pass before ended | "
-            "pass time vs estimate p10 / p50 / p90 |"
-        )
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(TABLE_HEAD)
         print("\n".join(query_rows))
         print(
             "\n(launched after the pass before ended: the device idled until the host launched it, the "
@@ -450,8 +369,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchmarkFailed as failure:
-        print(f"\nBENCHMARK FAILED: {failure}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_benchmark(main)

@@ -87,6 +87,11 @@ class Batching(_Strict):
     # A small call (a query) beside bulk work gets a short pass of its own rather than riding along in a
     # full one (deployments/engine/scheduler.py, plan_passes). False: every call planned jointly.
     small_calls_apart: bool = True
+    # While small calls (queries) are being served, passes are cut to about this many milliseconds of model
+    # time (by the replica's measured time per token; never below one input of max_seq_length), so a query
+    # waits about this long at most for the pass in progress and bulk work runs in shorter passes meanwhile.
+    # Unset: passes keep max_batch_tokens whoever waits (deployments/engine/scheduler.py, pass_budget).
+    interactive_pass_ms: float | None = Field(None, gt=0)
 
 
 class Autoscaling(_Strict):

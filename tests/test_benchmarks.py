@@ -17,15 +17,20 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
 
-def test_nvembed_benchmark_smoke_on_cpu():
-    out = subprocess.run(
-        [sys.executable, "benchmarks/bench_nvembed_gpu.py", "--tiny"],
+def benchmark_output(script: str, *args: str) -> str:
+    """What ``benchmarks/<script>`` prints, run as a user runs it (a failed run fails the test)."""
+    return subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
     ).stdout
+
+
+def test_nvembed_benchmark_smoke_on_cpu():
+    out = benchmark_output("bench_nvembed_gpu.py", "--tiny")
     rows = [[cell.strip() for cell in line.split("|")] for line in out.splitlines() if line.startswith("| (")]
     assert [(r[1], r[2]) for r in rows] == [
         (workload, path)
@@ -37,15 +42,16 @@ def test_nvembed_benchmark_smoke_on_cpu():
         assert 0 < median <= best and 0.3 < padding <= 1.0
         assert padding == 1.0 if row[2] == "packed" else padding < 1.0
         assert int(row[9]) > 0  # passes, from the engine's own counters
-    queries = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.startswith("| just")
-               or line.startswith("| as the")]  # fmt: skip
-    assert len(queries) == 3  # three policies, queries answered during the bulk load
+    policies = ("| launched", "| just before the end", "| the default, passes cut")
+    queries = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.startswith(policies)]
+    assert len(queries) == 4  # four policies, queries answered during the bulk load
     for row in queries:
-        assert float(row[3].replace(",", "")) > 0 and int(row[5]) > 0 and 0 < float(row[6]) <= float(row[8])
+        assert float(row[2].replace(",", "")) > 0 and int(row[4]) > 0 and 0 < float(row[5]) <= float(row[7])
         # The smoke runs the GPU's pass loop, but a CPU pass computes where it is launched: every pass
         # launched behind another found it ended, and no device times a pass to check the estimate.
         late, behind = map(int, row[10].split(" of "))
         assert late == behind > 0 and row[11] == "-"
+    assert [row[8].endswith("(0 cut)") for row in queries] == [True, True, True, False]
     agreement = [line for line in out.splitlines() if line.startswith("golden fixture")]
     assert len(agreement) == 4  # float32 and bfloat16, padded and packed
     for line in agreement:
@@ -150,3 +156,18 @@ def test_the_gpu_serve_check_fails_when_a_replica_fails_a_pass(tmp_path):
     assert "CHECK FAILED" in out.stderr and "bge-large" in out.stderr, out.stderr[-3000:]
     assert "non-finite" in out.stderr, out.stderr[-3000:]
     assert "Serve / in process" not in out.stdout  # no table from a run that failed
+
+
+def test_the_queries_during_bulk_benchmark_runs_on_cpu():
+    args = ("--model", "minilm", "--bulk-texts", "24", "--cut-ms", "20", "--interval-ms", "20")
+    out = benchmark_output("queries_during_bulk.py", *args)
+    rows = [
+        [c.strip() for c in line.split("|")]
+        for line in out.splitlines()
+        if line.startswith(("| passes", "| cut"))
+    ]
+    assert [r[1] for r in rows] == ["passes of max_batch_tokens (interactive_pass_ms unset)",
+                                    "cut to 20 ms while queries come in"]  # fmt: skip
+    for row in rows:
+        assert float(row[2].replace(",", "")) > 0 and int(row[4]) > 0 and 0 < float(row[5]) <= float(row[7])
+    assert rows[0][8].endswith("(0 cut)") and not rows[1][8].endswith("(0 cut)")

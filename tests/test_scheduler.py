@@ -14,7 +14,7 @@ import torch
 from deployments.config import Batching
 from deployments.engine.backends.base import EmbeddingBackend, EncodedText
 from deployments.engine.planner import batch_cost, plan_micro_batches
-from deployments.engine.scheduler import Scheduler
+from deployments.engine.scheduler import Scheduler, pass_budget
 from deployments.protocol.options import EmbedResult
 
 
@@ -378,3 +378,62 @@ def test_the_observer_is_told_every_decision():
     assert sum(p[1] for p in observer.passes) == s.stats()["real_tokens"]
     assert observer.drops == s.stats()["dropped_inputs"] > 0
     assert observer.queue_seen[-1] == (0, 0)  # the gauges come back to an empty queue
+
+
+class ShortInputsBackend(CountingBackend):
+    """Inputs of at most 16 tokens, and each pass advances a clock by 1 ms per token of work (padded
+    tokens plus the pass's fixed cost), as a model's pass would take."""
+
+    max_seq_length = 16
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+        self.hook = self._advance
+
+    def clock(self) -> float:
+        return self.now
+
+    def _advance(self):
+        lengths = self.passes[-1]
+        self.now += 0.001 * (len(lengths) * max(lengths) + BUDGET.forward_overhead_tokens)
+
+
+def test_the_pass_budget_is_cut_to_the_configured_time_only_while_queries_come_in():
+    nv = Batching(max_batch_tokens=32768, forward_overhead_tokens=256, interactive_pass_ms=250)
+    per_token = 1 / 30_000  # NV-Embed-v2's anchor on an H200: 30k tokens/s
+    assert pass_budget(nv, 32768, per_token, 4096, since_small_s=0.1) == (7500 - 256, True)
+    assert pass_budget(nv, 32768, per_token, 4096, since_small_s=6.0) == (32768, False)  # past the hold
+    assert pass_budget(nv, 32768, None, 4096, since_small_s=0.1) == (32768, False)  # no estimate yet
+    assert pass_budget(nv, 32768, per_token / 8, 4096, since_small_s=0.1) == (32768, False)  # fits anyway
+    assert pass_budget(nv, 32768, per_token * 4, 4096, since_small_s=0.1) == (4096, True)  # one long input
+    assert pass_budget(nv, 8192, per_token, 4096, since_small_s=0.1) == (7500 - 256, True)  # after an OOM
+    off = nv.model_copy(update={"interactive_pass_ms": None})
+    assert pass_budget(off, 32768, per_token, 4096, since_small_s=0.0) == (32768, False)
+
+
+def test_bulk_passes_are_cut_while_queries_come_in_and_grow_back_after():
+    """Full passes take 108 ms here (100 tokens + 8). With interactive_pass_ms 50, a query that comes in
+    runs in a pass of its own, and the bulk call's passes after it hold 4 rows (40 tokens + 8: 48 ms) for
+    the hold (20 x 50 ms), then 10 again."""
+    backend = ShortInputsBackend()
+    batching = BUDGET.model_copy(update={"interactive_pass_ms": 50})
+    s = Scheduler(backend, batching, clock=backend.clock)
+    bulk = Caller(s, [10] * 200, first_id=1000)
+    s.step(), s.step()  # two full passes: the estimate (1 ms per token of work)
+    query = Caller(s, [4], first_id=1)
+    s.step()
+    assert query.answered_after == 3 and backend.passes[2] == [4]  # its own pass, next
+    drain(s)
+    rows = [len(p) for p in backend.passes]
+    cut = next(i for i, r in enumerate(rows[3:]) if r != 4)  # passes of 4 rows after the query's
+    assert rows[:3] == [10, 10, 1] and 18 <= cut <= 22, rows  # ~1 s of 48 ms passes of 4 rows
+    assert all(4 < r <= 10 for r in rows[3 + cut :]) and sum(rows) == 201, rows  # then full passes again
+    assert s.stats()["cut_passes"] == cut + 1 and isinstance(bulk.result, EmbedResult)  # + the query's
+    again = Scheduler(ShortInputsBackend(), BUDGET)  # unset: the same traffic keeps full passes
+    Caller(again, [10] * 200, first_id=1000)
+    again.step(), again.step()
+    Caller(again, [4], first_id=1)
+    drain(again)
+    assert [len(p) for p in again.backend.passes] == [10, 10, 1] + [10] * 18
+    assert again.stats()["cut_passes"] == 0

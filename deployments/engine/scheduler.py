@@ -232,6 +232,7 @@ class SchedulerStats:
     forward_seconds: float = 0.0
     device_seconds: float = 0.0  # the device's own time for its passes, where it times them (CUDA events)
     out_of_memory_passes: int = 0  # planned passes that ran out of device memory (and ran again split)
+    cut_passes: int = 0  # passes planned shorter while queries were served (batching.interactive_pass_ms)
     queue_wait_seconds_sum: float = 0.0  # admission -> first row in a pass, per call
     queue_wait_seconds_max: float = 0.0
     recent_waits: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_WAITS))
@@ -303,6 +304,30 @@ def queue_window(calls: list[_Call], window_rows: int) -> Window:
 SMALL_CALL_SHARE = 1 / 8
 # Small calls get passes of their own when riding along would make their pass cost this many times more.
 RIDE_ALONG_LIMIT = 4
+
+
+# Passes stay cut (``batching.interactive_pass_ms``) for this many capped passes' time after the last
+# small call came in: a retriever's next query is likely within seconds of its last.
+INTERACTIVE_HOLD_PASSES = 20
+
+
+def pass_budget(
+    batching: Batching, budget_now: int, seconds_per_token: float | None, floor: int, since_small_s: float
+) -> tuple[int, bool]:
+    """Tokens the next plan's passes may hold, and whether they were cut for a waiting query. A query waits
+    for the pass in progress (0.5-1.1 s for a full NV-Embed-v2 pass on a GPU, seconds for bge-large on a
+    CPU), so while small calls keep coming (the last ``since_small_s`` ago, within the hold), passes are cut
+    to take about ``interactive_pass_ms`` by the measured time per token of work (the planner's cost model:
+    padded tokens plus the pass's fixed cost), never below ``floor`` (one input of ``max_seq_length`` must
+    fit). No estimate yet, or no cap configured: ``budget_now``."""
+    cap_ms = batching.interactive_pass_ms
+    if cap_ms is None or seconds_per_token is None:
+        return budget_now, False
+    if since_small_s > INTERACTIVE_HOLD_PASSES * cap_ms / 1000:
+        return budget_now, False
+    fits = int(cap_ms / 1000 / seconds_per_token) - (batching.forward_overhead_tokens or 0)
+    capped = max(floor, fits)
+    return (capped, True) if capped < budget_now else (budget_now, False)
 
 
 def plan_passes(window: Window, batching: Batching, packed: bool) -> list[list[tuple[_Call, np.ndarray]]]:
@@ -467,6 +492,11 @@ class Scheduler:
         self._last_finished = 0.0
         self.just_in_time = just_in_time
         self.launch_timing = LaunchTiming(batching.forward_overhead_tokens)
+        # When a small call (a query) last came in, and whether the plan's passes were cut for one
+        # (``pass_budget``): the plan is made again when that changes.
+        self._small_tokens = batching.max_batch_tokens * SMALL_CALL_SHARE
+        self._last_small_at = -float("inf")
+        self._plan_cut = False
 
     # ---- called from the event loop ------------------------------------------------------------
     def admit(self, items: list[EncodedText], normalize: bool, on_done: OnDone) -> Ticket:
@@ -483,6 +513,8 @@ class Scheduler:
             if items:
                 self._calls[call.seq] = call
                 self._stale = True
+                if call.queued_tokens <= self._small_tokens:
+                    self._last_small_at = call.admitted_at
                 self._queue_changed(len(items), call.queued_tokens)
                 self._cond.notify()
             else:
@@ -657,13 +689,20 @@ class Scheduler:
         budget is made again from a window of the queue taken under the lock and planned outside it, so
         callers admitting or cancelling never wait for the planner."""
         with self._cond:
-            if not self._stale and self._plan:
+            budget, cut = pass_budget(
+                self.batching,
+                self.budget.current,
+                self.launch_timing.seconds_per_token,
+                self.budget.floor,
+                self.clock() - self._last_small_at,
+            )
+            if not self._stale and self._plan and cut == self._plan_cut:
                 return self._pop_pass()
-            self._stale = False
+            self._stale, self._plan_cut = False, cut
             window = queue_window(list(self._calls.values()), self.window_rows)
             batching = self.batching
-            if self.budget.current != batching.max_batch_tokens:
-                batching = batching.model_copy(update={"max_batch_tokens": self.budget.current})
+            if budget != batching.max_batch_tokens:
+                batching = batching.model_copy(update={"max_batch_tokens": budget})
         plan = deque(plan_passes(window, batching, self.backend.packed))
         with self._cond:
             self._plan = plan  # a call closed meanwhile is skipped by _pop_pass; one that arrived restales it
@@ -687,11 +726,16 @@ class Scheduler:
         items = [call.items[int(i)] for call, rows in parts for i in rows]
         lengths = np.fromiter((it.length for it in items), dtype=np.int64, count=len(items))
         padded = batch_cost(lengths, packed)
+        self._stats.cut_passes += self._plan_cut
+        self._age_waiting_calls(parts, padded)
+        return _Pass(parts, items, int(lengths.sum()), padded)
+
+    def _age_waiting_calls(self, parts: list[tuple[_Call, np.ndarray]], padded: int) -> None:
+        """Ageing: the waiting calls that sit this pass out."""
         running = {call.seq for call, _ in parts}
-        for call in self._calls.values():  # ageing: the waiting calls that sit this pass out
+        for call in self._calls.values():
             if call.queued_rows and call.seq not in running:
                 call.aged += AGEING_RATE * padded
-        return _Pass(parts, items, int(lengths.sum()), padded)
 
     def _queue_changed(self, inputs: int, tokens: int) -> None:
         self._queued_inputs += inputs
