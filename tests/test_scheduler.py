@@ -188,6 +188,23 @@ def test_ageing_bounds_how_long_a_bulk_call_waits_behind_a_stream_of_small_ones(
     assert "small" in runs[runs.index("bulk") : len(runs) - 1]
 
 
+def test_a_query_overtakes_bulk_calls_that_waited_only_behind_older_ones():
+    """A client cuts a big encode into several requests in flight at once; while the first runs, the others
+    wait behind an older call, which is arrival order, not being overtaken: they must not age, or their keys
+    fall below any newcomer's and a query that comes later waits for all of them (seen: up to 25 s on CPU)."""
+    backend = CountingBackend()
+    s = Scheduler(backend, BUDGET)
+    bulk = [Caller(s, [10] * 40, first_id=1000 * (k + 1)) for k in range(4)]  # 4 passes of 100 tokens each
+    for _ in range(6):  # the first request done, the second under way
+        s.step()
+    query = Caller(s, [4], first_id=1)
+    s.step()
+    assert query.answered_after == 7, [ids[0] for ids in backend.pass_ids]  # the very next pass
+    drain(s)
+    finished = [c.answered_after for c in bulk]
+    assert finished == sorted(finished)  # equal requests in arrival order
+
+
 def test_without_newcomers_shortest_remaining_goes_first():
     backend = CountingBackend()
     s = Scheduler(backend, BUDGET)

@@ -5,22 +5,29 @@ The scheduler owns every queued input and, before each forward pass, decides whi
 Each call is answered the moment its last row is done; a cancelled call's queued rows leave the queue
 and no later pass includes them.
 
-Policy: **shortest remaining work first, aged by the work done for others.** A call's key is
+Policy: **shortest remaining work first, aged by the work done for calls that overtook it.** A call's
+key is
 
-    key = tokens of its queued inputs - 2 x tokens run in passes it sat out while it had queued inputs
+    key = tokens of its queued inputs - 2 x tokens run for newer calls in passes it sat out
 
-and the call with the lowest key (then the oldest) goes first. Why this one:
+(a small call, a query, is aged by the whole of every pass it sits out), and the call with the lowest key
+(then the oldest) goes first. Why this one:
 
-- A small call that arrives during a bulk call has a tiny key, so its rows lead the very next pass: it
+- A small call that arrives during bulk work has a tiny key, so its rows lead the very next pass: it
   waits for at most the pass in progress and its own, and its own is a short one (planning, below).
   Shortest-first also minimises mean response time.
-- Ageing bounds starvation without a clock: a waiting call's key falls by twice the tokens of every pass
-  it sits out, so once others have run half as many tokens as it has left, its key is <= 0 and no call
-  that arrives later (key = its size > 0) overtakes it. A bulk call under a stream of small ones is
+- Ageing bounds starvation without a clock: a waiting call's key falls by twice the tokens run for calls
+  that came after it, so once those have run half as many tokens as it has left, its key is <= 0 and no
+  call that arrives later (key = its size > 0) overtakes it. A bulk call under a stream of small ones is
   delayed by at most half its own remaining work.
-- Twice, not once: a running call's key falls by the tokens it is served, a waiting call's by twice
-  what it sits out, so a waiting call overtakes a running one within a few passes. Two bulk calls share
-  the model; a small call that arrives while an aged bulk call leads still goes within a few passes.
+- Only by newer calls' work: waiting behind an older call is arrival order, not being overtaken. Aged
+  for it, the requests a client cuts a big ``encode`` into (several in flight at once) fell below any
+  newcomer's key while the first ran, and a query arriving later waited for all of them (up to 25 s on a
+  CPU). Bulk calls of one size therefore run in arrival order; a smaller one goes first.
+- A small call ages behind older calls too, by twice what it sits out, so one that waits behind a bulk
+  call that ageing put first (key <= 0, falling only by what it is served) gets in within a few passes.
+- While small calls keep coming in, ``batching.interactive_pass_ms`` cuts passes to about that time, so
+  the pass in progress, which a query always waits for, is short (``pass_budget``).
 
 Planning: the queue's inputs are planned jointly, as one request's would be (``plan_micro_batches``: sort
 by length, cut optimally under the token budget and row cap, trading padding against the per-pass
@@ -144,7 +151,7 @@ class _Call:
     admitted_at: float
     vectors: np.ndarray
     rows_left: int  # rows not yet computed: queued or in the running pass
-    aged: int = 0  # AGEING_RATE x tokens of the passes it sat out with queued rows
+    aged: int = 0  # AGEING_RATE x tokens run for newer calls in the passes it sat out with queued rows
     started_at: float | None = None
     closed: bool = False  # answered, failed or cancelled: nothing more is computed for it
 
@@ -731,11 +738,22 @@ class Scheduler:
         return _Pass(parts, items, int(lengths.sum()), padded)
 
     def _age_waiting_calls(self, parts: list[tuple[_Call, np.ndarray]], padded: int) -> None:
-        """Ageing: the waiting calls that sit this pass out."""
-        running = {call.seq for call, _ in parts}
+        """Ageing: a call with queued rows that sits this pass out is aged by the share of it run for calls
+        that came after it (it was overtaken); a small call (a query) by the whole pass. Waiting behind older
+        calls is arrival order, not being overtaken: aged for it, every request of a big encode in flight
+        would fall below any newcomer's key, and a query arriving later would wait for all of them (up to 25 s
+        seen on CPU). A small call still ages behind an older bulk call, so it gets in between the passes of
+        one that ageing put first."""
+        real = [(call.seq, int(call.lengths[rows].sum())) for call, rows in parts]
+        total = sum(tokens for _, tokens in real) or 1
+        running = {seq for seq, _ in real}
         for call in self._calls.values():
-            if call.queued_rows and call.seq not in running:
+            if not call.queued_rows or call.seq in running:
+                continue
+            if call.queued_tokens <= self._small_tokens:
                 call.aged += AGEING_RATE * padded
+            else:
+                call.aged += AGEING_RATE * padded * sum(t for seq, t in real if seq > call.seq) // total
 
     def _queue_changed(self, inputs: int, tokens: int) -> None:
         self._queued_inputs += inputs
