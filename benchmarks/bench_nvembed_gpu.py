@@ -8,10 +8,11 @@ length-sorted fixed-size padded batches), the engine padded, and the engine pack
 varlen on CUDA); the golden fixture's agreement is printed for each layout first. Then a retriever's
 single queries during an index build (a bulk load of passages) through the engine's serving path, with
 the next pass launched just before the running one ends (the default) or as it starts, and a query's
-rows in a short pass of their own (the default) or riding along in a full one, alternating: query
-p50/p90/max beside bulk tokens/s and the GPU's busy share (the trades ``launch_timing.py`` and
-``scheduler.plan_passes`` make). Without CUDA (or with --tiny) it runs the tiny fixture shape on CPU as a
-smoke check.
+rows in a short pass of their own (the default) or riding along in a full one, and passes cut to
+``--cut-ms`` while queries come in (``batching.interactive_pass_ms``), alternating
+(``benchmarks/queries_during_bulk.py``): query p50/p90/max beside bulk tokens/s, the GPU's busy share, and
+how well the launch point worked (the trades ``launch_timing.py`` and ``scheduler.plan_passes`` make).
+Without CUDA (or with --tiny) it runs the tiny fixture shape on CPU as a smoke check.
 
 Honest by construction: each path runs ``--repeats`` times, the paths alternating in order, and the table
 gives the min and median; passes, real and padded tokens are the engine's own counters for the run (not
@@ -315,7 +316,7 @@ def main() -> None:
             )
 
     query_rows = []
-    if args.query_bulk_tokens > 0:  # a retriever's queries while an index is built, three policies
+    if args.query_bulk_tokens > 0:  # a retriever's queries while an index is built, four policies
         passages = workloads["(b) passages"]
         per_passage = sum(it.length for it in backend.tokenize(passages, "")) / len(passages)
         n_bulk = 64 if tiny else max(len(passages), round(args.query_bulk_tokens / per_passage))

@@ -9,8 +9,9 @@
 # 3. bench_nvembed_gpu.py at 16k tokens a pass: the golden fixture's agreement on CUDA (float32 and bf16,
 #    padded and packed), full-size NV-Embed-v2 in process (reference loop, engine padded, engine packed,
 #    alternating, 3 repeats), tokens/s, TFLOP/s, peak memory, the GPU's busy share and idle time per pass;
-#    at 16k, single queries during a bulk load of passages with the next pass launched just before the
-#    running one ends against launched as it starts (query p50/p90, bulk tokens/s, GPU busy share);
+#    at 16k, single queries during a bulk load of passages under four policies (the next pass launched just
+#    before the running one ends or as it starts, a query's pass apart or riding along, passes cut to 250 ms
+#    while queries come in): query p50/p90, bulk tokens/s, GPU busy share, late launches, estimate error;
 # 4. gpu_serve_check.py: the same model through Ray Serve on 0.75 of the GPU beside a bge-large shape on
 #    0.25, over HTTP, against the in-process engine; single queries during a bulk load; reserved memory
 #    against sizing's prediction;
