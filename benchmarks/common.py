@@ -256,11 +256,10 @@ def drive(
 
 
 def free_port() -> int:
-    import socket
+    """A port free on 127.0.0.1, away from the kernel's ephemeral range (``serve_local.free_ports``)."""
+    from deployments.tools.serve_local import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports("127.0.0.1", 1)[0]
 
 
 def config_with_cache(models_config: str, max_mb: float | None) -> str:
