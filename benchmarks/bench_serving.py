@@ -213,7 +213,8 @@ def infinity_results(args, model_dir: str, mixes) -> dict[str, dict[str, Runs]] 
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     command = [binary, "v2", "--model-id", model_dir, "--engine", "torch", "--device", "cpu",
-               "--port", str(args.infinity_port), *shlex.split(args.infinity_args)]  # fmt: skip
+               "--port", str(args.infinity_port), "--no-vector-disk-cache",  # every text computed, as ours
+               *shlex.split(args.infinity_args)]  # fmt: skip
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{args.infinity_port}"
     try:

@@ -24,6 +24,7 @@ from deployments.protocol.options import EmbedOptions
 
 # Where a compiled runtime's converted model is kept between starts unless an entry says otherwise.
 DEFAULT_COMPILE_CACHE_DIR = "~/.cache/graphrag-embeddings/openvino"
+DEFAULT_VECTOR_STORE_DIR = "~/.cache/graphrag-embeddings/vectors"
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,20 @@ class Autoscaling(_Strict):
 
 
 class Cache(_Strict):
-    """The ingress's embedding cache for one model (``deployments/ingress/cache.py``), per ingress replica."""
+    """Repeated texts answered without model work: from memory at each ingress replica (``max_mb``,
+    ``deployments/ingress/cache.py``), and from each model replica's local disk, across starts
+    (``disk_gb``, ``deployments/engine/vector_store.py``)."""
 
-    max_mb: float = Field(gt=0)
+    max_mb: float | None = Field(None, gt=0)
+    disk_gb: float | None = Field(None, gt=0)
+    # Where the disk store keeps one file per model (relative: to the config's folder).
+    disk_dir: str = DEFAULT_VECTOR_STORE_DIR
+
+    @model_validator(mode="after")
+    def _some_layer(self) -> Cache:
+        if self.max_mb is None and self.disk_gb is None:
+            raise ValueError("give max_mb (memory at the ingress), disk_gb (disk at the replicas), or both")
+        return self
 
 
 class ModelEntry(_Strict):
@@ -151,7 +163,7 @@ class ModelEntry(_Strict):
     # GPU memory one replica needs; estimated from the model's size, dtype and batch budget when unset.
     gpu_memory_gb: float | None = Field(None, gt=0)
     trust_remote_code: bool = False
-    # Repeated texts answered from memory at the ingress; off when absent.
+    # Repeated texts answered from memory at the ingress and/or from disk at the replicas; off when absent.
     cache: Cache | None = None
     # Whether the model was trained for truncated vectors (Matryoshka): true (any size), a list of the
     # sizes it was trained for, or false, where a request's `dimensions` below the model's width is a 400.

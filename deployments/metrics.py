@@ -4,7 +4,7 @@ Ray's metrics agent exports them on every node's metrics port (``ray start --met
 ``_metrics_export_port`` of ``ray.init``) with Ray's ``ray_`` prefix, tagged with Serve's application,
 deployment and replica besides the tags below. ``ModelMetrics`` is the scheduler's observer in a model
 replica; ``RouterMetrics`` counts requests by route and status, and refused API keys; ``CacheMetrics``
-follows one model's embedding cache at the ingress.
+follows one model's embedding cache at the ingress, or its store on a replica's disk.
 """
 
 from __future__ import annotations
@@ -100,20 +100,25 @@ class RouterMetrics:
 
 
 class CacheMetrics:
-    """One model's embedding cache in an ingress replica: lookups by result, evictions, bytes held."""
+    """One model's embedding cache: in an ingress replica (``layer`` memory: ``embeddings_cache_*``) or a
+    model replica's store on disk (``layer`` disk: ``embeddings_disk_cache_*``); lookups by result,
+    evictions, bytes held."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, layer: str = "memory"):
+        prefix, bound = (
+            ("embeddings_cache", "max_mb") if layer == "memory" else ("embeddings_disk_cache", "disk_gb")
+        )
         self._lookups = _per_model(
             metrics.Counter,
-            "embeddings_cache_lookups",
+            f"{prefix}_lookups",
             "Inputs looked up in the embedding cache, by result (hit, miss).",
             model,
             ("result",),
         )
         self._evictions = _per_model(
-            metrics.Counter, "embeddings_cache_evictions", "Cache entries evicted to stay in max_mb.", model
+            metrics.Counter, f"{prefix}_evictions", f"Cache entries evicted to stay in {bound}.", model
         )
-        self._bytes = _per_model(metrics.Gauge, "embeddings_cache_bytes", "Bytes the cache holds.", model)
+        self._bytes = _per_model(metrics.Gauge, f"{prefix}_bytes", "Bytes the cache holds.", model)
 
     def record(self, hits: int, misses: int, evictions: int, size: int) -> None:
         if hits:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.ingress.cache import ENTRY_OVERHEAD_BYTES, EmbeddingCache, assemble, cache_key, look_up
+from deployments.ingress.cache import ENTRY_OVERHEAD_BYTES, EmbeddingCache
+from deployments.protocol.cache_rows import assemble, cache_key, look_up
 
 
 def vec(i: int, dim: int = 4) -> np.ndarray:

@@ -85,7 +85,7 @@ def registered_metrics() -> set[str]:
 
     from deployments.metrics import CacheMetrics, ModelMetrics, RouterMetrics
 
-    holders = [ModelMetrics("m"), CacheMetrics("m"), RouterMetrics()]
+    holders = [ModelMetrics("m"), CacheMetrics("m"), CacheMetrics("m", layer="disk"), RouterMetrics()]
     return {v._name for holder in holders for v in vars(holder).values() if isinstance(v, Metric)}
 
 

@@ -36,8 +36,10 @@ def service(tmp_path_factory):
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 500},
     )
-    config = models_config(model_entry(MODEL, cache={"max_mb": 1}), router={"api_keys_env": "KEYS"})
-    url = serve_app(write_models_config(tmp_path_factory.mktemp("metrics") / "models.yaml", config))
+    folder = tmp_path_factory.mktemp("metrics")
+    cache = {"max_mb": 1, "disk_gb": 0.01, "disk_dir": str(folder / "vectors")}  # memory, then disk
+    config = models_config(model_entry(MODEL, cache=cache), router={"api_keys_env": "KEYS"})
+    url = serve_app(write_models_config(folder / "models.yaml", config))
     yield url, f"http://127.0.0.1:{metrics_port}/metrics"
     serve.shutdown()
     ray.shutdown()
@@ -81,6 +83,9 @@ def test_counters_move_by_what_the_traffic_did(service):
         ("embeddings_cache_lookups_total", (("result", "hit"), ("model", MODEL))): 8,
         ("embeddings_cache_lookups_total", (("result", "miss"), ("model", MODEL))): 7,
         ("embeddings_cache_evictions_total", ()): 0,
+        # the disk store sees only what memory missed: the 7 new texts, each once
+        ("embeddings_disk_cache_lookups_total", (("result", "miss"), ("model", MODEL))): 7,
+        ("embeddings_disk_cache_lookups_total", (("result", "hit"), ("model", MODEL))): 0,
         ("embeddings_requests_total", (("status", "200"), ("route", "/v1/embeddings"))): 3,
         ("embeddings_requests_total", (("status", "400"),)): 1,
         ("embeddings_requests_total", (("status", "401"),)): 1,
@@ -102,6 +107,11 @@ def test_counters_move_by_what_the_traffic_did(service):
     padded = total(samples, "embeddings_tokens_total", kind="padded", model=MODEL)
     assert 7 * 3 <= real <= padded  # every input is at least [CLS] text i [SEP]
     assert 0 < total(samples, "embeddings_cache_bytes", model=MODEL) <= 7 * (384 * 4 + 260)
+    deadline = time.monotonic() + 30  # the store's size is set after its write, behind the answers
+    while total(samples, "embeddings_disk_cache_bytes", model=MODEL) < 7 * 384 * 4:
+        assert time.monotonic() < deadline, "the disk cache's bytes were never reported"
+        time.sleep(1)
+        samples = scrape(metrics_url)
     assert total(samples, "embeddings_forward_seconds_count", model=MODEL) >= 1
     assert total(samples, "embeddings_queue_depth", model=MODEL, unit="inputs") == 0
     assert total(samples, "embeddings_dropped_inputs_total", model=MODEL) == 0

@@ -25,6 +25,7 @@ from deployments.engine.allocator import active_allocator
 from deployments.engine.backends import load_backend
 from deployments.engine.embedding_engine import EmbeddingEngine
 from deployments.engine.gpu_share import gpu_memory_gb, prepare_gpu, warm_up
+from deployments.engine.vector_store import StoredModel, open_store
 from deployments.metrics import ModelMetrics
 from deployments.protocol.errors import ClientError, ModelError, quiet_client_errors
 from deployments.protocol.options import EmbedRequest, EmbedResult
@@ -72,6 +73,9 @@ class ModelServer:
             thread_init=self.backend.init_thread,
             observer=ModelMetrics(self.entry.name),
         )
+        store = open_store(self.entry, self.backend, base_dir)  # cache.disk_gb: vectors kept across starts
+        self.stored = StoredModel(store, self.engine.embed, self.entry.name) if store is not None else None
+        self._embed = self.stored.embed if self.stored is not None else self.engine.embed
 
     async def embed_requests(self, requests: list[EmbedRequest]) -> list[EmbedResult | Exception]:
         """Each request answered on its own, all admitted at once: its vectors, tokens and timings, or the
@@ -82,18 +86,18 @@ class ModelServer:
         self.received_requests += len(requests)
         if len(requests) == 1:  # the in-process model's every call: no task to gather
             try:
-                return [await self.engine.embed(requests[0])]
+                return [await self._embed(requests[0])]
             except (ClientError, ModelError) as error:
                 return [error]
-        answers = await asyncio.gather(*(self.engine.embed(r) for r in requests), return_exceptions=True)
+        answers = await asyncio.gather(*(self._embed(r) for r in requests), return_exceptions=True)
         for answer in answers:
             if isinstance(answer, BaseException) and not isinstance(answer, (ClientError, ModelError)):
                 raise answer
         return answers  # type: ignore[return-value]
 
     async def ping(self) -> bool:
-        """True once a real text has gone through the whole batching path."""
-        [answer] = await self.embed_requests([EmbedRequest([HEALTH_TEXT], self.entry.request_options())])
+        """True once a real text has gone through the whole batching path (never from the disk cache)."""
+        answer = await self.engine.embed(EmbedRequest([HEALTH_TEXT], self.entry.request_options()))
         return isinstance(answer, EmbedResult) and answer.vectors.shape == (1, self.backend.dimension)
 
     def check_health(self) -> None:
@@ -135,12 +139,17 @@ class ModelServer:
             "received_calls": self.received_calls,
             "received_requests": self.received_requests,
             **gpu_memory_gb(self.backend.device),
+            **(self.stored.stats() if self.stored is not None else {}),
         }
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        stored = getattr(self, "stored", None)
+        if stored is not None:
+            self.stored = None
+            stored.close()
 
     def __del__(self) -> None:
         self.close()

@@ -21,9 +21,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.device_faults import DeviceAlreadyFailed, DeviceFault
 from deployments.engine.model_server import ModelServer
-from deployments.ingress.cache import EmbeddingCache, assemble, cache_key, look_up
+from deployments.ingress.cache import EmbeddingCache
 from deployments.ingress.coalescer import Coalescer
 from deployments.metrics import CacheMetrics
+from deployments.protocol.cache_rows import assemble, cache_key, look_up
 from deployments.protocol.errors import ClientError, InputFault, ModelError, original_error
 from deployments.protocol.options import EmbedRequest, EmbedResult
 

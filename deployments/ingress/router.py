@@ -115,7 +115,7 @@ class EmbeddingRouter:
                 if e.name == local_name
                 else RemoteModel(e.name, embedders[e.name], e.max_replicas)
             )
-            if e.cache is not None:
+            if e.cache is not None and e.cache.max_mb is not None:
                 model = CachedModel(model, e.name, EmbeddingCache(int(e.cache.max_mb * 2**20)))
             self.models_by_name[e.name] = model
 

@@ -21,11 +21,11 @@ import numpy as np
 from deployments.engine.backends.base import EmbeddingBackend, EncodedText, ServingPath, pad_arrays
 from deployments.engine.backends.fast_tokenizer import DirectTokenizer
 from deployments.engine.backends.fidelity import probe_texts, probe_worst_cosine
+from deployments.engine.backends.model_files import local_model_dir
 from deployments.engine.backends.openvino_runtime import (
     OpenVINOPipeline,
     convert,
     entry_key,
-    local_model_dir,
     openvino_module,
     read_pipeline,
     save_pipeline,

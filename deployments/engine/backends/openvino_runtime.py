@@ -17,7 +17,6 @@ costs a log line and a conversion at every start, never a failure.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deployments.engine.backends.model_files import package_versions, update_with_model_files
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,9 +40,6 @@ log = logging.getLogger(__name__)
 ENTRY_FORMAT = 3  # 3: the probes (fidelity.PROBE_COUNT drawn ones) stored beside their reference
 # The libraries whose versions an entry depends on: the graph's tracer and what ran the traced code.
 KEY_PACKAGES = ("openvino", "torch", "transformers", "sentence-transformers", "tokenizers")
-# Files up to this size (configs, tokenizers) are keyed by content; larger ones (weights) by size and
-# modification time, so a start does not read gigabytes to find its entry.
-HASHED_FILE_BYTES = 4 << 20
 
 
 def openvino_module() -> Any:
@@ -68,41 +66,14 @@ class OpenVINOPipeline:
     reference: np.ndarray  # float32 [probes, dimension]: torch float32 on ``probes``, each alone
 
 
-# ---- where a model's files are, and the key of its entry ---------------------------------------------
-def local_model_dir(source: str) -> Path | None:
-    """The directory holding a model's files: ``source`` itself, or a hub id's snapshot in the local
-    Hugging Face cache (None when it has not been downloaded)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not downloaded, not a hub id: nothing to key an entry by
-        return None
-
-
+# ---- the key of a model's entry -----------------------------------------------------------------------
 def entry_key(model_dir: Path, max_seq_length: int | None) -> str:
     """Hex digest of what an entry depends on: its format, the library versions, ``max_seq_length`` and
-    every file of the model (name and size; content when small, else modification time)."""
+    every file of the model (``model_files.update_with_model_files``)."""
     digest = hashlib.sha256()
-    digest.update(f"format {ENTRY_FORMAT}; max_seq_length {max_seq_length}".encode())
-    for package in KEY_PACKAGES:
-        try:
-            digest.update(f"; {package} {importlib.metadata.version(package)}".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"; {package} -".encode())
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        relative = path.relative_to(model_dir)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        stat = path.stat()
-        digest.update(f"\n{relative} {stat.st_size}".encode())
-        if stat.st_size <= HASHED_FILE_BYTES:
-            digest.update(path.read_bytes())
-        else:
-            digest.update(f" {stat.st_mtime_ns}".encode())
+    digest.update(f"format {ENTRY_FORMAT}; max_seq_length {max_seq_length}; ".encode())
+    digest.update(package_versions(KEY_PACKAGES).encode())
+    update_with_model_files(digest, model_dir)
     return digest.hexdigest()[:32]
 
 
