@@ -178,6 +178,10 @@ def main() -> None:
     config = load_models_config(args.models_config)
     entry = config.entry(config.default_model)
     model_dir = shape_dir or resolve_model_source(entry.source, Path(args.models_config).parent)
+    if shape_dir and args.infinity:  # Infinity's sentence-transformers reads only the older layout
+        from benchmarks.model_shapes import legacy_copy
+
+        model_dir = legacy_copy(shape_dir, workdir / f"{args.shape}-legacy")
     streams = [mix(args.texts, seed=seed) for _, mix, _, _, seed in WORKLOADS]
     servers = ["ours"] + (["Infinity"] if args.infinity else [])
     runs: dict[str, list[dict[str, list]]] = {s: [] for s in servers}

@@ -73,3 +73,37 @@ def build_shape(name: str, path: Path, seed: int = 0, tokenizer_dir: str | None 
         modules.append(Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(path))
     return str(path)
+
+
+def legacy_copy(shape_dir: str, dest: Path) -> str:
+    """``shape_dir`` as sentence-transformers < 5 reads a folder (Infinity 0.0.78 pins 3.4): its modules
+    under their old names, the pooling and transformer configs in the old keys; the weights and tokenizer
+    files linked, not copied. Only the shapes built here (a transformer, pooling, optional Normalize)."""
+    import json
+
+    source = Path(shape_dir)
+    if (dest / "modules.json").exists():
+        return str(dest)
+    dest.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in ("modules.json", "sentence_bert_config.json"):
+            (dest / path.name).symlink_to(path.resolve())
+    old_names = {"Transformer": "Transformer", "Pooling": "Pooling", "Normalize": "Normalize"}
+    modules = json.loads((source / "modules.json").read_text())
+    for module in modules:
+        module["type"] = "sentence_transformers.models." + old_names[module["type"].rsplit(".", 1)[1]]
+        if module["path"]:
+            (dest / module["path"]).mkdir()
+    (dest / "modules.json").write_text(json.dumps(modules, indent=2))
+    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+    mode = pooling["pooling_mode"]
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": pooling["embedding_dimension"],
+        "pooling_mode_cls_token": mode == "cls",
+        "pooling_mode_mean_tokens": mode == "mean",
+        "include_prompt": pooling.get("include_prompt", True),
+    }))  # fmt: skip
+    shape = json.loads((source / "config.json").read_text())
+    max_seq_length = shape["max_position_embeddings"] - 2
+    (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return str(dest)

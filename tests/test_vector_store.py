@@ -102,7 +102,8 @@ def test_rows_come_back_byte_identical_and_keys_carry_the_fingerprint(tmp_path):
     store = VectorStore(path, "fingerprint-a", 8, 2**20)
     kept = rows(5)
     store.write(kept)
-    found = store.get_many([k for k, _, _ in kept] + [b"x" * 16])
+    found, stale = store.get_many([k for k, _, _ in kept] + [b"x" * 16])
+    assert stale == []  # just written: their use stamps are fresh, a read writes nothing
     assert len(found) == 5 and store.stats.hits == 5 and store.stats.misses == 1
     for key, vector, tokens in kept:
         assert found[key][0].tobytes() == vector.tobytes() and found[key][1] == tokens
@@ -112,8 +113,10 @@ def test_rows_come_back_byte_identical_and_keys_carry_the_fingerprint(tmp_path):
     assert store.key(options, "Marie Curie") != store.key(EmbedOptions(prompt="query: "), "Marie Curie")
     assert store.key(options, "Marie Curie") != store.key(EmbedOptions(normalize=False), "Marie Curie")
     reopened = VectorStore(path, "fingerprint-a", 8, 2**20)
-    assert reopened.stats.entries == 5 and len(reopened.get_many([k for k, _, _ in kept])) == 5
-    assert reopened.get_many([kept[0][0]]) and VectorStore(path, "x", 4, 2**20).get_many([kept[0][0]]) == {}
+    assert reopened.stats.entries == 5 and len(reopened.get_many([k for k, _, _ in kept])[0]) == 5
+    assert VectorStore(path, "x", 4, 2**20).get_many([kept[0][0]])[0] == {}  # another width: not its row
+    reopened.touch_after_ms = 0  # every row read is due a new stamp
+    assert reopened.get_many([kept[0][0], kept[1][0]])[1] == [kept[0][0], kept[1][0]]
 
 
 def test_least_recently_used_rows_go_past_the_bound(tmp_path):
@@ -134,7 +137,7 @@ def test_least_recently_used_rows_go_past_the_bound(tmp_path):
             break
     assert touched and store.stats.evictions > 0
     assert store.bytes_used() <= bound and store.stats.bytes == store.bytes_used()
-    left = store.get_many([k for k, _, _ in kept[:n]])
+    left, _ = store.get_many([k for k, _, _ in kept[:n]])
     assert kept[0][0] in left  # used again: kept
     assert kept[1][0] not in left and kept[2][0] not in left  # the least recently used: gone
     assert kept[n - 1][0] in left
@@ -219,6 +222,40 @@ def test_an_error_names_the_input_by_its_place_in_the_request(backend, tmp_path)
 
     error = asyncio.run(run())
     assert error.code == "input_too_long" and error.index == 3  # the 2nd of the missing, the 4th input
+
+
+def test_a_changed_model_never_gets_the_old_vectors(tiny_bge_dir, tmp_path):
+    """The same folder and name with new weights: the store's rows of the old weights are never served."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bge"
+    shutil.copytree(tiny_bge_dir, folder)
+    entry = ModelEntry.model_validate(
+        model_entry("bge", source=str(folder), max_seq_length=512, cache={"disk_gb": 0.01, "disk_dir": "v"})
+    )
+
+    async def run() -> tuple:
+        backend = load_sentence_transformers(str(folder), max_seq_length=512, threads=1)
+        engine = EmbeddingEngine(backend, Batching(forward_overhead_tokens=32))
+        stored = StoredModel(open_store(entry, backend, tmp_path), engine.embed, "bge")
+        try:
+            result = await stored.embed(EmbedRequest(TEXTS))
+            stored.flush()
+            return result.vectors, engine.stats()["rows"], stored.stats()
+        finally:
+            stored.close()
+            engine.close()
+
+    old, _, _ = asyncio.run(run())
+    weights = next(folder.rglob("model.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("encoder.layer.1.output.dense.weight"))
+    tensors[name] = tensors[name] * 1.5  # fine-tuned, say: same folder, same name, same size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    new, rows, stats = asyncio.run(run())
+    assert rows == len(TEXTS) and stats["disk_cache_hits"] == 0, "computed by the new weights"
+    assert stats["disk_cache_entries"] == 2 * len(TEXTS)  # the old rows stay until they age out
+    assert not np.allclose(new, old, atol=1e-3)
 
 
 def test_config_asks_for_a_layer():

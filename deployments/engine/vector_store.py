@@ -48,8 +48,16 @@ FINGERPRINT_PACKAGES = ("torch", "transformers", "sentence-transformers", "openv
 KEYS_PER_STATEMENT = 500
 # When the rows pass the bound, the least recently used go until this share of it is left.
 EVICT_TO = 0.9
-# SQLite waits this long for another replica's write before a read or write counts as an error.
+# SQLite waits this long for another replica's write before a write counts as an error; a read (on the
+# event loop) waits at most READ_TIMEOUT_MS, then counts as misses.
 BUSY_TIMEOUT_MS = 2000
+READ_TIMEOUT_MS = 50
+# Keys read per step on the event loop, which is yielded between steps (a step of 64 NV-Embed rows
+# reads 1 MB).
+READ_CHUNK = 64
+# A row read again is stamped as used only when its stamp is older than this: a warm run writes nothing,
+# and eviction is least recently used to within this much.
+TOUCH_AFTER_MS = 10 * 60 * 1000
 
 
 def served_fingerprint(
@@ -94,11 +102,13 @@ class StoreStats:
 
 
 class VectorStore:
-    """One model's rows in one SQLite file. Synchronous; ``StoredModel`` calls it on one thread of its own
-    (a connection is used by one thread at a time)."""
+    """One model's rows in one SQLite file. Synchronous, with two connections: ``get_many`` reads on the
+    caller's thread (``StoredModel``: the event loop; a read costs ~10 us a key, less than a hop to a
+    thread), ``write`` writes on another (``StoredModel``'s own); each connection is used by one thread."""
 
     def __init__(self, path: Path, fingerprint: str, dimension: int, max_bytes: int):
         self.path, self.fingerprint, self.dimension, self.max_bytes = path, fingerprint, dimension, max_bytes
+        self.touch_after_ms = TOUCH_AFTER_MS
         self.stats = StoreStats()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
@@ -112,30 +122,36 @@ class VectorStore:
             self._db.execute("CREATE INDEX IF NOT EXISTS vectors_used ON vectors (used)")
         self.stats.entries = self._count()
         self.stats.bytes = self.bytes_used()
+        self._reader = sqlite3.connect(path, timeout=READ_TIMEOUT_MS / 1000, check_same_thread=False)
+        self._reader.execute("PRAGMA query_only=1")
 
     def key(self, options: EmbedOptions, text: str) -> bytes:
         return cache_key(self.fingerprint, options.prompt, options.normalize, options.truncate, text)
 
-    def get_many(self, keys: list[bytes]) -> dict[bytes, tuple[np.ndarray, int]]:
-        """The rows held for ``keys``; an error is logged and reads as misses. Reading does not mark a
-        row as used: ``write`` does, with the rows it keeps, in one transaction."""
+    def get_many(self, keys: list[bytes]) -> tuple[dict[bytes, tuple[np.ndarray, int]], list[bytes]]:
+        """The rows held for ``keys``, and the keys of those whose use stamp is older than
+        ``touch_after_ms`` (for ``write`` to stamp). An error is logged and reads as misses."""
         wanted = list(dict.fromkeys(keys))
         found: dict[bytes, tuple[np.ndarray, int]] = {}
+        stale: list[bytes] = []
+        old = _now_ms() - self.touch_after_ms
         try:
             for part in _chunks(wanted):
                 marks = ",".join("?" * len(part))
-                rows = self._db.execute(
-                    f"SELECT key, vector, tokens FROM vectors WHERE key IN ({marks})", part
+                rows = self._reader.execute(
+                    f"SELECT key, vector, tokens, used FROM vectors WHERE key IN ({marks})", part
                 ).fetchall()
-                for key, blob, tokens in rows:
+                for key, blob, tokens, used in rows:
                     vector = np.frombuffer(blob, dtype=np.float32)
                     if vector.shape == (self.dimension,):  # anything else is not this model's row
                         found[key] = (vector, int(tokens))
+                        if used < old:
+                            stale.append(key)
         except sqlite3.Error as exc:
             self._failed("read", exc)
         self.stats.hits += len(found)
         self.stats.misses += len(wanted) - len(found)
-        return found
+        return found, stale
 
     def write(self, rows: list[tuple[bytes, np.ndarray, int]], used: list[bytes] = ()) -> None:
         """Keep computed ``rows`` and mark the rows of ``used`` keys as used now, in one transaction,
@@ -205,13 +221,14 @@ class VectorStore:
             )
 
     def close(self) -> None:
+        self._reader.close()
         self._db.close()
 
 
 class StoredModel:
     """An engine's ``embed`` behind a ``VectorStore``: the texts the store holds are answered from it, the
-    others computed and written back behind the answer. The store runs on one thread of its own, so the
-    event loop never waits on the disk."""
+    others computed. Reads run on the event loop in steps of ``READ_CHUNK`` keys, yielding between them;
+    writes (computed rows, use stamps) go to a thread of their own behind the answer."""
 
     def __init__(
         self, store: VectorStore, compute: Callable[[EmbedRequest], Awaitable[EmbedResult]], model: str
@@ -219,20 +236,19 @@ class StoredModel:
         self.store, self.compute = store, compute
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="vector-store")
         self.metrics = CacheMetrics(model, layer="disk")
-        self._recorded = StoreStats()
-        # Rows to write and keys to mark as used, gathered while a write runs: one transaction for all.
+        self._evictions = 0  # as last recorded to the metrics (by the writer)
+        # Rows to write and keys to stamp, gathered while a write runs: one transaction for all.
         self._pending: tuple[list[tuple[bytes, np.ndarray, int]], list[bytes]] = ([], [])
         self._write_queued = False
         self._pending_lock = threading.Lock()
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        loop = asyncio.get_running_loop()
         keys = [self.store.key(request.options, t) for t in request.texts]
-        rows = _Rows(await loop.run_in_executor(self._thread, self._get_many, keys))
+        rows = _Rows(*await self._read(list(dict.fromkeys(keys))))
         lookup = look_up(rows, keys, request.texts)
         if lookup.complete:
             vectors, counts = assemble(rows, lookup, None, None)
-            self._write_behind([], list(rows.found))
+            self._write_behind([], rows.stale)
             return EmbedResult(vectors, counts)
         try:
             computed = await self.compute(EmbedRequest(lookup.missing, request.options))
@@ -241,14 +257,28 @@ class StoredModel:
                 raise
             raise error.at(lookup.where[error.index][0]) from None
         vectors, counts = assemble(rows, lookup, computed.vectors, computed.token_counts)
-        self._write_behind(rows.new, list(rows.found))
+        self._write_behind(rows.new, rows.stale)
         return EmbedResult(vectors, counts, computed.queue_seconds, computed.compute_seconds)
 
-    def _write_behind(self, rows: list[tuple[bytes, np.ndarray, int]], used: list[bytes]) -> None:
+    async def _read(self, keys: list[bytes]) -> tuple[dict[bytes, tuple[np.ndarray, int]], list[bytes]]:
+        found: dict[bytes, tuple[np.ndarray, int]] = {}
+        stale: list[bytes] = []
+        for start in range(0, len(keys), READ_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # other requests get the loop between steps
+            part_found, part_stale = self.store.get_many(keys[start : start + READ_CHUNK])
+            found.update(part_found)
+            stale += part_stale
+        self.metrics.record(len(found), len(keys) - len(found), 0, self.store.stats.bytes)
+        return found, stale
+
+    def _write_behind(self, rows: list[tuple[bytes, np.ndarray, int]], stamp: list[bytes]) -> None:
         """Written behind the answer, on the store's thread; what comes while a write runs joins the next."""
+        if not rows and not stamp:
+            return
         with self._pending_lock:
             self._pending[0].extend(rows)
-            self._pending[1].extend(used)
+            self._pending[1].extend(stamp)
             if self._write_queued:
                 return
             self._write_queued = True
@@ -256,26 +286,12 @@ class StoredModel:
 
     def _write_pending(self) -> None:
         with self._pending_lock:
-            (rows, used), self._pending = self._pending, ([], [])
+            (rows, stamp), self._pending = self._pending, ([], [])
             self._write_queued = False
-        self.store.write(rows, used)
-        self._record()
-
-    def _get_many(self, keys: list[bytes]) -> dict[bytes, tuple[np.ndarray, int]]:
-        found = self.store.get_many(keys)
-        self._record()
-        return found
-
-    def _record(self) -> None:
-        """The store's counters since the last call, to the metrics (on the store's thread)."""
-        now, last = self.store.stats, self._recorded
-        self.metrics.record(
-            now.hits - last.hits,
-            now.misses - last.misses,
-            now.evictions - last.evictions,
-            now.bytes,
-        )
-        self._recorded = StoreStats(**vars(now))
+        self.store.write(rows, stamp)
+        evictions = self.store.stats.evictions
+        self.metrics.record(0, 0, evictions - self._evictions, self.store.stats.bytes)
+        self._evictions = evictions
 
     def stats(self) -> dict[str, int]:
         """The store's counters, named for a replica's ``stats()``: ``disk_cache_hits``, ..."""
@@ -291,10 +307,11 @@ class StoredModel:
 
 
 class _Rows:
-    """One request's rows read from the store, and the computed rows to write (``look_up``/``assemble``)."""
+    """One request's rows read from the store (and which of them to stamp as used), and the computed rows
+    to write (``look_up``/``assemble``)."""
 
-    def __init__(self, found: dict[bytes, tuple[np.ndarray, int]]):
-        self.found = found
+    def __init__(self, found: dict[bytes, tuple[np.ndarray, int]], stale: list[bytes]):
+        self.found, self.stale = found, stale
         self.new: list[tuple[bytes, np.ndarray, int]] = []
 
     def get(self, key: bytes) -> tuple[np.ndarray, int] | None:
