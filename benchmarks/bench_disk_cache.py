@@ -83,7 +83,8 @@ async def replay_all(url: str, model: str, streams: list[list[str]], stats=None)
             result = await drive(send, stream, clients, per)
             after = await stats.remote() if stats else {}
             sample = await send(stream[:SAMPLE])
-            delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("forward_seconds", "disk_cache_hits")}
+            counters = ("forward_seconds", "forward_passes", "disk_cache_hits", "disk_cache_misses")
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in counters}
             out.append((result.rate, delta, sample))
         await asyncio.sleep(2)  # the last writes land before the server goes
     return out
@@ -201,7 +202,7 @@ def main() -> None:
             f"Infinity: infinity_emb v2 --engine torch --device cpu {args.infinity_args} --vector-disk-cache"
         )
     print("\n| workload | server | texts/s off | cold | warm | cold / off | warm / off "
-          "| model s off / cold / warm | warm hits | worst cosine |")  # fmt: skip
+          "| model s off / cold / warm | warm hits / misses | worst cosine |")  # fmt: skip
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for w, (label, *_) in enumerate(WORKLOADS):
         for server in servers:
@@ -213,7 +214,9 @@ def main() -> None:
                 model_s = " / ".join(
                     f"{statistics.median(r[1]['forward_seconds'] for r in per_state[s]):.1f}" for s in STATES
                 )
-                hits = str(min(r[1]["disk_cache_hits"] for r in per_state["warm"]))
+                counts = [r[1] for r in per_state["warm"]]
+                hits = min(c["disk_cache_hits"] for c in counts)
+                hits = f"{hits} / {max(c['disk_cache_misses'] for c in counts)}"
             else:
                 model_s, hits = "-", "-"
             print(

@@ -171,3 +171,15 @@ def test_the_queries_during_bulk_benchmark_runs_on_cpu():
     for row in rows:
         assert float(row[2].replace(",", "")) > 0 and int(row[4]) > 0 and 0 < float(row[5]) <= float(row[7])
     assert rows[0][8].endswith("(0 cut)") and not rows[1][8].endswith("(0 cut)")
+
+
+def test_the_disk_cache_benchmark_answers_the_second_run_from_disk(tmp_path):
+    out = benchmark_output("bench_disk_cache.py", "--texts", "40", "--repeats", "1", "--work", str(tmp_path))
+    rows = [[c.strip() for c in line.split("|")] for line in out.splitlines() if "| ours |" in line]
+    assert [r[1] for r in rows] == ["kt_gen, (a) 32 x 1", "kt_gen, (b) 8 x 32", "names, (a) 32 x 1",
+                                    "names, (b) 8 x 32"]  # fmt: skip
+    for row in rows:
+        hits, misses = (int(n) for n in row[9].split(" / "))
+        assert hits > 0 and misses == 0, row  # the second run: every text from disk
+        assert row[8].endswith("/ 0.0"), row  # and no model time
+        assert float(row[10]) >= 0.9999, row
