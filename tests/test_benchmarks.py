@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -174,7 +174,8 @@ def test_the_queries_during_bulk_benchmark_runs_on_cpu():
 
 
 def test_the_disk_cache_benchmark_answers_the_second_run_from_disk(tmp_path):
-    out = benchmark_output("bench_disk_cache.py", "--texts", "40", "--repeats", "1", "--work", str(tmp_path))
+    args = ("--texts", "40", "--repeats", "1", "--work", str(tmp_path), "--port", str(free_port()))
+    out = benchmark_output("bench_disk_cache.py", *args)
     rows = [[c.strip() for c in line.split("|")] for line in out.splitlines() if "| ours |" in line]
     assert [r[1] for r in rows] == ["kt_gen, (a) 32 x 1", "kt_gen, (b) 8 x 32", "names, (a) 32 x 1",
                                     "names, (b) 8 x 32"]  # fmt: skip
