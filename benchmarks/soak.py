@@ -11,6 +11,7 @@ plus errors and latency percentiles.
     python benchmarks/soak.py --minutes 10 --no-cache                    # docs/operations.md's table
     python benchmarks/soak.py --minutes 10 --no-cache --allocator system # the same on glibc malloc
     python benchmarks/soak.py --minutes 10                   # cache on: it grows towards its max_mb
+    python benchmarks/soak.py --minutes 10 --disk-gb 1       # the disk cache alone: every text written
     python benchmarks/soak.py --texts 8000 --warmup-texts 2000   # what the suite runs
 """
 
@@ -145,22 +146,26 @@ async def soak(url: str, clients: int, deadline_s: float, max_texts: int, warmup
     return result
 
 
-def without_cache(models_config: str) -> str:
+def without_cache(models_config: str, disk_gb: float | None = None) -> str:
     """A copy of ``models_config`` with every model's cache off, in a new temporary folder (paths that
-    were relative to the original's folder made absolute)."""
+    were relative to the original's folder made absolute); with ``disk_gb``, every model's disk cache
+    alone on, in that folder."""
     import tempfile
 
     import yaml
 
     original = Path(models_config).resolve()
     data = yaml.safe_load(original.read_text())
+    folder = Path(tempfile.mkdtemp(prefix="soak-"))
     for entry in data["models"]:
         entry.pop("cache", None)
+        if disk_gb is not None:
+            entry["cache"] = {"disk_gb": disk_gb, "disk_dir": str(folder / "vectors")}
         for key in ("source", "compile_cache_dir"):
             value = entry.get(key)
             if isinstance(value, str) and (original.parent / value).exists():
                 entry[key] = str(original.parent / value)
-    path = Path(tempfile.mkdtemp(prefix="soak-")) / original.name
+    path = folder / original.name
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
@@ -220,11 +225,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8125)
     parser.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc")
     parser.add_argument("--no-cache", action="store_true", help="every model's embedding cache off")
+    parser.add_argument("--disk-gb", type=float, default=None, help="the disk cache alone, this size")
     add_ingress_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    models_config = without_cache(args.models_config) if args.no_cache else args.models_config
-    print(f"models config {models_config}" + (" (every cache off)" if args.no_cache else ""))
+    if args.disk_gb is not None:
+        models_config = without_cache(args.models_config, args.disk_gb)
+        print(f"models config {models_config} (the memory cache off, disk_gb {args.disk_gb:g})")
+    else:
+        models_config = without_cache(args.models_config) if args.no_cache else args.models_config
+        print(f"models config {models_config}" + (" (every cache off)" if args.no_cache else ""))
     result = run_soak(
         models_config, args.port, use_haproxy(args), args.allocator,
         clients=args.clients, deadline_s=args.minutes * 60, max_texts=args.texts,
