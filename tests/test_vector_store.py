@@ -152,6 +152,56 @@ def test_least_recently_used_rows_go_past_the_bound(tmp_path):
     assert pages() <= size + 4 and store.bytes_used() <= bound
 
 
+def _row(i: int) -> tuple[bytes, np.ndarray, int]:
+    """Row ``i``, the same bytes in every process (two replicas compute the same vector for a text)."""
+    return i.to_bytes(16, "big"), np.random.default_rng(i).standard_normal(384).astype(np.float32), 3 + i % 50
+
+
+def _replica(path: str, first: int, last: int, bound: int, start, done) -> None:
+    """One replica's traffic in its own process: rows ``first..last`` written 10 at a time, each write
+    followed by a read of the rows the other replica is writing."""
+    store = VectorStore(Path(path), "f", 384, bound)
+    start.wait()
+    for i in range(first, last, 10):
+        store.write([_row(j) for j in range(i, i + 10)])
+        store.get_many([_row(j)[0] for j in range(1500 - i - 10, 1500 - i)])
+    done.put(vars(store.stats))
+
+
+def test_replicas_on_one_node_share_the_file(tmp_path):
+    """Two replicas (processes) write, read and evict in one file at once: no error, no row damaged,
+    the bound holds."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    path, bound = tmp_path / "m.sqlite3", 2 * 2**20  # ~1,000 rows of 2.1 KB: both evict as they go
+    VectorStore(path, "f", 384, bound).close()
+    start, done = context.Event(), context.Queue()
+    replicas = [  # rows 0-999 and 500-1499: half of each one's rows are the other's too
+        context.Process(target=_replica, args=(str(path), first, first + 1000, bound, start, done))
+        for first in (0, 500)
+    ]
+    for process in replicas:
+        process.start()
+    start.set()
+    stats = [done.get(timeout=120) for _ in replicas]
+    for process in replicas:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert [s["errors"] for s in stats] == [0, 0]
+    assert all(s["writes"] > 0 and s["hits"] > 0 for s in stats), stats  # each read the other's rows
+    assert sum(s["evictions"] for s in stats) > 0, stats
+    store = VectorStore(path, "f", 384, bound)
+    found, _ = store.get_many([_row(i)[0] for i in range(1500)])
+    assert store.bytes_used() <= bound and 700 < len(found) < 1000
+    for key, (vector, tokens) in found.items():
+        _, expected, expected_tokens = _row(int.from_bytes(key, "big"))
+        assert vector.tobytes() == expected.tobytes() and tokens == expected_tokens
+    newest = [_row(i) for i in range(2000, 2050)]  # which replica ran ahead varies: rows written after both
+    store.write(newest)
+    assert len(store.get_many([key for key, _, _ in newest])[0]) == 50 and store.bytes_used() <= bound
+
+
 def test_a_damaged_file_serves_without_the_store(tmp_path, caplog):
     entry = ModelEntry.model_validate(
         model_entry(cache={"disk_gb": 1, "disk_dir": str(tmp_path / "vectors")}, source=MINILM_DIR)
