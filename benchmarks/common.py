@@ -73,6 +73,10 @@ def stats_deployment(config, model: str) -> str:
     return "EmbeddingRouter" if local is not None and local.name == model else model
 
 
+# Temp dirs of the services this process started, removed when they stop.
+_STARTED_DIRS: list[str] = []
+
+
 def start_local_service(models_config: str, port: int, haproxy: bool = False) -> str:
     """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL. With
     ``haproxy``, set up as ``make serve`` does when haproxy is installed (``serving_env``)."""
@@ -92,18 +96,28 @@ def start_local_service(models_config: str, port: int, haproxy: bool = False) ->
             raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
         os.environ.update(env)  # inherited by the raylet, hence the Serve controller and replicas
 
-    ray.init(_temp_dir=tempfile.mkdtemp(prefix="ray-bench-"), include_dashboard=False, log_to_driver=False)
+    temp_dir = tempfile.mkdtemp(prefix="ray-bench-")
+    _STARTED_DIRS.append(temp_dir)
+    if haproxy:
+        _STARTED_DIRS.append(os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    ray.init(_temp_dir=temp_dir, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(models_config=models_config)), name="embeddings", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
 def stop_local_service() -> None:
+    """Serve and the Ray that ``start_local_service`` started, then their temp dirs (Ray's logs and
+    HAProxy's state: a few hundred KB a start, left in /tmp otherwise)."""
+    import shutil
+
     import ray
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
+    while _STARTED_DIRS:
+        shutil.rmtree(_STARTED_DIRS.pop(), ignore_errors=True)
 
 
 def write_serve_config(path: Path, port: int, models_config: str) -> str:

@@ -19,8 +19,10 @@ from benchmarks.common import kt_gen_mix
 from deployments.config import ConfigError, parse_models_config
 from deployments.engine.backends.base import EmbeddingBackend
 from deployments.engine.backends.fidelity import (
+    MIXED_GROUP,
     PROBE_COUNT,
     PROBE_GROUP,
+    PROBE_PASS_TOKENS,
     probe_groups,
     probe_texts,
     probe_vocabulary,
@@ -94,9 +96,10 @@ def test_the_gate_sees_drift_in_padded_passes_and_non_finite_output():
         out[[i for i, r in enumerate(rows) if r == 6]] = np.nan
         return out
 
-    assert probe_worst_cosine(reference, reference, 7) == pytest.approx(1.0)
-    assert probe_worst_cosine(drifts_when_padded, reference, 7) < 0.99
-    assert probe_worst_cosine(nan_on_long, reference, 7) == -1.0
+    lengths = [1, 1, 3, 9, 27, 12, 40]
+    assert probe_worst_cosine(reference, reference, lengths) == pytest.approx(1.0)
+    assert probe_worst_cosine(drifts_when_padded, reference, lengths) < 0.99
+    assert probe_worst_cosine(nan_on_long, reference, lengths) == -1.0
     assert len(probe_texts(16, count=0)) == 7 and len(probe_texts(16)[-1].split()) == 32  # past 16 tokens
 
 
@@ -112,9 +115,15 @@ def test_the_probes_are_hundreds_of_varied_texts_from_the_models_vocabulary(mini
     assert min(lengths) <= 4 and max(lengths) > 256  # entity names to past max_seq_length
     assert sum(1 for t in drawn if not t.isascii()) > 15 and sum(1 for t in drawn if "%" in t) > 15
     assert len(set(drawn)) > 0.95 * len(drawn)
-    groups = probe_groups(len(probes))
+    lengths = [len(minilm.tokenizer(t, truncation=True, max_length=256)["input_ids"]) for t in probes]
+    groups = probe_groups(lengths)
     assert sorted({i for g in groups for i in g}) == list(range(len(probes)))  # every probe checked
-    assert max(len(g) for g in groups) == PROBE_GROUP and len(groups) < 20  # a few dozen passes, not 263
+    assert max(len(g) for g in groups) == PROBE_GROUP and len(groups) < 40  # a few dozen passes, not 263
+    padded = [len(g) * max(lengths[i] for i in g) for g in groups]
+    assert sum(padded) < 1.5 * sum(lengths)  # about the probes' own tokens (random-order groups of 32: 7x)
+    mixed = [lengths[i] for i in groups[7]]  # after the 7 of the fixed probes: names beside a long text
+    assert len(mixed) == MIXED_GROUP and min(mixed) <= 4 and max(mixed) > 200
+    assert all(len(g) * max(lengths[i] for i in g) <= PROBE_PASS_TOKENS for g in groups[8:-1])
 
 
 @pytest.mark.slow  # converts a model (seconds each): make test, not make test-fast

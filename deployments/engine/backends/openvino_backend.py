@@ -95,7 +95,7 @@ class OpenVINOBackend(EmbeddingBackend):
         return probe_worst_cosine(
             lambda rows: self.forward([items[i] for i in rows]),
             lambda rows: reference[list(rows)],
-            len(items),
+            [item.length for item in items],
         )
 
 

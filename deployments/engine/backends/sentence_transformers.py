@@ -137,10 +137,11 @@ class SentenceTransformersBackend(EmbeddingBackend):
         def embed(rows: Sequence[int]) -> np.ndarray:
             return self._vectors(run, [items[i] for i in rows])
 
-        wanted = {tuple(group): embed(group) for group in probe_groups(len(items))}
+        lengths = [item.length for item in items]
+        wanted = {tuple(group): embed(group) for group in probe_groups(lengths)}
         self.model.to(HALF_DTYPES[dtype])
         self.release_memory()  # the float32 blocks go back, so what the replica reserves is its half copy
-        worst = probe_worst_cosine(embed, lambda rows: wanted[tuple(rows)], len(items))
+        worst = probe_worst_cosine(embed, lambda rows: wanted[tuple(rows)], lengths)
         self.load_seconds["fidelity gate"] = time.perf_counter() - started
         if worst < min_cosine:
             note = (
@@ -161,7 +162,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         def run(path: Pass) -> Callable[[Sequence[int]], np.ndarray]:
             return lambda rows: self._vectors(path, [items[i] for i in rows])
 
-        return probe_worst_cosine(run(candidate), run(reference), len(items))
+        return probe_worst_cosine(run(candidate), run(reference), [item.length for item in items])
 
     def _torch_pass(self, autocast: bool) -> Pass:
         @torch.inference_mode()
