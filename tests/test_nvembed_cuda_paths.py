@@ -1,7 +1,8 @@
 """The CUDA branches of NV-Embed-v2, checked on CPU (CI has no GPU): the packed path's Flash Attention
 branch run through a reference variable-length attention (one call, block-diagonal mask) against the
 golden fixture; the full-size model built on the meta device, every tensor against the published layout,
-nothing allocated; and sizing.py's estimate against that tally."""
+nothing allocated; sizing.py's estimate against that tally; a full-size pass of each layout traced on the
+meta device (no host read of a device value); and, on a GPU only, a launch under CUDA's sync debug mode."""
 
 from __future__ import annotations
 
@@ -128,3 +129,63 @@ def test_sizing_estimates_nv_embed_v2_from_the_real_architecture():
     weights_gb = tally * BYTES[entry.dtype] / 1e9
     estimate = replica_gpu_memory_gb(entry)
     assert estimate is not None and weights_gb * 1.1 < estimate < weights_gb * 1.1 + 0.5 + 12
+
+
+def meta_varlen(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa: bool = False):
+    """Flash Attention's varlen call on the meta device: the shapes it is given checked, its output made.
+    (The kernel's arithmetic is ``reference_varlen``'s test above; this one is about what surrounds it.)"""
+    assert q.shape[0] == k.shape[0] and cu_q.shape == cu_k.shape and isinstance(max_q, int)
+    assert k.shape[1] == (q.shape[1] // 4 if enable_gqa else q.shape[1])  # 32 query heads, 8 key/value heads
+    return torch.empty_like(q)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_full_size_pass_traced_on_the_meta_device_never_reads_the_device_on_the_host(monkeypatch, packed):
+    """Both layouts of a full-size NV-Embed-v2 pass run on the meta device (shapes only, nothing allocated):
+    every tensor of the 32 layers and the latent block fits its neighbour, the output is [texts, 4096], and
+    no step reads a device value on the host. A meta tensor has no values, so such a read raises here; on
+    CUDA it would wait for every pass queued before this one and leave the GPU idle between passes
+    (``bool(mask.all())`` in the padded layout did). The packed layout goes through the Flash branch."""
+    if packed:
+        monkeypatch.setattr(nvembed_model, "varlen_attn", meta_varlen)
+        monkeypatch.setattr(nvembed_model, "flash_varlen_supported", lambda device, dtype: True)
+        monkeypatch.setattr(nvembed_model, "_VARLEN_HAS_GQA", True)
+    model = full_size_on_meta(torch.bfloat16)
+    model.config.text._attn_implementation = "nvembed"
+    model.latent_attention_model.freeze_latents()
+    backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), packed=packed)
+    assert backend.device.type == "meta"
+    texts = ["Ray Serve", "a longer passage about latent attention pooling over learned latents " * 3, "GPU"]
+    for instruction in ("", "Instruct: Given a question, retrieve passages that answer it\nQuery: "):
+        items = backend.tokenize(texts, instruction)
+        assert len({it.length for it in items}) == 3  # the padded layout pads two of the three rows
+        out = backend._embed(items)
+        assert out.shape == (3, 4096) and out.dtype == torch.float32 and out.device.type == "meta"
+    same = backend.tokenize(["one", "two"], "")
+    assert same[0].length == same[1].length and backend._embed(same).shape == (2, 4096)  # no padding at all
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (the GPU check runs it)")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_launching_a_pass_on_cuda_never_synchronizes(packed):
+    """On a GPU: launching a pass (inputs copied, kernels queued, the output's copy back queued) makes no
+    call that waits for the device (``torch.cuda.set_sync_debug_mode('error')`` raises on one), so the
+    scheduler's next launch overlaps the pass running; the result then matches the golden fixture's."""
+    model = build_nvembed(FIXTURE, torch.device("cuda"), torch.bfloat16)
+    backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), packed=packed)
+    if packed and not backend.packed:
+        pytest.skip("no Flash Attention varlen kernel on this GPU")
+    case = next(c for c in CASES if not c.get("reference_returns_nan") and len(c["texts"]) > 1)
+    backend.max_seq_length = case["max_length"]
+    items = backend.tokenize(case["texts"], case["instruction"])
+    backend.launch(items).result()  # warm: the first pass loads kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = backend.launch(items)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = pending.result()
+    expected = np.array(case["embeddings"])
+    cosines = (got * expected).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosines.min() > 0.99

@@ -255,7 +255,10 @@ class NVEmbedBackend(EmbeddingBackend):
         """The pass, queued on the device: [rows, dimension] there."""
         if self.packed:
             return self._embed_packed(items)
-        return self.model(**to_device(pad_right(items, self._pad_values), self.device))
+        batch = to_device(pad_right(items, self._pad_values), self.device)
+        # Whether any row is padded, from the host's lengths: the model never reads the mask on the host.
+        padded = any(it.length != items[0].length for it in items)
+        return self.model(batch["input_ids"], batch["attention_mask"] if padded else None, batch["pool_mask"])
 
     def _embed_packed(self, items: list[EncodedText]) -> torch.Tensor:
         lengths = torch.tensor([it.length for it in items], dtype=torch.int32)

@@ -174,12 +174,16 @@ class BidirectionalMistral(nn.Module):
         for layer in self.layers:
             layer.self_attn.is_causal = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Padded layout: [rows, longest] ids and 0/1 attention mask -> [rows, longest, hidden]."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Padded layout: [rows, longest] ids and 0/1 attention mask -> [rows, longest, hidden].
+
+        ``attention_mask`` None: no row is padded (sdpa then runs without a mask, on its fastest kernels).
+        The caller says so from its host-side lengths; the mask is never read here, since reading a device
+        tensor on the host (``bool(mask.all())``) waits for every pass queued before this one."""
         hidden = self.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         rope = self.rotary_emb(hidden, position_ids=positions)
-        mask = None if bool(attention_mask.all()) else self._padding_mask(attention_mask, hidden.dtype)
+        mask = None if attention_mask is None else self._padding_mask(attention_mask, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
             if isinstance(hidden, tuple):  # older transformers return (hidden,)
@@ -355,9 +359,10 @@ class NVEmbedModel(nn.Module):
         self.latent_attention_model = LatentAttentionPooling(config.latent)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pool_mask: torch.Tensor
     ) -> torch.Tensor:
-        """float32 [batch, hidden] embeddings; every row needs at least one position in ``pool_mask``."""
+        """float32 [batch, hidden] embeddings; every row needs at least one position in ``pool_mask``;
+        ``attention_mask`` None where no row is padded (``BidirectionalMistral.forward``)."""
         hidden = self.embedding_model(input_ids, attention_mask)
         return self.latent_attention_model(hidden, pool_mask)
 
