@@ -296,3 +296,25 @@ def test_the_wrapper_for_a_cluster_node_only_drops_request_splicing(tmp_path: Pa
     env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)  # the wrapper exported, then the command run again
     again = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     assert again.returncode != 0 and "would start itself" in again.stderr
+
+
+def test_a_start_removes_the_haproxy_state_of_services_that_ended(tmp_path: Path, monkeypatch):
+    """Each service's HAProxy state directory records the pid that serves with it (``make serve`` execs
+    ``serve run``, so nothing else could remove it): a later start removes those whose process has ended,
+    and leaves a live service's and any directory without that record."""
+    from deployments.tools.serve_local import OWNER_FILE, haproxy_env, remove_ended_states
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    states = {name: tmp_path / f"hap-{name}" for name in ("ended", "live", "unrecorded")}
+    for state in states.values():
+        state.mkdir()
+        (state / "haproxy.cfg").write_text("global\n")
+    (states["ended"] / OWNER_FILE).write_text(str(ended.pid))
+    (states["live"] / OWNER_FILE).write_text(str(os.getpid()))
+    assert remove_ended_states(tmp_path) == [states["ended"]]
+    assert not states["ended"].exists() and states["live"].exists() and states["unrecorded"].exists()
+    monkeypatch.delenv("EMBEDDINGS_HAPROXY", raising=False)
+    state = Path(haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    assert (state / OWNER_FILE).read_text() == str(os.getpid())
+    shutil.rmtree(state)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -139,6 +140,32 @@ def side_ports_env(host: str = DEFAULT_HOST) -> dict[str, str]:
     return {**env, **{name: str(port) for name, port in zip(missing, ports, strict=True)}}
 
 
+STATE_PREFIX = "hap-"
+OWNER_FILE = "owner.pid"
+
+
+def remove_ended_states(parent: Path) -> list[Path]:
+    """Remove the HAProxy state directories (``haproxy_env``) of services that have ended; returns them.
+    ``make serve`` execs ``serve run``, so nothing is left to remove its directory when it ends: each one
+    records the pid of the process that serves with it, and the next start removes those whose process is
+    gone. A directory without that record (another tool's, or one being made) is left alone."""
+    removed = []
+    for state in parent.glob(STATE_PREFIX + "*"):
+        try:
+            pid = int((state / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still serving
+        except PermissionError:
+            continue  # another user's process: alive
+        except ProcessLookupError:
+            shutil.rmtree(state, ignore_errors=True)
+            removed.append(state)
+    return removed
+
+
 def haproxy_env(haproxy: str | None = None, host: str = DEFAULT_HOST) -> dict[str, str]:
     """The variables that turn on Serve's HAProxy ingress, or {} when no HAProxy is found
     (``find_haproxy``) or ``EMBEDDINGS_HAPROXY=0``. HAProxy's files go to a new private directory rather
@@ -148,7 +175,10 @@ def haproxy_env(haproxy: str | None = None, host: str = DEFAULT_HOST) -> dict[st
     if not haproxy or os.environ.get("EMBEDDINGS_HAPROXY", "1") == "0":
         return {}
     # Short: HAProxy refuses socket paths over 97 characters, and Serve adds a 40-character node id.
-    state = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    parent = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+    remove_ended_states(parent)
+    state = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir=parent))
+    (state / OWNER_FILE).write_text(str(os.getpid()))  # this process, which becomes `serve run` (exec)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_wrapper(state, haproxy, host)),
