@@ -68,7 +68,6 @@ def main() -> None:
     local.encode(texts[:64])
     rows = {"in-process SentenceTransformer.encode(texts)": timed(lambda: local.encode(texts), args.repeats)}
 
-
     from clients import HTTPEmbedder, ServeEmbedder
     from tests.conftest import free_port
 

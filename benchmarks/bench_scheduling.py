@@ -108,6 +108,7 @@ def main() -> None:
                 break
         await asyncio.sleep(1.0)
         after = await stats.remote()
+
         def delta(key: str, start: dict, end: dict) -> float:  # nan where an older engine lacks the key
             return end.get(key, np.nan) - start.get(key, np.nan)
 

@@ -53,7 +53,7 @@ def _starts_ray(item: pytest.Item) -> bool:
     sources = [getattr(item, "function", None)]
     info = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):
-        for definition in (info.name2fixturedefs.get(name, ()) if info else ()):
+        for definition in info.name2fixturedefs.get(name, ()) if info else ():
             sources.append(definition.func)
     for source in sources:
         try:
