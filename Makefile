@@ -39,12 +39,14 @@ serve: setup
 # Three tiers. make test (what CI runs): every functional test, Ray and services included.
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -p no:warnings -m "not long"
 
 # The tests that start no Ray and no service and convert no model (config, planner, scheduler, engine,
 # backends, docs, the layout): under two minutes.
 test-fast: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -p no:warnings -m "not ray and not slow and not long"
 
 # Soaks, the autoscaler, chaos: minutes each, run by hand before a release.
