@@ -38,8 +38,10 @@ from benchmarks.common import (  # noqa: E402
     MIXES,
     config_with_cache,
     free_port,
+    process_cpu_seconds,
     start_local_service,
     stop_local_service,
+    wait_listening,
 )
 
 
@@ -90,25 +92,6 @@ def config_copy(source: Path, workdir: Path) -> tuple[Path, int]:
     return path, int(front.group(1))
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"HAProxy on {port} did not start (exit {proc.poll()})") from None
-            time.sleep(0.05)
-
-
 async def measure(args, fronts: dict[str, tuple[int, int]], mixes, model: str) -> dict:
     """{mix: {version: {workload: (Runs, HAProxy CPU ms per request)}}}."""
     import aiohttp
@@ -133,9 +116,9 @@ async def measure(args, fronts: dict[str, tuple[int, int]], mixes, model: str) -
                 for mix, (texts, singles) in mixes.items():
                     for key, (clients, per) in shapes.items():
                         workload = singles if key == "c" else texts
-                        before = cpu_seconds(pid)
+                        before = process_cpu_seconds(pid)
                         result: Result = await drive(senders[version], workload, clients, per)
-                        cpu[mix][version][key][0] += cpu_seconds(pid) - before
+                        cpu[mix][version][key][0] += process_cpu_seconds(pid) - before
                         cpu[mix][version][key][1] += len(result.latencies)
                         runs[mix][version][key].append(result)
     return {

