@@ -136,7 +136,11 @@ def meta_varlen(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa: bool = False):
     (The kernel's arithmetic is ``reference_varlen``'s test above; this one is about what surrounds it.)"""
     assert q.shape[0] == k.shape[0] and cu_q.shape == cu_k.shape and isinstance(max_q, int)
     assert k.shape[1] == (q.shape[1] // 4 if enable_gqa else q.shape[1])  # 32 query heads, 8 key/value heads
+    meta_varlen.calls += 1
     return torch.empty_like(q)
+
+
+meta_varlen.calls = 0
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -146,6 +150,7 @@ def test_a_full_size_pass_traced_on_the_meta_device_never_reads_the_device_on_th
     no step reads a device value on the host. A meta tensor has no values, so such a read raises here; on
     CUDA it would wait for every pass queued before this one and leave the GPU idle between passes
     (``bool(mask.all())`` in the padded layout did). The packed layout goes through the Flash branch."""
+    meta_varlen.calls = 0
     if packed:
         monkeypatch.setattr(nvembed_model, "varlen_attn", meta_varlen)
         monkeypatch.setattr(nvembed_model, "flash_varlen_supported", lambda device, dtype: True)
@@ -163,6 +168,7 @@ def test_a_full_size_pass_traced_on_the_meta_device_never_reads_the_device_on_th
         assert out.shape == (3, 4096) and out.dtype == torch.float32 and out.device.type == "meta"
     same = backend.tokenize(["one", "two"], "")
     assert same[0].length == same[1].length and backend._embed(same).shape == (2, 4096)  # no padding at all
+    assert meta_varlen.calls == (3 * 32 if packed else 0)  # the Flash branch in every layer of each pass
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (the GPU check runs it)")
@@ -171,10 +177,10 @@ def test_launching_a_pass_on_cuda_never_synchronizes(packed):
     """On a GPU: launching a pass (inputs copied, kernels queued, the output's copy back queued) makes no
     call that waits for the device (``torch.cuda.set_sync_debug_mode('error')`` raises on one), so the
     scheduler's next launch overlaps the pass running; the result then matches the golden fixture's."""
+    if packed and not nvembed_model.flash_varlen_supported(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no Flash Attention varlen kernel here: the packed layout is not served on this GPU")
     model = build_nvembed(FIXTURE, torch.device("cuda"), torch.bfloat16)
     backend = NVEmbedBackend(model, load_nvembed_tokenizer(FIXTURE), packed=packed)
-    if packed and not backend.packed:
-        pytest.skip("no Flash Attention varlen kernel on this GPU")
     case = next(c for c in CASES if not c.get("reference_returns_nan") and len(c["texts"]) > 1)
     backend.max_seq_length = case["max_length"]
     items = backend.tokenize(case["texts"], case["instruction"])
