@@ -35,7 +35,6 @@ def configs(port: int, cache: Path, shape: str | None = None) -> Path:
     for entry in models["models"]:
         entry["compile_cache_dir"] = str(cache)
     if shape:
-        sys.path.insert(0, str(REPO))
         from benchmarks.model_shapes import SHAPES, build_shape
 
         entry = models["models"][0]
@@ -93,6 +92,12 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="a random-weight model shape, e.g. bge-large")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a start may take")
     args = parser.parse_args()
+    if args.shape:
+        sys.path.insert(0, str(REPO))
+        from benchmarks.model_shapes import SHAPES  # torch and transformers: only when asked
+
+        if args.shape not in SHAPES:
+            parser.error(f"--shape {args.shape!r}: one of {', '.join(SHAPES)}")
     cache = Path(tempfile.mkdtemp(prefix="bench-startup-cache-"))
     serve_config = configs(args.port, cache, args.shape)
     print("| start | compile cache | first answer s | serves |")
