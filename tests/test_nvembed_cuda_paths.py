@@ -20,6 +20,7 @@ from deployments.engine.backends import nvembed_model
 from deployments.engine.backends.nvembed import NVEmbedBackend, load_nvembed_tokenizer
 from deployments.engine.backends.nvembed_model import NVEmbedConfig, NVEmbedModel, build_nvembed
 from deployments.engine.sizing import BYTES, KNOWN_SIZES, replica_gpu_memory_gb
+from tests.cuda_launch import launch_without_sync
 
 # Not from tests.conftest: the GPU check runs this file with --noconftest (its image lacks MiniLM's package).
 REPO = Path(__file__).resolve().parent.parent
@@ -184,14 +185,7 @@ def test_launching_a_pass_on_cuda_never_synchronizes(packed):
     case = next(c for c in CASES if not c.get("reference_returns_nan") and len(c["texts"]) > 1)
     backend.max_seq_length = case["max_length"]
     items = backend.tokenize(case["texts"], case["instruction"])
-    backend.launch(items).result()  # warm: the first pass loads kernels
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        pending = backend.launch(items)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    got = pending.result()
+    got = launch_without_sync(backend, items)
     expected = np.array(case["embeddings"])
     cosines = (got * expected).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosines.min() > 0.99

@@ -2,7 +2,9 @@
 
 Per micro-batch the pipeline is the model's own: its input module tokenises ``prompt + text`` with
 truncation at ``max_seq_length``, the model's modules run (transformer, pooling, optional Normalize), and
-``sentence_embedding`` is returned. Only the grouping into batches is ours, and the precision: on a CPU
+``sentence_embedding`` is returned. Only the grouping into batches is ours, the encoder's attention mask
+made from the texts' lengths (``encoder_mask.py``: so a CUDA launch never waits for the pass before it;
+used only where it gives exactly the model's own results), and the precision: on a CPU
 with bf16 the pass under bf16 autocast, on a GPU the weights converted to the configured half precision,
 each of which serves only once the fidelity gate (``deployments/engine/backends/fidelity.py``) finds it
 within ``fidelity_min_cosine`` of the float32 weights (on a GPU the probes run with them before they are
@@ -29,6 +31,7 @@ from deployments.engine.backends.base import (
     pad_arrays,
 )
 from deployments.engine.backends.device_pass import launch_on_device, to_device
+from deployments.engine.backends.encoder_mask import attention_mask_for
 from deployments.engine.backends.fast_tokenizer import DirectTokenizer
 from deployments.engine.backends.fidelity import (
     probe_groups,
@@ -40,7 +43,8 @@ from deployments.engine.backends.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
-Pass = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a batch on the device -> its output there
+# A batch on the device, and whether any of its rows is padded (known on the host) -> its output there.
+Pass = Callable[[dict[str, torch.Tensor], bool], torch.Tensor]
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -80,6 +84,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         self.probes = probe_texts(self.max_seq_length, vocabulary)
         self.direct_tokenizer = self._direct_tokenizer()
         self.tokenizer_path = "direct" if self.direct_tokenizer is not None else "preprocess"
+        self.masks_from_lengths = self._masks_from_lengths_agree()
         # Seconds each load step took (start-up is part of the service: benchmarks/bench_startup.py).
         self.load_seconds: dict[str, float] = {"weights": time.perf_counter() - started}
         self._pass, self.serving = self._choose_pass(source, dtype, fidelity_min_cosine)
@@ -166,14 +171,63 @@ class SentenceTransformersBackend(EmbeddingBackend):
 
     def _torch_pass(self, autocast: bool) -> Pass:
         @torch.inference_mode()
-        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        def run(batch: dict[str, torch.Tensor], padded: bool) -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return self.model(batch)["sentence_embedding"]
+                return self._modules(batch, padded)
 
         return run
 
+    def _modules(self, batch: dict[str, torch.Tensor], padded: bool) -> torch.Tensor:
+        """The model's modules in order, as ``SentenceTransformer.forward`` runs them; where
+        ``masks_from_lengths``, the encoder is handed its attention mask made from ``padded`` instead of
+        asking the device (``encoder_mask.py``), while the pooling still reads the 2-D mask."""
+        if not self.masks_from_lengths:
+            return self.model(batch)["sentence_embedding"]
+        first, *rest = self.model
+        encoder = first.auto_model
+        padding_mask = batch["attention_mask"]
+        mask = attention_mask_for(encoder.config, padding_mask, encoder.dtype, padded)
+        features = first({**batch, "attention_mask": mask})
+        features["attention_mask"] = padding_mask  # what the pooling reads
+        for module in rest:
+            features = module(features)
+        return features["sentence_embedding"]
+
+    def _masks_from_lengths_agree(self) -> bool:
+        """Whether the modules with the mask made on the host (``_modules``) give bit for bit what the
+        model's own forward gives, on a padded batch and on an unpadded one. Where they do not (another
+        kind of first module, an encoder that reads its mask some other way, another library version),
+        the model's own forward serves: the same vectors, but on CUDA each launch then waits for the pass
+        before it."""
+        self.masks_from_lengths = False
+        if getattr(self.model[0], "auto_model", None) is None:
+            return False
+        padded_texts = ["Marie Curie", "a physicist and chemist who conducted research on radioactivity"]
+        try:
+            for texts, padded in ((padded_texts, True), (padded_texts[:1] * 2, False)):
+                items = self.tokenize(texts, "")
+                assert (len({item.length for item in items}) > 1) == padded
+                batch = self._batch(items)
+                with torch.inference_mode():
+                    own = self.model(dict(batch))["sentence_embedding"]
+                    self.masks_from_lengths = True
+                    ours = self._modules(batch, padded)
+                    self.masks_from_lengths = False
+                if not torch.equal(own, ours):
+                    raise ValueError(f"results differ from the model's own forward (padded={padded})")
+        except Exception as exc:  # noqa: BLE001 - any difference: keep the model's own forward
+            self.masks_from_lengths = False
+            log.info("%s: the encoder makes its own attention mask (%s)", self.source, exc)
+            return False
+        return True
+
+    def _compute(self, path: Pass, items: list[EncodedText]) -> torch.Tensor:
+        """``path`` on ``items`` padded into one batch on the device; their lengths say whether any row
+        is padded, so nothing asks the device."""
+        return path(self._batch(items), len({item.length for item in items}) > 1)
+
     def _vectors(self, path: Pass, items: list[EncodedText]) -> np.ndarray:
-        return launch_on_device(self.device, lambda: path(self._batch(items))).result()
+        return launch_on_device(self.device, lambda: self._compute(path, items)).result()
 
     # ---- tokenisation ---------------------------------------------------------------------------------
     def _direct_tokenizer(self) -> DirectTokenizer | None:
@@ -230,7 +284,7 @@ class SentenceTransformersBackend(EmbeddingBackend):
         return self._launch(items) if self.asynchronous else super().launch(items)
 
     def _launch(self, items: list[EncodedText]) -> PendingPass:
-        return launch_on_device(self.device, lambda: self._pass(self._batch(items)))
+        return launch_on_device(self.device, lambda: self._compute(self._pass, items))
 
 
 def _features(item: EncodedText) -> tuple:
