@@ -13,6 +13,7 @@ plus errors and latency percentiles.
     python benchmarks/soak.py --minutes 10                   # cache on: it grows towards its max_mb
     python benchmarks/soak.py --minutes 10 --disk-gb 1       # the disk cache alone: every text written
     python benchmarks/soak.py --texts 8000 --warmup-texts 2000   # what the suite runs
+    python benchmarks/soak.py --minutes 10 --no-cache --shape bge-large --clients 8  # a 335M model
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ from benchmarks.common import (  # noqa: E402
 SIZES = (1, 8, 32)
 
 
-def replica_rss_mb() -> dict[str, float]:
-    """RSS (MB) of every Serve replica process on this machine, by its process title."""
+def replica_rss_mb(field: str = "VmRSS") -> dict[str, float]:
+    """RSS (MB) of every Serve replica process on this machine, by its process title; ``field="VmHWM"``:
+    the most each has held since it started (its load included, which the samples miss)."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -56,7 +58,7 @@ def replica_rss_mb() -> dict[str, float]:
             status = (entry / "status").read_text()
         except OSError:
             continue
-        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":"))
         out[f"{title.removeprefix('ray::ServeReplica:')} (pid {entry.name})"] = kb / 1024
     return out
 
@@ -80,6 +82,7 @@ class SoakResult:
     warm_at: tuple[float, int] | None = None  # (s, texts) when the warm-up ended
     seconds: float = 0.0
     allocator: str = "unknown"  # what the replica itself reports (/v1/models)
+    peaks: dict[str, float] = field(default_factory=dict)  # the most RSS each replica held, load included
 
     def growth(self) -> dict[str, tuple[float, float, float]]:
         """Per replica: (RSS at the end of the warm-up, RSS at the end, max RSS after the warm-up)."""
@@ -141,6 +144,7 @@ async def soak(url: str, clients: int, deadline_s: float, max_texts: int, warmup
     ) as session:
         await asyncio.gather(sampler(), *(client(i, session) for i in range(clients)))
         result.seconds = time.perf_counter() - started
+        result.peaks = replica_rss_mb("VmHWM")
         async with session.get(f"{url}/v1/models") as resp:
             result.allocator = (await resp.json())["data"][0]["allocator"]
     return result
@@ -170,6 +174,22 @@ def without_cache(models_config: str, disk_gb: float | None = None) -> str:
     return str(path)
 
 
+def with_shape(models_config: str, shape: str) -> str:
+    """``models_config`` (a copy: ``without_cache``'s) with its default model's weights replaced by a
+    random-weight model of ``shape`` (``model_shapes.py``), built beside it, at that shape's length."""
+    import yaml
+
+    from benchmarks.model_shapes import SHAPES, build_shape
+
+    path = Path(models_config)
+    data = yaml.safe_load(path.read_text())
+    entry = next(e for e in data["models"] if e["name"] == data["default_model"])
+    entry["source"] = build_shape(shape, path.parent / shape)
+    entry["max_seq_length"] = SHAPES[shape].max_seq_length
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 def run_soak(models_config: str, port: int, haproxy: bool, allocator: str, **kwargs) -> SoakResult:
     """A private service, soaked, then stopped."""
     if allocator == "system":
@@ -192,11 +212,13 @@ def report(result: SoakResult) -> str:
         f"p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; warm-up to "
         f"{warm_s / 60:.1f} min ({warm_texts} texts); allocator {result.allocator}",
         "",
-        "| replica | RSS after warm-up MB | RSS at end MB | growth MB | max MB |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| replica | RSS after warm-up MB | RSS at end MB | growth MB | max MB | peak since start MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, (first, last, peak) in result.growth().items():
-        lines.append(f"| {name} | {first:.0f} | {last:.0f} | {last - first:+.0f} | {peak:.0f} |")
+        since_start = result.peaks.get(name)
+        since = f"{since_start:.0f}" if since_start is not None else "-"
+        lines.append(f"| {name} | {first:.0f} | {last:.0f} | {last - first:+.0f} | {peak:.0f} | {since} |")
     lines += [
         "",
         "| minute | texts | " + " | ".join(f"RSS {n.split(' ')[0]}" for n in result.growth()) + " |",
@@ -226,6 +248,8 @@ def main() -> None:
     parser.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc")
     parser.add_argument("--no-cache", action="store_true", help="every model's embedding cache off")
     parser.add_argument("--disk-gb", type=float, default=None, help="the disk cache alone, this size")
+    parser.add_argument("--shape", default=None, help="the default model's weights: a random-weight "
+                        "model of this shape (model_shapes.py), e.g. bge-large; every cache off")  # fmt: skip
     add_ingress_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -233,8 +257,12 @@ def main() -> None:
         models_config = without_cache(args.models_config, args.disk_gb)
         print(f"models config {models_config} (the memory cache off, disk_gb {args.disk_gb:g})")
     else:
-        models_config = without_cache(args.models_config) if args.no_cache else args.models_config
-        print(f"models config {models_config}" + (" (every cache off)" if args.no_cache else ""))
+        copy = args.no_cache or args.shape
+        models_config = without_cache(args.models_config) if copy else args.models_config
+        print(f"models config {models_config}" + (" (every cache off)" if copy else ""))
+    if args.shape:
+        models_config = with_shape(models_config, args.shape)
+        print(f"the default model: a {args.shape} shape with random weights")
     result = run_soak(
         models_config, args.port, use_haproxy(args), args.allocator,
         clients=args.clients, deadline_s=args.minutes * 60, max_texts=args.texts,

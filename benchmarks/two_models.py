@@ -35,7 +35,7 @@ BGE = "bge-large-shape"
 def models_config(bge_dir: str, workdir: Path) -> Path:
     """configs/models.local.yaml with MiniLM on one CPU, plus the bge-large shape on the other."""
     data = yaml.safe_load((REPO / "configs" / "models.local.yaml").read_text())
-    data["placements"] = {"minilm_cpu": {"num_cpus": 1}, "bge_cpu": {"num_cpus": 1, "memory_gb": 3}}
+    data["placements"] = {"minilm_cpu": {"num_cpus": 1}, "bge_cpu": {"num_cpus": 1, "memory_gb": 3.5}}
     minilm = data["models"][0]
     minilm["placement"] = "minilm_cpu"
     minilm.pop("cache", None)  # every text computed: the cache would answer the repeats

@@ -14,7 +14,10 @@ read), else from the architecture of a known hub id (``KNOWN_SIZES``). A replica
   activations bounded by the batch token budget (about 24 hidden-size-wide tensors per token in flight:
   attention projections, the MLP's wide intermediate, the output); for a sentence-transformers model in
   half precision, at least its float32 weights and activations, which the fidelity gate runs at load.
-- CPU: weights in the dtype the CPU holds them in (``weight_dtype``) + the same activations + 1 GB for the
+- CPU: weights in the dtype the CPU holds them in (``weight_dtype``) + for ``runtime: openvino`` the
+  compiled graph's own copy of them in the configured dtype (OpenVINO keeps the float32 weights it read,
+  mapped from its cache entry, and repacks them for its kernels: a bge-large shape in bf16 held 1.37 GB
+  of the file and 0.67 GB of its own, docs/operations.md) + the same activations + 1 GB for the
   interpreter, torch, the tokenizer and Ray's worker.
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deployments.config import ModelEntry, ModelsConfig, Placement, resolve_model_source
@@ -115,14 +118,17 @@ class CpuNeed:
     weights: float
     dtype: str
     activations: float
+    compiled: float = 0.0  # OpenVINO's repacked copy of the weights, in ``compiled_dtype``
+    compiled_dtype: str = ""
 
     @property
     def total(self) -> float:
-        return round(self.weights + self.activations + CPU_RUNTIME_GB, 1)
+        return round(self.weights + self.compiled + self.activations + CPU_RUNTIME_GB, 1)
 
     def describe(self) -> str:
+        copy = f" + OpenVINO's copy {self.compiled:.1f} GB in {self.compiled_dtype}" if self.compiled else ""
         return (
-            f"weights {self.weights:.1f} GB in {self.dtype} + activations {self.activations:.1f} GB at "
+            f"weights {self.weights:.1f} GB in {self.dtype}{copy} + activations {self.activations:.1f} GB at "
             f"max_batch_tokens + {CPU_RUNTIME_GB:g} GB runtime"
         )
 
@@ -133,7 +139,10 @@ def replica_cpu_memory(entry: ModelEntry, base_dir: Path | None = None) -> CpuNe
     if size is None:
         return None
     dtype = weight_dtype(entry, on_gpu=False)
-    return CpuNeed(size.params_billion * BYTES[dtype], dtype, _activations_gb(entry, size, dtype))
+    need = CpuNeed(size.params_billion * BYTES[dtype], dtype, _activations_gb(entry, size, dtype))
+    if entry.runtime == "openvino":
+        need = replace(need, compiled=size.params_billion * BYTES[entry.dtype], compiled_dtype=entry.dtype)
+    return need
 
 
 def check_cpu_memory(config: ModelsConfig, base_dir: Path | None = None) -> list[str]:

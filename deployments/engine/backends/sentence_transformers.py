@@ -183,6 +183,9 @@ class SentenceTransformersBackend(EmbeddingBackend):
         asking the device (``encoder_mask.py``), while the pooling still reads the 2-D mask."""
         if not self.masks_from_lengths:
             return self.model(batch)["sentence_embedding"]
+        return self._modules_with_host_mask(batch, padded)
+
+    def _modules_with_host_mask(self, batch: dict[str, torch.Tensor], padded: bool) -> torch.Tensor:
         first, *rest = self.model
         encoder = first.auto_model
         padding_mask = batch["attention_mask"]
@@ -199,7 +202,6 @@ class SentenceTransformersBackend(EmbeddingBackend):
         kind of first module, an encoder that reads its mask some other way, another library version),
         the model's own forward serves: the same vectors, but on CUDA each launch then waits for the pass
         before it."""
-        self.masks_from_lengths = False
         if getattr(self.model[0], "auto_model", None) is None:
             return False
         padded_texts = ["Marie Curie", "a physicist and chemist who conducted research on radioactivity"]
@@ -210,13 +212,10 @@ class SentenceTransformersBackend(EmbeddingBackend):
                 batch = self._batch(items)
                 with torch.inference_mode():
                     own = self.model(dict(batch))["sentence_embedding"]
-                    self.masks_from_lengths = True
-                    ours = self._modules(batch, padded)
-                    self.masks_from_lengths = False
+                    ours = self._modules_with_host_mask(batch, padded)
                 if not torch.equal(own, ours):
                     raise ValueError(f"results differ from the model's own forward (padded={padded})")
         except Exception as exc:  # noqa: BLE001 - any difference: keep the model's own forward
-            self.masks_from_lengths = False
             log.info("%s: the encoder makes its own attention mask (%s)", self.source, exc)
             return False
         return True
