@@ -54,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
     stats_deployment,
     stop_local_service,
     use_haproxy,
+    with_shape,
 )
 
 Send = Callable[[list[str]], Awaitable[np.ndarray]]
@@ -336,12 +337,16 @@ def main() -> None:
     parser.add_argument("--skip-infinity", action="store_true")
     parser.add_argument("--skip-ours", action="store_true", help="only the baseline and Infinity")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each workload, in turn")
+    parser.add_argument("--shape", default=None, help="the default model's weights: a random-weight model "
+                        "of this shape (model_shapes.py), e.g. bge-large, for all three servers")  # fmt: skip
     add_ingress_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from deployments.config import load_models_config, resolve_model_source
 
+    if args.shape:
+        args.models_config = with_shape(config_with_cache(args.models_config, None), args.shape)
     config = load_models_config(args.models_config)
     model = args.model or config.name_table()[config.default_model]
     entry = config.entry(model)
@@ -356,12 +361,18 @@ def main() -> None:
         mixes[mix] = (make(args.texts), singles)
 
     baseline = {m: in_process(source, entry.max_seq_length, threads, t, s) for m, (t, s) in mixes.items()}
-    peer = infinity_results(args, source, mixes)
+    peer_dir = source
+    if args.shape:  # Infinity's sentence-transformers (3.4) reads only the older layout
+        from benchmarks.model_shapes import legacy_copy
+
+        peer_dir = legacy_copy(source, Path(source).parent / f"{args.shape}-legacy")
+    peer = infinity_results(args, peer_dir, mixes)
     results = {mix: {} for mix in mixes} if args.skip_ours else ours(args, model, mixes)
     again = {m: in_process(source, entry.max_seq_length, threads, t, s) for m, (t, s) in mixes.items()}
 
     print(
-        f"\nmodel {model} ({entry.source}, runtime {entry.runtime}, dtype {entry.dtype}), {args.texts} texts "
+        f"\nmodel {model}{f' with a {args.shape} shape (random weights)' if args.shape else ''} "
+        f"({entry.source}, runtime {entry.runtime}, dtype {entry.dtype}), {args.texts} texts "
         f"a mix, {args.singles} single entity names, {os.cpu_count()} CPUs, {threads} threads everywhere, "
         f"{args.repeats} timed runs of each workload"
     )

@@ -300,6 +300,20 @@ def wait_listening(port: int, proc, timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def with_shape(models_config: str, shape: str) -> str:
+    """``models_config`` (a copy of one, which this edits) with its default model's weights replaced by a
+    random-weight model of ``shape`` (``model_shapes.py``), built beside it, at that shape's length."""
+    from benchmarks.model_shapes import SHAPES, build_shape
+
+    path = Path(models_config)
+    data = yaml.safe_load(path.read_text())
+    entry = next(e for e in data["models"] if e["name"] == data["default_model"])
+    entry["source"] = build_shape(shape, path.parent / shape)
+    entry["max_seq_length"] = SHAPES[shape].max_seq_length
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 def config_with_cache(models_config: str, max_mb: float | None) -> str:
     """The models config with every model's cache set to ``max_mb`` (None: off), as a temp file."""
     data = yaml.safe_load(Path(models_config).read_text())

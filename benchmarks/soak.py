@@ -39,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     stop_local_service,
     use_haproxy,
     vocabulary,
+    with_shape,
 )  # noqa: E402, E501
 
 SIZES = (1, 8, 32)
@@ -170,22 +171,6 @@ def without_cache(models_config: str, disk_gb: float | None = None) -> str:
             if isinstance(value, str) and (original.parent / value).exists():
                 entry[key] = str(original.parent / value)
     path = folder / original.name
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
-def with_shape(models_config: str, shape: str) -> str:
-    """``models_config`` (a copy: ``without_cache``'s) with its default model's weights replaced by a
-    random-weight model of ``shape`` (``model_shapes.py``), built beside it, at that shape's length."""
-    import yaml
-
-    from benchmarks.model_shapes import SHAPES, build_shape
-
-    path = Path(models_config)
-    data = yaml.safe_load(path.read_text())
-    entry = next(e for e in data["models"] if e["name"] == data["default_model"])
-    entry["source"] = build_shape(shape, path.parent / shape)
-    entry["max_seq_length"] = SHAPES[shape].max_seq_length
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
