@@ -30,8 +30,10 @@ def test_replica_memory_stays_flat_under_fresh_traffic():
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "errors 0," in out.stdout and "allocator jemalloc" in out.stdout, out.stdout
-    rows = re.findall(r"^\| (\S+ \(pid \d+\)) \| (\d+) \| (\d+) \| ([+-]\d+) \| (\d+) \|$", out.stdout, re.M)
+    row = r"^\| (\S+ \(pid \d+\)) \| (\d+) \| (\d+) \| ([+-]\d+) \| (\d+) \| (\d+) \|$"
+    rows = re.findall(row, out.stdout, re.M)
     assert rows, out.stdout
-    for name, warm, _end, growth, _peak in rows:
+    for name, warm, _end, growth, peak, since_start in rows:
         assert int(warm) > 100, (name, warm)  # a replica holding a model, sampled
         assert int(growth) <= BOUND_MB, out.stdout
+        assert int(since_start) >= int(peak) - 1, out.stdout  # the high-water mark covers every sample
