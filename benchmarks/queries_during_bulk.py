@@ -12,6 +12,7 @@ sentence-transformers model on this CPU, where a large model's passes take secon
 
     python benchmarks/queries_during_bulk.py                           # bge-large shape (random weights)
     python benchmarks/queries_during_bulk.py --model minilm --cut-ms 50
+    python benchmarks/queries_during_bulk.py --model minilm --runtime openvino   # the offline default's path
 
 Honest by construction: a failed call, an out-of-memory split, or a vector missing or not finite fails the
 run with its reason (exit 1), never a fast number; passes are the engine's own counters.
@@ -191,6 +192,12 @@ def main() -> None:
     parser.add_argument("--cut-ms", type=float, nargs="+", default=[500.0])
     parser.add_argument("--interval-ms", type=float, default=100.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--runtime", choices=("torch", "openvino"), default="torch",
+        help="openvino: as runtime: openvino, dtype: bfloat16 serves the model (its fidelity gate at load)",
+    )  # fmt: skip
+    parser.add_argument("--max-seq-length", type=int, default=512, help="the offline default's MiniLM: 256")
+    parser.add_argument("--cache-dir", help="openvino: a compile cache to reuse (default: a fresh one)")
     args = parser.parse_args()
 
     import torch
@@ -203,7 +210,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(MINILM_DIR) if args.model == "minilm" else build_shape("bge-large", Path(tmp) / "bge")
-        backend = SentenceTransformersBackend(folder, device=torch.device("cpu"), max_seq_length=512)
+        if args.runtime == "openvino":
+            from deployments.engine.backends.openvino_backend import load_openvino
+
+            backend = load_openvino(
+                folder, dtype="bfloat16", max_seq_length=args.max_seq_length, threads=args.threads,
+                cache_dir=Path(args.cache_dir or tmp) / "compiled", fidelity_min_cosine=0.9999,
+            )  # fmt: skip
+        else:
+            backend = SentenceTransformersBackend(
+                folder, device=torch.device("cpu"), max_seq_length=args.max_seq_length
+            )
+    serving = backend.serving
     passages = [" ".join(kt_gen_mix(24, seed=100 + i)) for i in range(args.bulk_texts)]
     queries = short_mix(64, seed=4)
     tokens = sum(it.length for it in backend.tokenize(passages, ""))
@@ -219,7 +237,8 @@ def main() -> None:
         backend, batching, passages, queries, policies, args.interval_ms / 1000, timed_device=False
     )
     print(
-        f"\n{args.model} on CPU ({args.threads} threads), torch float32; "
+        f"\n{args.model} on CPU ({args.threads} threads), {serving.runtime} {serving.precision}"
+        f"{f' (worst probe cosine {serving.worst_cosine:.6f})' if serving.worst_cosine else ''}; "
         f"max_batch_tokens {batching.max_batch_tokens}, "
         f"forward_overhead_tokens {batching.forward_overhead_tokens} (measured); {len(passages)} passages "
         f"({tokens:,} tokens) at once as requests of 64, one short query at a time {args.interval_ms:.0f} ms "

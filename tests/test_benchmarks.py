@@ -160,9 +160,11 @@ def test_the_gpu_serve_check_fails_when_a_replica_fails_a_pass(tmp_path):
     assert "Serve / in process" not in out.stdout  # no table from a run that failed
 
 
-def test_the_queries_during_bulk_benchmark_runs_on_cpu():
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_the_queries_during_bulk_benchmark_runs_on_cpu(runtime):
     args = ("--model", "minilm", "--bulk-texts", "24", "--cut-ms", "20", "--interval-ms", "20")
-    out = benchmark_output("queries_during_bulk.py", *args)
+    out = benchmark_output("queries_during_bulk.py", *args, "--runtime", runtime, "--max-seq-length", "256")
+    assert f"minilm on CPU (2 threads), {runtime} " in out  # the path that served, as the replica reports it
     rows = [
         [c.strip() for c in line.split("|")]
         for line in out.splitlines()
