@@ -140,8 +140,8 @@ def write_serve_config(path: Path, port: int, models_config: str) -> str:
 
 class ServeLocal:
     """``python -m deployments.tools.serve_local SERVE_CONFIG`` (``make serve``'s path) as a user starts it,
-    under a private Ray temp dir, its output in ``log_path``; ``stop()`` sends SIGTERM, on which ``serve run``
-    shuts its own Ray and HAProxy down."""
+    under a private Ray temp dir, its output in ``log_path``; ``stop()`` sends SIGTERM, on which the service
+    answers what it holds, then shuts its own Ray and HAProxy down."""
 
     def __init__(self, serve_config: str | Path, log_path: Path, env: dict[str, str] | None = None):
         import os

@@ -65,6 +65,12 @@ ERRORS: dict[str, ErrorKind] = {
     ),
     "internal_error": ErrorKind(500, "server_error", meaning="a fault of the service (logged)"),
     "overloaded": ErrorKind(503, "server_error", retry=True, meaning="no room now (with Retry-After)"),
+    "shutting_down": ErrorKind(
+        503,
+        "server_error",
+        retry=True,
+        meaning="the service is stopping: the request was not started (with Retry-After)",
+    ),
     "device_fault": ErrorKind(
         503,
         "server_error",

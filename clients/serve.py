@@ -18,7 +18,7 @@ from ray.exceptions import RayTaskError
 
 from clients.embedder import EmbeddingServiceError, RemoteEmbedder, Retryable
 from deployments.engine.device_faults import DeviceFault
-from deployments.protocol.errors import ClientError, original_error
+from deployments.protocol.errors import ClientError, ShuttingDown, original_error
 
 
 def unreachable(address: str, timeout_s: float = 3.0) -> str | None:
@@ -104,8 +104,10 @@ class ServeEmbedder(RemoteEmbedder):
             raise plain_client_error(error) from None
         except RayTaskError as error:  # a server fault the same call would meet again (a model fault...)
             cause = original_error(error)
-            if isinstance(cause, DeviceFault):  # that replica's GPU failed for good: another one serves it
-                raise Retryable(f"DeviceFault: {str(cause)[:300]}") from None
+            # That replica's GPU failed for good, or the service is stopping: another replica (or the
+            # service once restarted) answers it.
+            if isinstance(cause, (DeviceFault, ShuttingDown)):
+                raise Retryable(f"{type(cause).__name__}: {str(cause)[:300]}") from None
             raise EmbeddingServiceError(f"the service failed: {type(cause).__name__}: {cause}") from None
         except Exception as exc:  # noqa: BLE001 - replica death, overload, timeout: embedding is idempotent
             raise Retryable(f"{type(exc).__name__}: {str(exc)[:300]}") from exc

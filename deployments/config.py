@@ -242,6 +242,9 @@ class RouterOptions(_Strict):
     # A request body not fully received within this many seconds is a 408: a slow or stalled client gives
     # its place up (it never holds a slot of work: the body is read before one is taken).
     body_timeout_s: float = Field(10.0, gt=0)
+    # When the service is stopped (SIGTERM or Ctrl-C to `make serve`), each router replica refuses new
+    # requests (503 shutting_down) and waits at most this long for those it holds before Serve shuts down.
+    drain_timeout_s: float = Field(30.0, ge=0)
     # The environment variable (in the router's process) holding the accepted API keys, comma-separated.
     api_keys_env: str | None = None
     health_requires_key: bool = False

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from deployments.ingress.admission import Admission, Overloaded
+from deployments.protocol.errors import ShuttingDown
 
 
 async def _hold(admission: Admission, name: str, release: asyncio.Event, log: list[str]) -> float:
@@ -91,5 +92,45 @@ def test_a_request_still_sending_its_body_holds_a_place_but_no_slot():
         body_in.set()
         await asyncio.gather(*senders)
         assert admission.inside == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_refuses_newcomers_and_waits_for_what_is_in():
+    async def scenario():
+        admission = Admission(ongoing=2, queued=2)
+        release, log = asyncio.Event(), []
+        held = asyncio.create_task(_hold(admission, "in", release, log))
+
+        async def handle_call() -> None:
+            async with admission.call():
+                await release.wait()
+
+        call = asyncio.create_task(handle_call())
+        await asyncio.sleep(0.01)
+        draining = asyncio.create_task(admission.drain(timeout_s=5, poll_s=0.005))
+        await asyncio.sleep(0.02)
+        assert not draining.done()  # a request and a handle call are still in
+        for newcomer in (admission.place(), admission.call()):
+            with pytest.raises(ShuttingDown, match="shutting down"):
+                async with newcomer:
+                    raise AssertionError("admitted while draining")
+        release.set()
+        assert await draining == 0 and log == ["in"]
+        await asyncio.gather(held, call)
+        assert admission.inside == admission.calls == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_drain_stops_waiting_at_its_bound_and_says_how_many_were_left():
+    async def scenario():
+        admission = Admission(ongoing=2, queued=2)
+        release = asyncio.Event()
+        held = [asyncio.create_task(_hold(admission, f"r{i}", release, [])) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert await admission.drain(timeout_s=0.05, poll_s=0.005) == 3  # two at work, one waiting
+        release.set()
+        await asyncio.gather(*held)
 
     asyncio.run(scenario())

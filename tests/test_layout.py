@@ -5,7 +5,7 @@
     engine                               one model's replica: backends, planner, scheduler, engine
     ingress                              per request: HTTP, OpenAI codec, admission, router, model clients
     app, serve_options                   the Serve app built from the config
-    tools                                processes around the service (serve_local, compile_cache)
+    tools                                processes around the service (serve_local, serve_run, compile_cache)
 
 A module may import its own layer or a lower one, never a higher one, and no two modules import each
 other, directly or around a circle. The HTTP client imports nothing of the server. Every import counts,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.common import process_cpu_seconds, wait_listening
 from deployments.tools.haproxy_wrapper import haproxy_wrapper
@@ -307,3 +308,31 @@ def test_a_start_removes_the_haproxy_state_of_services_that_ended(tmp_path: Path
     state = Path(haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     assert (state / OWNER_FILE).read_text() == str(os.getpid())
     shutil.rmtree(state)
+
+
+def test_the_stop_drains_this_projects_apps_within_their_longest_bound(tmp_path):
+    """serve_run drains the apps ``deployments.app:build_app`` builds (another app of the same config is
+    left to Serve) and waits on them by the longest ``router.drain_timeout_s`` of their models configs."""
+    from deployments.tools.serve_run import drain_bound, embedding_apps
+
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        (REPO / "configs/models.local.yaml")
+        .read_text()
+        .replace("router:\n", "router:\n  drain_timeout_s: 75\n")
+    )
+    serve = tmp_path / "serve.yaml"
+    builder = "deployments.app:build_app"
+    apps = [
+        {
+            "name": "embeddings",
+            "import_path": builder,
+            "args": {"models_config": str(REPO / "configs/models.local.yaml")},
+        },
+        {"name": "second", "import_path": builder, "args": {"models_config": str(models)}},
+        {"name": "other", "import_path": "somewhere.else:app"},
+    ]
+    serve.write_text(yaml.safe_dump({"applications": apps}))
+    assert embedding_apps(serve) == ["embeddings", "second"]
+    assert drain_bound(serve) == 75
+    assert embedding_apps(tmp_path / "missing.yaml") == [] and drain_bound(tmp_path / "missing.yaml") == 30

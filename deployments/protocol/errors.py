@@ -1,5 +1,6 @@
 """The server's errors: the shared contract (``clients/contract.py``: the code table, ``ClientError``) and
-what only the server raises or needs: ``ModelError`` (the model failed on an input), the unwrapping of
+what only the server raises or needs: ``ModelError`` (the model failed on an input), ``ShuttingDown`` (a
+draining replica's refusal), the unwrapping of
 errors that crossed Ray, and the log filter that keeps client mistakes out of the error log.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "model_not_found",
     "original_error",
     "quiet_client_errors",
+    "ShuttingDown",
 ]
 
 
@@ -45,6 +47,12 @@ class ModelError(InputFault, RuntimeError):
 
     def at(self, index: int) -> ModelError:
         return ModelError(self.reason, index)
+
+
+class ShuttingDown(RuntimeError):
+    """The replica is draining before the service stops: this call was not started (503, code
+    ``shutting_down``). Embedding is idempotent, so the caller sends it again (another replica, or the
+    service once restarted, answers it)."""
 
 
 def original_error(error: BaseException) -> BaseException:

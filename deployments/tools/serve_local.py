@@ -194,14 +194,19 @@ def haproxy_env(haproxy: str | None = None, host: str = DEFAULT_HOST) -> dict[st
     }
 
 
-def models_configs(serve_config: str | Path) -> list[str]:
-    """The ``models_config`` argument of every application in a Serve config."""
+def applications(serve_config: str | Path) -> list[dict]:
+    """The application entries of a Serve config; none where it does not parse (``serve run`` says why)."""
     try:
         raw = yaml.safe_load(Path(serve_config).read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return []  # serve run reports it
+        return []
     apps = (raw.get("applications") or []) if isinstance(raw, dict) else []
-    found = [(app.get("args") or {}).get("models_config") for app in apps if isinstance(app, dict)]
+    return [app for app in apps if isinstance(app, dict)]
+
+
+def models_configs(serve_config: str | Path) -> list[str]:
+    """The ``models_config`` argument of every application in a Serve config."""
+    found = [(app.get("args") or {}).get("models_config") for app in applications(serve_config)]
     return [path for path in found if isinstance(path, str)]
 
 
@@ -268,8 +273,8 @@ def main(argv: list[str]) -> None:
             flush=True,
         )
     fill_compile_caches(config, env)
-    serve = str(Path(sys.executable).parent / "serve")
-    os.execve(serve, [serve, "run", config, *argv[1:]], env)
+    # `serve run`, draining its routers when stopped (SIGTERM or Ctrl-C) instead of cutting their requests
+    os.execve(sys.executable, [sys.executable, "-m", "deployments.tools.serve_run", config, *argv[1:]], env)
 
 
 if __name__ == "__main__":
