@@ -22,6 +22,7 @@ from tests.conftest import (
     MINILM_DIR,
     REPO,
     assert_same,
+    deploy_app,
     free_port,
     model_entry,
     models_config,
@@ -330,3 +331,28 @@ def test_the_client_installs_and_runs_alone(service, reference, tmp_path):
     assert result["refused"] == ["ClientError", 1, "input[1]: must be a string, got int"]
     got = np.array(result["vectors"], dtype=np.float32)
     assert ((got * reference.encode(TEXTS, normalize_embeddings=True)).sum(1)).min() >= 0.9999
+
+
+def test_a_draining_router_is_retried_by_both_clients_not_failed(service, tmp_path):
+    """A router replica draining before its service stops (deployments/tools/serve_run.py) refuses new
+    work with shutting_down; both clients retry it (another replica, or the service once restarted,
+    answers) until their deadline, rather than failing it at once as a server fault."""
+    from ray import serve
+
+    config = write_models_config(
+        tmp_path / "models.yaml", models_config(model_entry(MODEL, max_seq_length=256))
+    )
+    deploy_app(config, name="draining", route_prefix="/draining")
+    try:
+        over_http = HTTPEmbedder(MODEL, base_url=f"{service}/draining", deadline_s=3)
+        by_handle = ServeEmbedder(MODEL, app_name="draining", deadline_s=3)
+        assert over_http.encode(["Marie Curie"]).shape == (1, 384)
+        assert serve.get_app_handle("draining").drain.remote().result(timeout_s=60)["left"] == 0
+        for client in (over_http, by_handle):  # retried (2 attempts or more) until the deadline
+            with pytest.raises(EmbeddingServiceError, match=r"after [2-9]\d* attempt\(s\); .*shutting down"):
+                client.encode(["Marie Curie"])
+        health = httpx.get(f"{service}/draining/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "shutting down"
+        assert httpx.post(f"{service}/v1/embeddings", json={"input": ["x"]}, timeout=30).status_code == 200
+    finally:
+        serve.delete("draining")
