@@ -89,8 +89,9 @@ class Admission:
             self.calls -= 1
 
     async def drain(self, timeout_s: float, poll_s: float = 0.05) -> int:
-        """Refuses every new request and call from now on and waits, at most ``timeout_s``, for those
-        already in to be answered; how many were still in when it stopped waiting."""
+        """Refuses every new request and call from now on, for good (the service is stopping), and waits,
+        at most ``timeout_s``, for those already in to be answered; how many were still in when it
+        stopped waiting."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
         while self.inside + self.calls and time.monotonic() < deadline:

@@ -1,7 +1,7 @@
 """The server's errors: the shared contract (``clients/contract.py``: the code table, ``ClientError``) and
 what only the server raises or needs: ``ModelError`` (the model failed on an input), ``ShuttingDown`` (a
-draining replica's refusal), the unwrapping of
-errors that crossed Ray, and the log filter that keeps client mistakes out of the error log.
+draining replica's refusal), the unwrapping of errors that crossed Ray, and the log filter that keeps
+client mistakes out of the error log.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ __all__ = [
     "ErrorKind",
     "InputFault",
     "ModelError",
+    "ShuttingDown",
     "check_items",
     "error_kind",
     "input_too_long",
     "model_not_found",
     "original_error",
     "quiet_client_errors",
-    "ShuttingDown",
 ]
 
 
