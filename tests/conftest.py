@@ -271,6 +271,20 @@ def assert_same(got, expected, where: str) -> None:
     assert got == expected, where
 
 
+def processes_of(session_root: str) -> list[int]:
+    """Pids whose command line names our private temp dir (a Ray temp dir of our own): ours, and only ours."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if session_root.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
 class LocalService(ServeLocal):
     """``make serve``'s path as a user starts it (``benchmarks.common.ServeLocal``), answering at ``url``."""
 

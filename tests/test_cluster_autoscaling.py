@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, processes_of
 
 pytestmark = [pytest.mark.ray, pytest.mark.long]  # minutes: make test-long, not make test
 
@@ -84,20 +84,6 @@ def fake_autoscaling_config(gcs_address: str) -> dict:
         "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
-
-
-def processes_of(session_root: str) -> list[int]:
-    """Pids whose command line names our private temp dir: ours, and only ours."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if session_root.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
 
 
 def stop_processes_of(session_root: str) -> None:

@@ -19,7 +19,7 @@ from deployments.engine.allocator import find_jemalloc
 from deployments.engine.backends.fidelity import probe_texts, worst_cosine
 from deployments.engine.backends.precision import CPU_BF16_ENV, cpu_bf16
 from deployments.tools.haproxy_wrapper import find_haproxy
-from tests.conftest import REPO, LocalService, free_port
+from tests.conftest import REPO, LocalService, free_port, processes_of
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster or a service: not in make test-fast
 
@@ -101,19 +101,6 @@ def test_make_serve_closes_silent_connections_after_30_s_unless_told_otherwise(m
     assert haproxy_env("/usr/sbin/haproxy")["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "7"
 
 
-def processes_under(path: str) -> list[str]:
-    """Command lines of the processes that name ``path`` (a service's private Ray temp dir)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if path in text:
-            found.append(text[:200])
-    return found
-
-
 @pytest.mark.parametrize("ingress", ["haproxy", "serve-proxy"])
 def test_a_stopped_service_answers_what_it_holds_refuses_newcomers_and_leaves_nothing(ingress, tmp_path):
     """SIGTERM (docker stop, systemd, kill) while 4 requests of 1,000 texts are at work: each is answered
@@ -154,8 +141,8 @@ def test_a_stopped_service_answers_what_it_holds_refuses_newcomers_and_leaves_no
         log = service.log_path.read_text()
         assert "stopping: embeddings: 1 router replica(s) drained" in log, log[-3000:]
         deadline = time.monotonic() + 30
-        while processes_under(service.ray_dir) and time.monotonic() < deadline:
+        while processes_of(service.ray_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not processes_under(service.ray_dir)
+        assert not processes_of(service.ray_dir)
     finally:
         service.stop()
